@@ -1,0 +1,64 @@
+"""The `opcd` command.
+
+    opcd distill [--cfg] [HYDRA_OVERRIDE ...]   on-policy context distillation (default: the CPU demo)
+
+Overrides use Hydra syntax: `task=medmcqa`, `trainer.lr=5e-6`, `model.path=Qwen/Qwen3-8B`. Every
+user error ends with one line on stderr and exit code 2; `--cfg` prints the resolved config and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from opcd.errors import OpcdError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opcd", description="On-Policy Context Distillation of language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    distill = sub.add_parser("distill", help="train a student to behave without the context as the teacher does "
+                                             "with it (default: a CPU demo on SmolLM2-135M)")
+    distill.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
+    distill.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task=medmcqa trainer.lr=5e-6")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    try:
+        return _run(args)
+    except OpcdError as exc:
+        print(f"opcd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("opcd: interrupted (the last complete checkpoint is kept; run the same command to resume)",
+              file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    from opcd.config import load_config, to_yaml
+
+    if args.command == "distill":
+        cfg = load_config(args.overrides)
+        if args.cfg:
+            print(to_yaml(cfg))
+            return 0
+        from opcd.pipelines.distill import run_distill
+
+        summary = run_distill(cfg)
+        print(json.dumps(summary["eval"], indent=1))
+        print(f"run folder: {summary['run_dir']}  last checkpoint: {summary['checkpoint']}")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

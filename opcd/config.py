@@ -1,0 +1,248 @@
+"""Typed configuration: Hydra YAML (opcd/conf) composed, then validated into these dataclasses.
+
+Defaults live here and only here; the YAML files pick task/model/rollout/trainer presets. Every
+field has a docstring-like comment, bounds are checked in `__post_init__`, and any problem
+(unknown key, wrong type, out-of-range value, inconsistent pair) becomes one `ConfigError` line that
+names the key, the value and what was expected, before any model is loaded.
+
+Run `opcd distill --cfg` to print the resolved config without running.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Literal
+
+from opcd.errors import ConfigError
+
+CONF_DIR = Path(__file__).parent / "conf"
+
+
+def _check(ok: bool, key: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"config {key}={value!r}: expected {expected}")
+
+
+@dataclass
+class ModelConfig:
+    path: str = "smollm2-135m-instruct"  # student: hub id, local HF folder, or the built-in name
+    teacher_path: str | None = None  # frozen teacher; None = the student's initial weights
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False  # off unless the user trusts the model repository's code
+    attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"; None = transformers' choice
+
+
+@dataclass
+class TaskConfig:
+    name: Literal["language", "medmcqa", "safety"] = "language"
+    train_data: str = "bundled:questions_train"  # bundled:<name>, a .jsonl/.parquet path, or hf:<dataset id>
+    test_data: str = "bundled:questions_test"
+    train_split: str | None = None  # split name for hf: sources
+    test_split: str | None = None
+    context_kind: Literal["system_prompt", "experience"] = "system_prompt"
+    context_path: str = "system_prompts/french.txt"  # a text file, or a .list of files (one picked per example)
+    experience_max_length: int = 4096  # context budget in tokens; <= 0 = unlimited
+    max_prompt_length: int = 1024  # rows whose student or teacher prompt is longer are dropped (and counted)
+    enable_thinking: bool | None = None  # passed to the chat template when set (Qwen3 thinking switch)
+
+    def __post_init__(self):
+        _check(self.max_prompt_length > 0, "task.max_prompt_length", self.max_prompt_length, "an integer > 0")
+
+
+@dataclass
+class RolloutConfig:
+    backend: Literal["hf", "vllm"] = "hf"  # hf: transformers generate (CPU default); vllm: GPU engine
+    n: int = 1  # samples per prompt
+    temperature: float = 1.0  # sampling temperature; the loss uses the same temperature for both models
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_response_length: int = 48  # new tokens per response (stops earlier at EOS)
+    eval_temperature: float = 1.0  # sampling used for held-out evaluation
+    eval_top_p: float = 0.95
+    eval_top_k: int = 0
+
+    def __post_init__(self):
+        _check(self.n >= 1, "rollout.n", self.n, "an integer >= 1")
+        _check(self.temperature > 0, "rollout.temperature", self.temperature, "a float > 0")
+        _check(self.eval_temperature >= 0, "rollout.eval_temperature", self.eval_temperature, "a float >= 0 (0 = greedy)")
+        _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "a float in (0, 1]")
+        _check(0 < self.eval_top_p <= 1, "rollout.eval_top_p", self.eval_top_p, "a float in (0, 1]")
+        _check(self.top_k >= 0, "rollout.top_k", self.top_k, "an integer >= 0")
+        _check(self.max_response_length >= 1, "rollout.max_response_length", self.max_response_length,
+               "an integer >= 1")
+
+
+@dataclass
+class LossConfig:
+    kl_loss_type: Literal["full", "k1", "k2", "k3", "abs", "seqkd"] = "full"  # full = top-k reverse KL
+    kl_topk: int = 64  # support size per token; <= 0 = the whole vocabulary (exact KL)
+    support_mode: Literal["partial", "renorm", "tail"] = "tail"  # reference default is partial
+    kl_merge_indice: bool = False  # support = student top-k union teacher top-k
+    aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+
+    def __post_init__(self):
+        _check(self.kl_loss_type != "seqkd", "loss.kl_loss_type", self.kl_loss_type,
+               "one of full, k1, k2, k3, abs for on-policy distillation (seqkd is off-policy only)")
+        _check(not (self.kl_merge_indice and self.kl_topk <= 0), "loss.kl_merge_indice", self.kl_merge_indice,
+               "false when kl_topk <= 0 (the support is already the whole vocabulary)")
+
+
+@dataclass
+class TrainerConfig:
+    exp_name: str = "french-demo"  # run name: run folder runs_dir/exp_name and wandb run name
+    runs_dir: str = "runs"
+    total_training_steps: int = 30
+    batch_size: int = 8  # prompts per step (each sampled rollout.n times)
+    micro_batch_size: int = 8  # sequences per forward/backward pass (gradient accumulation inside a step)
+    lr: float = 1e-5  # constant learning rate, AdamW
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    max_consecutive_nonfinite: int = 5  # stop the run after this many skipped (non-finite) steps in a row
+    save_freq: int = 10  # checkpoint every N steps (and at the last step); <= 0 = only at the end
+    seed: int = 0
+    resume: Literal["auto", "never"] = "auto"  # auto: continue from the run folder's latest checkpoint
+    eval_before: bool = True  # evaluate student (no context) and teacher (context) on the test set first
+    eval_after: bool = True  # evaluate the trained student (no context) at the end
+    eval_limit: int = 40  # test items used by evaluation; <= 0 = all
+    loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])  # + tensorboard, wandb
+    wandb_project: str | None = None  # default: $WANDB_PROJECT, else "opcd"
+    num_threads: int = 0  # torch threads per worker; 0 = all cores of the machine
+
+    def __post_init__(self):
+        _check(bool(self.exp_name) and "/" not in self.exp_name, "trainer.exp_name", self.exp_name,
+               "a non-empty name without '/'")
+        _check(self.total_training_steps >= 1, "trainer.total_training_steps", self.total_training_steps,
+               "an integer >= 1")
+        _check(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.micro_batch_size >= 1, "trainer.micro_batch_size", self.micro_batch_size, "an integer >= 1")
+        _check(self.lr > 0, "trainer.lr", self.lr, "a float > 0")
+        _check(self.weight_decay >= 0, "trainer.weight_decay", self.weight_decay, "a float >= 0")
+        _check(self.grad_clip > 0, "trainer.grad_clip", self.grad_clip, "a float > 0")
+        _check(self.max_consecutive_nonfinite >= 1, "trainer.max_consecutive_nonfinite",
+               self.max_consecutive_nonfinite, "an integer >= 1")
+        known = {"console", "jsonl", "tensorboard", "wandb"}
+        for name in self.loggers:
+            _check(name in known, "trainer.loggers", list(self.loggers), f"a list drawn from {sorted(known)}")
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: start a local Ray instance; "auto" or host:port joins a cluster
+    num_cpus: float | None = None  # logical CPUs for a local instance (None = max(cores, 8): avoids starving)
+    nnodes: int = 1
+    gpus_per_node: int = 0  # 0 on CPU
+
+    def __post_init__(self):
+        _check(self.nnodes >= 1, "ray.nnodes", self.nnodes, "an integer >= 1")
+        _check(not (self.nnodes > 1 and self.address is None), "ray.address", self.address,
+               "a cluster address ('auto' or host:port) when ray.nnodes > 1")
+
+
+@dataclass
+class DistillConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self):
+        _check(self.trainer.micro_batch_size <= self.trainer.batch_size * self.rollout.n,
+               "trainer.micro_batch_size", self.trainer.micro_batch_size,
+               f"<= trainer.batch_size * rollout.n = {self.trainer.batch_size * self.rollout.n}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.trainer.runs_dir) / self.trainer.exp_name
+
+
+def compose(overrides: list[str], config_name: str = "distill"):
+    """Compose opcd/conf/<config_name>.yaml with Hydra overrides; returns an OmegaConf DictConfig."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from hydra.core.config_store import ConfigStore
+
+    # Every field of the schema, with its default, is the base of the composition: any field can be
+    # overridden from the command line, and a key outside the schema is refused by Hydra.
+    ConfigStore.instance().store(name="opcd_schema", node=asdict(DistillConfig()))
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"config: {' '.join(str(exc).split())}") from exc
+
+
+def validate(raw) -> DistillConfig:
+    """Build the typed config from a composed one: unknown keys, wrong types and bad values become ConfigError."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        data = OmegaConf.to_container(raw, resolve=True, throw_on_missing=True) if not isinstance(raw, dict) else raw
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"config {key}: {_first_line(exc)}" if key else f"config: {_first_line(exc)}") from exc
+    return _build(DistillConfig, data, "")
+
+
+def _build(cls, data, prefix: str):
+    """Recursively check `data` against the dataclass `cls` (its type hints are the schema)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {prefix.rstrip('.') or '<root>'}={data!r}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"config {prefix}{key}: unknown key (known keys: {', '.join(sorted(known))})")
+    values = {}
+    for name in known & set(data):
+        hint, value, key = hints[name], data[name], f"{prefix}{name}"
+        values[name] = _build(hint, value, key + ".") if is_dataclass(hint) else _coerce(hint, value, key)
+    return cls(**values)
+
+
+def _coerce(hint, value, key: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is typing.Literal:
+        _check(value in args, key, value, f"one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        _check(isinstance(value, list), key, value, "a list")
+        return [_coerce(args[0], v, key) for v in value]
+    if hint is bool:
+        _check(isinstance(value, bool), key, value, "true or false")
+    elif hint is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
+    elif hint is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "a number")
+        return float(value)
+    elif hint is str:
+        _check(isinstance(value, str), key, value, "a string")
+    return value
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DistillConfig:
+    return validate(compose(list(overrides)))
+
+
+def to_yaml(cfg: DistillConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(asdict(cfg)))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

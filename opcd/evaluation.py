@@ -1,0 +1,33 @@
+"""Held-out evaluation: generate once per test item with a worker group and score with the task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from opcd.protocol import SamplingParams
+
+
+@dataclass
+class EvalResult:
+    who: str  # e.g. "student_before", "teacher_with_context"
+    score: float  # mean task metric
+    num_items: int
+    mean_response_tokens: float
+    samples: list[dict] = field(default_factory=list)  # {"prompt", "response", "score"} per item
+
+    def summary(self) -> dict:
+        return {"who": self.who, "score": self.score, "num_items": self.num_items,
+                "mean_response_tokens": self.mean_response_tokens}
+
+
+def evaluate(who: str, group, prompts: list[list[int]], rows: list[dict], task, tokenizer,
+             params: SamplingParams, seed: int) -> EvalResult:
+    generation = group.call_rank0("generate", prompts, params, seed)
+    mask = generation.response_mask
+    texts = tokenizer.batch_decode(generation.response_ids.masked_fill(~mask, tokenizer.pad_token_id),
+                                   skip_special_tokens=True)
+    scores = [task.score(text, row) for text, row in zip(texts, rows)]
+    samples = [{"prompt": row["content"][-1]["content"], "response": text, "score": score}
+               for row, text, score in zip(rows, texts, scores)]
+    return EvalResult(who, sum(scores) / max(len(scores), 1), len(scores), float(mask.sum(-1).float().mean()),
+                      samples)

@@ -1,0 +1,19 @@
+"""Metric names, in one place, namespaced by phase (what the console, jsonl, tensorboard and wandb show)."""
+
+LOSS_KL = "loss/kl"  # the optimised per-token loss (token mean)
+STUDENT_MASS = "loss/student_support_mass"  # mean student probability inside the support
+TEACHER_MASS = "loss/teacher_support_mass"
+ACTOR_ENTROPY = "actor/entropy"
+ACTOR_GRAD_NORM = "actor/grad_norm"
+ACTOR_LR = "actor/lr"
+ACTOR_SKIPPED = "actor/skipped_nonfinite"  # 1 when this step's update was skipped
+TEACHER_ENTROPY = "teacher/entropy"
+ROLLOUT_SCORE = "rollout/score"  # task metric of the student's training rollouts (logged only)
+ROLLOUT_RESPONSE_LENGTH = "rollout/response_length"
+ROLLOUT_PROMPT_LENGTH = "rollout/prompt_length"
+ROLLOUT_TEACHER_PROMPT_LENGTH = "rollout/teacher_prompt_length"
+ROLLOUT_CLIPPED = "rollout/clip_ratio"  # share of responses that hit max_response_length
+PERF_TOKENS_PER_S = "perf/tokens_per_s"  # response tokens per second of the whole step
+PERF_MAX_RSS_GB = "perf/driver_max_rss_gb"
+TIMING = "timing/"  # + phase name, seconds
+EVAL = "eval/"  # + "<who>/score"

@@ -1,0 +1,29 @@
+"""Which per-token loss a configuration asks for: a thin, pure switch over `opcd.loss`.
+
+`full` is the top-k (or full-vocabulary) reverse KL over the support; k1/k2/k3/abs are the
+sampled-token estimators, whose "support" is the sampled token itself (K = 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opcd import loss
+
+
+def uses_sampled_token(kl_loss_type: str) -> bool:
+    return kl_loss_type in ("k1", "k2", "k3", "abs")
+
+
+def per_token_loss(kl_loss_type: str, support_mode: str, student_logprobs: torch.Tensor,
+                   teacher_logprobs: torch.Tensor, support_mask: torch.Tensor | None) -> torch.Tensor:
+    """student/teacher log-probs [B, T, K] at the support -> per-token loss [B, T]."""
+    match kl_loss_type:
+        case "full":
+            return loss.support_reverse_kl(student_logprobs, teacher_logprobs, support_mode, support_mask)
+        case "k1" | "k2" | "k3" | "abs":
+            return loss.sampled_kl(student_logprobs[..., 0], teacher_logprobs[..., 0], kl_loss_type)
+        case "seqkd":
+            return loss.nll(student_logprobs[..., 0])
+        case _:
+            raise ValueError(f"unknown kl_loss_type {kl_loss_type!r}")

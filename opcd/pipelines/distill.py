@@ -1,0 +1,178 @@
+"""`opcd distill`: on-policy context distillation, from a validated config to a trained run folder.
+
+Set-up order matters: everything a user can get wrong (context file, data rows, tokenizer mismatch)
+is checked on the driver before Ray starts or any worker loads a model.
+
+    opcd distill                                   # CPU demo: SmolLM2-135M learns to answer in French
+    opcd distill task=medmcqa model=hf model.path=Qwen/Qwen2.5-7B-Instruct trainer=paper
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from opcd.checkpoint import latest_checkpoint, write_text_atomic
+from opcd.config import DistillConfig, to_yaml
+from opcd.contexts import ContextSource, load_context
+from opcd.data import load_rows
+from opcd.errors import DataError
+from opcd.evaluation import EvalResult, evaluate
+from opcd.models import check_same_tokenizer, check_same_vocab_size, load_tokenizer, resolve_model
+from opcd.prompts import encode_chat, token_counter
+from opcd.protocol import SamplingParams
+from opcd.tasks import get_task
+from opcd.tracking import Tracker
+from opcd.trainer import Example, Trainer
+from opcd.workers.group import WorkerGroup, init_ray
+from opcd.workers.student import StudentWorker
+from opcd.workers.teacher import TeacherWorker
+
+log = logging.getLogger("opcd")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_user_path(path: str) -> str:
+    """Relative paths are tried against the working directory, then the opcd checkout (so
+    `system_prompts/french.txt` works from anywhere with an editable install)."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists() or not (REPO_ROOT / path).exists():
+        return str(candidate)
+    return str(REPO_ROOT / path)
+
+
+def build_examples(rows: list[dict], task, context: ContextSource, tokenizer, max_prompt_length: int,
+                   seed: int, enable_thinking: bool | None, label: str) -> list[Example]:
+    examples, dropped = [], 0
+    for index, row in enumerate(rows):
+        student_messages = task.student_messages(row)
+        student = encode_chat(tokenizer, student_messages, enable_thinking)
+        teacher = encode_chat(tokenizer, context.teacher_messages(student_messages, index, seed), enable_thinking)
+        if max(len(student), len(teacher)) > max_prompt_length:
+            dropped += 1
+            continue
+        examples.append(Example(row, student, teacher))
+    if dropped:
+        log.warning("%s: dropped %d of %d rows whose prompt is over task.max_prompt_length=%d",
+                    label, dropped, len(rows), max_prompt_length)
+    if not examples:
+        raise DataError(f"{label}: no usable rows ({dropped} over task.max_prompt_length={max_prompt_length})")
+    return examples
+
+
+def _sampling(cfg: DistillConfig, evaluation: bool) -> SamplingParams:
+    r = cfg.rollout
+    if evaluation:
+        return SamplingParams(r.eval_temperature, r.eval_top_p, r.eval_top_k, r.max_response_length)
+    record = cfg.loss.kl_topk if cfg.loss.kl_loss_type == "full" and cfg.loss.kl_topk > 0 else 0
+    return SamplingParams(r.temperature, r.top_p, r.top_k, r.max_response_length, record_topk=record)
+
+
+def _worker_kwargs(cfg: DistillConfig, path: str) -> dict:
+    m = cfg.model
+    return {"model_path": path, "dtype": m.dtype, "trust_remote_code": m.trust_remote_code,
+            "attn_implementation": m.attn_implementation, "temperature": cfg.rollout.temperature,
+            "micro_batch_size": cfg.trainer.micro_batch_size, "num_threads": cfg.trainer.num_threads}
+
+
+def run_distill(cfg: DistillConfig) -> dict:
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    student_path = resolve_model(cfg.model.path)
+    teacher_path = resolve_model(cfg.model.teacher_path) if cfg.model.teacher_path else student_path
+    tokenizer = load_tokenizer(student_path, cfg.model.trust_remote_code)
+    if teacher_path != student_path:
+        _check_teacher(cfg, tokenizer, student_path, teacher_path)
+    context = load_context(cfg.task.context_kind, resolve_user_path(cfg.task.context_path),
+                           cfg.task.experience_max_length, token_counter(tokenizer))
+    task = get_task(cfg.task.name)
+    train_rows = load_rows(resolve_user_path(cfg.task.train_data), cfg.task.train_split)
+    test_rows = load_rows(resolve_user_path(cfg.task.test_data), cfg.task.test_split,
+                          cfg.trainer.eval_limit if cfg.trainer.eval_limit > 0 else None)
+    build = dict(task=task, context=context, tokenizer=tokenizer, max_prompt_length=cfg.task.max_prompt_length,
+                 seed=cfg.trainer.seed, enable_thinking=cfg.task.enable_thinking)
+    examples = build_examples(train_rows, label=cfg.task.train_data, **build)
+    test_examples = build_examples(test_rows, label=cfg.task.test_data, **build)
+    write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
+
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    gpus = 1 if cfg.ray.gpus_per_node > 0 else 0
+    student = WorkerGroup("student", StudentWorker, {
+        **_worker_kwargs(cfg, student_path), "lr": cfg.trainer.lr, "weight_decay": cfg.trainer.weight_decay,
+        "grad_clip": cfg.trainer.grad_clip, "kl_loss_type": cfg.loss.kl_loss_type,
+        "support_mode": cfg.loss.support_mode, "aggregation": cfg.loss.aggregation}, num_gpus=gpus)
+    teacher = WorkerGroup("teacher", TeacherWorker, _worker_kwargs(cfg, teacher_path), num_gpus=gpus)
+    trainer = Trainer(cfg.trainer, cfg.loss, _sampling(cfg, evaluation=False), cfg.rollout.n, student, teacher,
+                      examples, task, tokenizer, run_dir)
+    start_step = trainer.resume()
+    _trim_metrics(run_dir, start_step)
+    tracker = Tracker(cfg.trainer.loggers, run_dir, cfg.trainer.exp_name, json.loads(json.dumps(_plain(cfg))),
+                      cfg.trainer.total_training_steps, start_step, cfg.trainer.wandb_project)
+    if start_step:
+        tracker.message(f"resumed {run_dir} from step {start_step}")
+    results = _load_results(run_dir) if start_step else {}
+    try:
+        if cfg.trainer.eval_before and "student_before" not in results:
+            for who, group, side in (("student_before", student, "student"), ("teacher_with_context", teacher, "teacher")):
+                results[who] = _evaluate(cfg, who, group, test_examples, side, task, tokenizer, run_dir, results)
+                tracker.message(_describe(results[who]))
+        final_step = trainer.fit(tracker, start_step)
+        if cfg.trainer.eval_after:
+            results["student_after"] = _evaluate(cfg, "student_after", student, test_examples, "student", task,
+                                                 tokenizer, run_dir, results)
+            tracker.message(_describe(results["student_after"]))
+        tracker.summary({f"eval/{k}/score": v["score"] for k, v in results.items()})
+    finally:
+        tracker.close()
+    summary = {"run_dir": str(run_dir), "final_step": final_step, "eval": results,
+               "checkpoint": str(latest_checkpoint(run_dir)[1]) if latest_checkpoint(run_dir) else None}
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def _check_teacher(cfg: DistillConfig, student_tok, student_path: str, teacher_path: str) -> None:
+    from transformers import AutoConfig
+
+    teacher_tok = load_tokenizer(teacher_path, cfg.model.trust_remote_code)
+    check_same_tokenizer(student_tok, teacher_tok, student_path, teacher_path)
+    check_same_vocab_size(AutoConfig.from_pretrained(student_path, trust_remote_code=cfg.model.trust_remote_code),
+                          AutoConfig.from_pretrained(teacher_path, trust_remote_code=cfg.model.trust_remote_code),
+                          student_path, teacher_path)
+
+
+def _evaluate(cfg, who, group, examples: list[Example], side: str, task, tokenizer, run_dir: Path,
+              results: dict) -> dict:
+    prompts = [e.student_prompt if side == "student" else e.teacher_prompt for e in examples]
+    result = evaluate(who, group, prompts, [e.row for e in examples], task, tokenizer,
+                      _sampling(cfg, evaluation=True), seed=cfg.trainer.seed + 7919)
+    with open(run_dir / f"eval_{who}.jsonl", "w") as fh:
+        for sample in result.samples:
+            fh.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    write_text_atomic(run_dir / "eval.json", json.dumps({**results, who: result.summary()}, indent=1))
+    return result.summary()
+
+
+def _load_results(run_dir: Path) -> dict:
+    path = run_dir / "eval.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _describe(result: dict) -> str:
+    return (f"eval {result['who']}: score {result['score']:.3f} over {result['num_items']} items "
+            f"({result['mean_response_tokens']:.1f} tokens/response)")
+
+
+def _trim_metrics(run_dir: Path, start_step: int) -> None:
+    """A resumed run re-logs the steps after its checkpoint: drop those lines from metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _plain(cfg: DistillConfig) -> dict:
+    from dataclasses import asdict
+
+    return asdict(cfg)

@@ -1,0 +1,67 @@
+"""The data contracts that cross process boundaries (driver <-> Ray workers), one per phase.
+
+Shapes: B = sequences in the batch, T = longest response, K = support size per token.
+Responses are right-padded with the tokenizer's pad id; `response_mask` is True on every generated
+token up to and including the EOS (the stop token is trained on, as in the reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 48
+    record_topk: int = 0  # also return the top-k token ids of the raw distribution at every step
+
+
+@dataclass
+class Generation:
+    """Rollout output for a list of prompts (same order)."""
+
+    response_ids: torch.Tensor  # [B, T] int64, right-padded
+    response_mask: torch.Tensor  # [B, T] bool
+    topk_ids: torch.Tensor | None = None  # [B, T, record_topk] int64: the policy's top-k at each position
+
+    @property
+    def response_lengths(self) -> torch.Tensor:  # [B]
+        return self.response_mask.sum(-1)
+
+    def select(self, index: list[int] | torch.Tensor) -> "Generation":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Generation(self.response_ids[index], self.response_mask[index],
+                          None if self.topk_ids is None else self.topk_ids[index])
+
+
+@dataclass
+class TeacherScores:
+    """Teacher log-probs (temperature-scaled, full-vocab normalised) at the support ids.
+
+    The support is the one the driver asked for, or its union with the teacher's own top-k when
+    merging was asked for (then `support_mask` is False on duplicate slots).
+    """
+
+    logprobs: torch.Tensor  # [B, T, K] float32
+    entropy: torch.Tensor  # [B, T] float32, teacher entropy at each response position
+    support_ids: torch.Tensor  # [B, T, K] int64
+    support_mask: torch.Tensor | None = None  # [B, T, K] bool
+
+
+@dataclass
+class UpdateBatch:
+    """Everything the student needs for one optimiser step."""
+
+    prompt_ids: list[list[int]]  # B student prompts (no context), token ids
+    response_ids: torch.Tensor  # [B, T]
+    response_mask: torch.Tensor  # [B, T] bool
+    support_ids: torch.Tensor  # [B, T, K] int64 (K = 1 and the sampled token for k1/k2/k3/abs)
+    support_mask: torch.Tensor | None  # [B, T, K] bool, False on duplicate slots of a merged support
+    teacher_logprobs: torch.Tensor  # [B, T, K]
+    num_tokens: int  # response tokens in the WHOLE step (normaliser of the token mean across micro-batches)
+    num_sequences: int

@@ -1,0 +1,42 @@
+"""Tasks: how the student sees a dataset row and how one response is scored.
+
+A task is a small object with a `name`, `student_messages(row)` (the messages
+the student sees, without the teacher's context) and `score(response, row)`
+(a task metric in [0, 1]). `get_task` maps a config name to a task.
+"""
+
+from typing import Protocol
+
+from opcd.errors import ConfigError
+from opcd.tasks.language import LanguageTask
+from opcd.tasks.sysprompt import MedMCQATask, SafetyTask
+
+
+class Task(Protocol):
+    name: str
+
+    def student_messages(self, row: dict) -> list[dict]:
+        """Messages the student sees (no context): a copy of row["content"]."""
+        ...
+
+    def score(self, response: str, row: dict) -> float:
+        """Task metric for one response, in [0, 1] (accuracy-like)."""
+        ...
+
+
+TASKS: dict[str, Task] = {
+    "medmcqa": MedMCQATask(),
+    "safety": SafetyTask(),
+    "language": LanguageTask(),
+}
+
+
+def get_task(name: str) -> Task:
+    """The task registered under `name`."""
+    task = TASKS.get(name)
+    if task is None:
+        raise ConfigError(f"unknown task {name!r}; expected one of: {', '.join(sorted(TASKS))}")
+    return task
+
+
+__all__ = ["Task", "TASKS", "get_task", "LanguageTask", "MedMCQATask", "SafetyTask"]

@@ -1,0 +1,180 @@
+"""The single-controller OPCD trainer: the algorithm, one worker-group call per phase.
+
+    for each step:
+        rollout   the student samples responses to prompts WITHOUT the context (current weights),
+                  recording its own top-k ids at every position
+        teacher   the frozen teacher scores the same tokens WITH the context: log-probs at the support
+        update    the student minimises the top-k reverse KL to the teacher (one optimiser step)
+        sync      the rollout engine gets the new weights (free for the colocated `hf` engine)
+        log, checkpoint
+
+Departures from the reference: the student's top-k ids come from the rollout itself instead of a
+second student forward pass; the default support mode is `tail` (a true KL) rather than the partial
+sum; the data position and optimiser state are checkpointed, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from opcd import metrics as M
+from opcd.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint
+from opcd.config import LossConfig, TrainerConfig
+from opcd.errors import TrainingError
+from opcd.objective import uses_sampled_token
+from opcd.protocol import Generation, SamplingParams, TeacherScores, UpdateBatch
+from opcd.sampler import BatchSampler
+from opcd.tracking import Tracker
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training prompt, tokenised for both sides."""
+
+    row: dict
+    student_prompt: list[int]  # chat-templated prompt without the context
+    teacher_prompt: list[int]  # the same prompt with the context
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig, loss_cfg: LossConfig, sampling: SamplingParams, samples_per_prompt: int,
+                 student, teacher, examples: list[Example], task, tokenizer, run_dir: Path):
+        self.cfg = cfg
+        self.loss_cfg = loss_cfg
+        self.sampling = sampling
+        self.samples_per_prompt = samples_per_prompt
+        self.student = student  # worker group: rollout engine colocated with the trainable model
+        self.teacher = teacher
+        self.examples = examples
+        self.task = task
+        self.tokenizer = tokenizer
+        self.run_dir = Path(run_dir)
+        self.sampler = BatchSampler(len(examples), cfg.batch_size, cfg.seed)
+        self.consecutive_skipped = 0
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self, tracker: Tracker, start_step: int) -> int:
+        step = start_step
+        for step in range(start_step + 1, self.cfg.total_training_steps + 1):
+            metrics = self.step(step)
+            tracker.log(metrics, step)
+            self._check_nonfinite(metrics, step)
+            if self._checkpoint_due(step):
+                self.save(step)
+        return step
+
+    def step(self, step: int) -> dict[str, float]:
+        batch = self._next_examples()
+        timer = PhaseTimer()
+        with timer("step"):
+            with timer("rollout"):
+                generation: Generation = self.student.call_rank0(
+                    "generate", [e.student_prompt for e in batch], self.sampling, self._seed(step))
+            with timer("teacher"):
+                scores: TeacherScores = self.teacher.call_rank0(
+                    "score", [e.teacher_prompt for e in batch], generation.response_ids, generation.response_mask,
+                    self._support(generation), self._merge_topk())
+            with timer("update"):
+                stats = self.student.call_rank0("update", self._update_batch(batch, generation, scores))
+            with timer("sync"):
+                self.student.call("sync_rollout")
+        return self._step_metrics(batch, generation, scores, stats, timer.seconds)
+
+    # -- phases' inputs ----------------------------------------------------------------------------
+    def _next_examples(self) -> list[Example]:
+        picked = [self.examples[i] for i in self.sampler.next_batch()]
+        return [e for e in picked for _ in range(self.samples_per_prompt)]
+
+    def _seed(self, step: int) -> int:
+        return self.cfg.seed * 1_000_003 + step
+
+    def _support(self, generation: Generation) -> torch.Tensor | None:
+        """The ids the teacher scores: sampled tokens, the student's top-k, or None (whole vocabulary)."""
+        if uses_sampled_token(self.loss_cfg.kl_loss_type):
+            return generation.response_ids.unsqueeze(-1)  # [B, T, 1]
+        if self.loss_cfg.kl_topk <= 0:
+            return None
+        return generation.topk_ids  # [B, T, k]
+
+    def _merge_topk(self) -> int:
+        return self.loss_cfg.kl_topk if self.loss_cfg.kl_merge_indice else 0
+
+    def _update_batch(self, batch: list[Example], generation: Generation, scores: TeacherScores) -> UpdateBatch:
+        return UpdateBatch(
+            prompt_ids=[e.student_prompt for e in batch], response_ids=generation.response_ids,
+            response_mask=generation.response_mask, support_ids=scores.support_ids,
+            support_mask=scores.support_mask, teacher_logprobs=scores.logprobs,
+            num_tokens=int(generation.response_mask.sum()), num_sequences=len(batch))
+
+    # -- logging -----------------------------------------------------------------------------------
+    def _step_metrics(self, batch, generation: Generation, scores: TeacherScores, stats: dict,
+                      seconds: dict[str, float]) -> dict[str, float]:
+        mask = generation.response_mask
+        tokens = int(mask.sum())
+        lengths = generation.response_lengths.float()
+        texts = self.tokenizer.batch_decode(generation.response_ids.masked_fill(~mask, self.tokenizer.pad_token_id),
+                                            skip_special_tokens=True)
+        task_scores = [self.task.score(text, e.row) for text, e in zip(texts, batch)]
+        out = {
+            M.LOSS_KL: stats["loss"], M.STUDENT_MASS: stats["student_mass"], M.TEACHER_MASS: stats["teacher_mass"],
+            M.ACTOR_ENTROPY: stats["entropy"], M.ACTOR_GRAD_NORM: stats["grad_norm"], M.ACTOR_LR: stats["lr"],
+            M.ACTOR_SKIPPED: stats["skipped"],
+            M.TEACHER_ENTROPY: float((scores.entropy * mask).sum() / max(tokens, 1)),
+            M.ROLLOUT_SCORE: sum(task_scores) / len(task_scores),
+            M.ROLLOUT_RESPONSE_LENGTH: float(lengths.mean()),
+            M.ROLLOUT_CLIPPED: float((lengths >= self.sampling.max_new_tokens).float().mean()),
+            M.ROLLOUT_PROMPT_LENGTH: sum(len(e.student_prompt) for e in batch) / len(batch),
+            M.ROLLOUT_TEACHER_PROMPT_LENGTH: sum(len(e.teacher_prompt) for e in batch) / len(batch),
+            M.PERF_TOKENS_PER_S: tokens / max(seconds["step"], 1e-9),
+            M.PERF_MAX_RSS_GB: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        }
+        out.update({f"{M.TIMING}{phase}": value for phase, value in seconds.items()})
+        return out
+
+    def _check_nonfinite(self, metrics: dict[str, float], step: int) -> None:
+        self.consecutive_skipped = self.consecutive_skipped + 1 if metrics[M.ACTOR_SKIPPED] else 0
+        if self.consecutive_skipped >= self.cfg.max_consecutive_nonfinite:
+            raise TrainingError(f"step {step}: {self.consecutive_skipped} consecutive steps had a non-finite "
+                                f"gradient norm (trainer.max_consecutive_nonfinite="
+                                f"{self.cfg.max_consecutive_nonfinite}); lower trainer.lr or check the data")
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _checkpoint_due(self, step: int) -> bool:
+        last = step == self.cfg.total_training_steps
+        return last or (self.cfg.save_freq > 0 and step % self.cfg.save_freq == 0)
+
+    def save(self, step: int) -> Path:
+        state = {"step": step, "sampler": self.sampler.state_dict(), "consecutive_skipped": self.consecutive_skipped,
+                 "seed": self.cfg.seed}
+        return save_checkpoint(self.run_dir, step, lambda tmp: self.student.call_rank0("save", str(tmp)), state)
+
+    def resume(self) -> int:
+        """Load the newest complete checkpoint of the run folder; returns the step to continue after."""
+        if self.cfg.resume == "never":
+            return 0
+        found = latest_checkpoint(self.run_dir)
+        if found is None:
+            return 0
+        step, folder = found
+        state = read_trainer_state(folder)
+        self.student.call("load", str(folder))
+        self.sampler.load_state_dict(state["sampler"])
+        self.consecutive_skipped = int(state.get("consecutive_skipped", 0))
+        return step

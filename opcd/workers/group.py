@@ -1,0 +1,70 @@
+"""Worker groups: a plain worker class wrapped as Ray actors, one actor per rank.
+
+The driver calls `group.call("method", ...)` and gets every rank's result; failures come back as
+one-line errors naming the group, rank and cause (a user error raised inside a worker keeps its
+type, so the CLI prints it the same way as on the driver).
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from opcd.errors import OpcdError, WorkerError
+
+
+def init_ray(address: str | None, num_cpus: float | None) -> None:
+    """Start a local Ray instance (address None) or join a cluster ("auto" / host:port)."""
+    if ray.is_initialized():
+        return
+    if address is None:
+        # Logical CPUs, not cores: actors that each hold a whole CPU can starve later tasks on a
+        # 2-core machine, and our workers take turns anyway.
+        ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 8), include_dashboard=False,
+                 log_to_driver=True, configure_logging=False)
+    else:
+        ray.init(address=address, log_to_driver=True)
+
+
+class WorkerGroup:
+    def __init__(self, name: str, worker_cls: type, kwargs: dict, world_size: int = 1,
+                 num_cpus: float = 1, num_gpus: float = 0):
+        self.name = name
+        actor_cls = ray.remote(worker_cls)
+        self.workers = [
+            actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, name=None, max_concurrency=1)
+            .remote(**kwargs, rank=rank, world_size=world_size)
+            for rank in range(world_size)
+        ]
+        self.call("__ray_ready__")  # surface construction errors (e.g. a bad model path) now
+
+    def call(self, method: str, *args, **kwargs) -> list:
+        refs = [getattr(worker, method).remote(*args, **kwargs) for worker in self.workers]
+        return [self._get(ref, rank, method) for rank, ref in enumerate(refs)]
+
+    def call_rank0(self, method: str, *args, **kwargs):
+        return self._get(getattr(self.workers[0], method).remote(*args, **kwargs), 0, method)
+
+    def _get(self, ref, rank: int, method: str):
+        try:
+            return ray.get(ref)
+        except RayTaskError as exc:
+            root = exc.cause if getattr(exc, "cause", None) is not None else exc
+            if isinstance(root, OpcdError):
+                raise root from None
+            raise WorkerError(f"{self.name} worker rank {rank} failed in {method}: "
+                              f"{type(root).__name__}: {_first_line(root)}") from exc
+        except RayActorError as exc:
+            raise WorkerError(f"{self.name} worker rank {rank} died during {method}: {_first_line(exc)}") from exc
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

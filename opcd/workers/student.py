@@ -1,0 +1,124 @@
+"""The student worker: one rank holding the trainable model, its AdamW optimiser and the colocated
+rollout engine (the `hf` engine generates with this very module, so rollouts always use the
+current weights).
+
+Update (method.md §2): one optimiser step per training step over all micro-batches; AdamW with
+weight decay, gradient-norm clipping, and a step whose gradient norm is not finite is skipped (the
+optimiser state is left untouched) and reported as `actor/skipped`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from opcd import loss
+from opcd.batching import micro_batches, prompt_response_inputs
+from opcd.models import load_causal_lm, load_tokenizer
+from opcd.objective import per_token_loss
+from opcd.protocol import Generation, SamplingParams, UpdateBatch
+from opcd.rollout.hf import HFRollout
+
+
+class StudentWorker:
+    def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                 attn_implementation: str | None = None, lr: float = 1e-6, weight_decay: float = 0.01,
+                 grad_clip: float = 1.0, temperature: float = 1.0, kl_loss_type: str = "full",
+                 support_mode: str = "tail", aggregation: str = "token_mean", micro_batch_size: int = 8,
+                 num_threads: int = 0, rank: int = 0, world_size: int = 1):
+        torch.set_num_threads(num_threads or os.cpu_count() or 1)
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+        self.model = load_causal_lm(model_path, dtype, trust_remote_code, attn_implementation)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.rollout = HFRollout(self.model, self.tokenizer)
+        self.grad_clip = grad_clip
+        self.temperature = temperature
+        self.kl_loss_type = kl_loss_type
+        self.support_mode = support_mode
+        self.aggregation = aggregation
+        self.micro_batch_size = micro_batch_size
+        self.pad_id = self.tokenizer.pad_token_id
+
+    # -- rollout ---------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
+        return self.rollout.generate(prompts, params, seed)
+
+    def sync_rollout(self) -> None:
+        self.rollout.sync_weights(None)
+
+    # -- update ----------------------------------------------------------------------------------
+    def update(self, batch: UpdateBatch) -> dict[str, float]:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0, "entropy": 0.0, "student_mass": 0.0, "teacher_mass": 0.0}
+        normalizer = batch.num_tokens if self.aggregation == "token_mean" else batch.num_sequences
+        for mb in micro_batches(len(batch.prompt_ids), self.micro_batch_size):
+            mb_loss, mb_stats = self._micro_batch_loss(batch, mb, normalizer)
+            mb_loss.backward()
+            sums["loss"] += mb_loss.item()
+            for key, value in mb_stats.items():
+                sums[key] += value
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip).item()
+        skipped = not math.isfinite(grad_norm)
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        tokens = max(batch.num_tokens, 1)
+        return {"loss": sums["loss"], "entropy": sums["entropy"] / tokens,
+                "student_mass": sums["student_mass"] / tokens, "teacher_mass": sums["teacher_mass"] / tokens,
+                "grad_norm": grad_norm, "skipped": float(skipped), "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _micro_batch_loss(self, batch: UpdateBatch, mb: slice, normalizer: int):
+        response_ids, response_mask = batch.response_ids[mb], batch.response_mask[mb]
+        inputs = prompt_response_inputs(batch.prompt_ids[mb], response_ids, response_mask, self.pad_id)
+        width = response_ids.shape[1]
+        logits = self.model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1].float()  # [b, T, V]
+        support_mask = None if batch.support_mask is None else batch.support_mask[mb]
+        student_logprobs = loss.gather_logprobs(logits, batch.support_ids[mb], self.temperature)  # [b, T, K]
+        teacher_logprobs = batch.teacher_logprobs[mb]
+        per_token = per_token_loss(self.kl_loss_type, self.support_mode, student_logprobs, teacher_logprobs,
+                                   support_mask)  # [b, T]
+        mb_loss = loss.aggregate(per_token, response_mask, self.aggregation, normalizer=normalizer)
+        with torch.no_grad():
+            mask = response_mask.float()
+            stats = {"entropy": (loss.entropy(logits, self.temperature) * mask).sum().item(),
+                     "student_mass": (loss.support_mass(student_logprobs, support_mask) * mask).sum().item(),
+                     "teacher_mass": (loss.support_mass(teacher_logprobs, support_mask) * mask).sum().item()}
+        return mb_loss, stats
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self, folder: str) -> None:
+        """Write a Hugging Face model folder (loadable by transformers and vLLM) and the optimiser."""
+        folder = Path(folder)
+        self.model.save_pretrained(folder / "model")
+        self.tokenizer.save_pretrained(folder / "model")
+        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+
+    def load(self, folder: str) -> None:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        state = {}
+        for shard in sorted((folder / "model").glob("*.safetensors")):
+            state.update(load_file(shard))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        # tied embeddings are saved once; anything else missing means a broken checkpoint
+        missing = [k for k in missing if k not in _tied_keys(self.model)]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}")
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+
+def _tied_keys(model) -> set[str]:
+    if getattr(model.config, "tie_word_embeddings", False):
+        return {"lm_head.weight"}
+    return set()

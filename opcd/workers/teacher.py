@@ -1,0 +1,60 @@
+"""The teacher worker: a frozen model that scores the student's response tokens with the context in
+its prompt. It returns log-probs (softmax over the full vocabulary of logits / temperature) at the
+requested support ids, optionally merged with its own top-k, and its entropy per token. It can also
+generate, for the "teacher with context" evaluation baseline.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from opcd import loss
+from opcd.batching import micro_batches, prompt_response_inputs
+from opcd.models import load_causal_lm, load_tokenizer
+from opcd.protocol import Generation, SamplingParams, TeacherScores
+from opcd.rollout.hf import HFRollout
+
+
+class TeacherWorker:
+    def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                 attn_implementation: str | None = None, temperature: float = 1.0, micro_batch_size: int = 8,
+                 num_threads: int = 0, rank: int = 0, world_size: int = 1):
+        torch.set_num_threads(num_threads or os.cpu_count() or 1)
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+        self.model = load_causal_lm(model_path, dtype, trust_remote_code, attn_implementation).eval()
+        self.model.requires_grad_(False)
+        self.rollout = HFRollout(self.model, self.tokenizer)
+        self.temperature = temperature
+        self.micro_batch_size = micro_batch_size
+        self.pad_id = self.tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor,
+              support_ids: torch.Tensor | None, merge_topk: int = 0) -> TeacherScores:
+        """prompts: B teacher prompts (with context); response_ids/mask [B, T]; support_ids [B, T, K]
+        or None for the whole vocabulary; merge_topk > 0 adds the teacher's own top-k to the support."""
+        parts = []
+        for mb in micro_batches(len(prompts), self.micro_batch_size):
+            inputs = prompt_response_inputs(prompts[mb], response_ids[mb], response_mask[mb], self.pad_id)
+            width = response_ids.shape[1]
+            logits = self.model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1].float()
+            ids, mask = self._support(logits, None if support_ids is None else support_ids[mb], merge_topk)
+            parts.append((loss.gather_logprobs(logits, ids, self.temperature),
+                          loss.entropy(logits, self.temperature), ids, mask))
+        logprobs, entropy, ids, mask = (list(x) for x in zip(*parts))
+        return TeacherScores(torch.cat(logprobs), torch.cat(entropy), torch.cat(ids),
+                             None if mask[0] is None else torch.cat(mask))
+
+    @staticmethod
+    def _support(logits: torch.Tensor, support_ids: torch.Tensor | None, merge_topk: int):
+        if support_ids is None:  # the whole vocabulary: exact KL
+            vocab = logits.shape[-1]
+            return torch.arange(vocab).expand(*logits.shape[:-1], vocab), None
+        if merge_topk > 0:
+            return loss.merge_support(support_ids, loss.topk_ids(logits, merge_topk))
+        return support_ids, None
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
+        return self.rollout.generate(prompts, params, seed)

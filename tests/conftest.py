@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny randomly initialised models that use the REAL SmolLM2 tokenizer.
+
+The tokenizer comes from the bundled default (converted once into $OPCD_CACHE); the models are
+shrunk copies of its config (head_dim 64, as vLLM needs), built in a temp dir in about a second.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def _tiny_model(base: Path, out: Path, layers: int, seed: int) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(base)
+    config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers,
+                   "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 64,
+                   "max_position_embeddings": 1024})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from opcd.models import ensure_builtin_smollm2
+
+    return ensure_builtin_smollm2()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(smollm2_dir, tmp_path_factory) -> Path:
+    return _tiny_model(smollm2_dir, tmp_path_factory.mktemp("tiny-student"), layers=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_deeper_model(smollm2_dir, tmp_path_factory) -> Path:
+    """A different, deeper model with the same tokenizer: a larger-teacher stand-in."""
+    return _tiny_model(smollm2_dir, tmp_path_factory.mktemp("tiny-teacher"), layers=3, seed=1)
