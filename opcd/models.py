@@ -127,7 +127,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a model folder saved without tokenizer files
         raise ModelError(f"cannot load tokenizer from {path}: {str(exc).splitlines()[0]}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

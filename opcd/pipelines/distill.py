@@ -125,6 +125,8 @@ def run_distill(cfg: DistillConfig) -> dict:
         tracker.summary({f"eval/{k}/score": v["score"] for k, v in results.items()})
     finally:
         tracker.close()
+        student.shutdown()
+        teacher.shutdown()
     summary = {"run_dir": str(run_dir), "final_step": final_step, "eval": results,
                "checkpoint": str(latest_checkpoint(run_dir)[1]) if latest_checkpoint(run_dir) else None}
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))

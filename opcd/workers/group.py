@@ -15,6 +15,12 @@ from ray.exceptions import RayActorError, RayTaskError
 from opcd.errors import OpcdError, WorkerError
 
 
+# Worker groups take turns (rollout, teacher, update), so an idle group must not hold the cores:
+# OpenMP threads that spin-wait after each op would slow the busy group. Ray would also pin
+# OMP_NUM_THREADS to the actor's logical CPUs; the workers set their thread count themselves.
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def init_ray(address: str | None, num_cpus: float | None) -> None:
     """Start a local Ray instance (address None) or join a cluster ("auto" / host:port)."""
     if ray.is_initialized():
@@ -34,7 +40,8 @@ class WorkerGroup:
         self.name = name
         actor_cls = ray.remote(worker_cls)
         self.workers = [
-            actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, name=None, max_concurrency=1)
+            actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=1,
+                              runtime_env={"env_vars": WORKER_ENV})
             .remote(**kwargs, rank=rank, world_size=world_size)
             for rank in range(world_size)
         ]
