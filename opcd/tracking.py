@@ -1,6 +1,7 @@
 """Experiment tracking: a console progress bar, `metrics.jsonl`, tensorboard and wandb behind one call.
 
-wandb runs online only when WANDB_API_KEY is in the environment, offline otherwise (so it works with
+wandb follows WANDB_MODE when set; otherwise it runs online only when WANDB_API_KEY is in the
+environment, offline otherwise (so it works with
 no network); the key itself is never read into the config or written anywhere by opcd.
 """
 
@@ -39,7 +40,7 @@ class Tracker:
         if "wandb" in loggers:
             import wandb
 
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
             self.wandb = wandb.init(project=wandb_project or os.environ.get("WANDB_PROJECT", "opcd"),
                                     name=exp_name, dir=str(self.run_dir), config=config, mode=mode,
                                     resume="allow", id=_wandb_id(self.run_dir, exp_name))

@@ -1,0 +1,77 @@
+"""Bad user input ends with one line on stderr naming the input and what was expected, exit code 2,
+and before any worker starts (these tests never start Ray: the checks run on the driver first)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from opcd.cli import main
+
+
+def _run(capsys, *overrides) -> tuple[int, str]:
+    code = main(["distill", *overrides])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def _base(tmp_path, tiny_model) -> list[str]:
+    return [f"model.path={tiny_model}", f"trainer.runs_dir={tmp_path}/runs", "trainer.loggers=[jsonl]"]
+
+
+def test_missing_system_prompt_file(tmp_path, tiny_model, capsys):
+    code, err = _run(capsys, *_base(tmp_path, tiny_model), f"task.context_path={tmp_path}/nope.txt")
+    assert code == 2
+    assert err == f"opcd: error: context file not found: {tmp_path}/nope.txt (expected a system-prompt or experience text file)"
+
+
+def test_empty_system_prompt_file(tmp_path, tiny_model, capsys):
+    (tmp_path / "empty.txt").write_text("  \n")
+    code, err = _run(capsys, *_base(tmp_path, tiny_model), f"task.context_path={tmp_path}/empty.txt")
+    assert code == 2 and "context file is empty" in err and "empty.txt" in err
+
+
+def test_malformed_dataset_row(tmp_path, tiny_model, capsys):
+    rows = [{"content": [{"role": "user", "content": "hi"}], "answer": "fr"},
+            {"content": "not a list of messages", "answer": "fr"}]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, err = _run(capsys, *_base(tmp_path, tiny_model), f"task.train_data={path}")
+    assert code == 2
+    assert "bad.jsonl row 2" in err and "'content'" in err and len(err.splitlines()) == 1
+
+
+def test_missing_dataset_file(tmp_path, tiny_model, capsys):
+    code, err = _run(capsys, *_base(tmp_path, tiny_model), f"task.test_data={tmp_path}/none.parquet")
+    assert code == 2 and "none.parquet" in err
+
+
+def test_teacher_with_another_tokenizer_is_refused(tmp_path, tiny_model, capsys):
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other-teacher"
+    shutil.copytree(tiny_model, other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["<extra_a>", "<extra_b>"])
+    tokenizer.save_pretrained(other)
+    code, err = _run(capsys, *_base(tmp_path, tiny_model), f"model.teacher_path={other}")
+    assert code == 2
+    assert "must share one tokenizer" in err and str(other) in err
+
+
+def test_missing_model_path(tmp_path, capsys):
+    code, err = _run(capsys, f"model.path={tmp_path}/no-model", f"trainer.runs_dir={tmp_path}/runs")
+    assert code == 2 and f"model path not found: {tmp_path}/no-model" in err
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.foo=1", "trainer.foo"),
+    ("+trainer.foo=1", "config trainer.foo: unknown key"),
+    ("loss.kl_topk=abc", "config loss.kl_topk='abc': expected an integer"),
+    ("rollout.temperature=0", "config rollout.temperature=0.0: expected a float > 0"),
+])
+def test_bad_config_values(capsys, override, expected):
+    code, err = _run(capsys, override)
+    assert code == 2 and expected in err and len(err.splitlines()) == 1
