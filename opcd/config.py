@@ -54,7 +54,7 @@ class TaskConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: Literal["hf", "vllm"] = "hf"  # hf: transformers generate (CPU default); vllm: GPU engine
+    backend: Literal["hf"] = "hf"  # transformers generate, batched with a KV cache (vllm: issue 7, not yet)
     n: int = 1  # samples per prompt
     temperature: float = 1.0  # sampling temperature; the loss uses the same temperature for both models
     top_p: float = 1.0

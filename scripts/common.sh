@@ -1,0 +1,261 @@
+# shellcheck shell=bash disable=SC2154  # FLAG_<name> variables are assigned with printf -v
+# Shared pieces of the launch scripts (source it; it runs nothing by itself).
+#
+# A launcher keeps the reference's flags and defaults and turns them into `opcd` Hydra overrides:
+#
+#   source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+#   opcd_common_flags                          # register the flags every launcher has
+#   opcd_flag max_response_length 512          # a script's own default, or a script-only flag
+#   opcd_parse_flags "$@"                      # FLAG_<name> variables + OPCD_PASSTHROUGH array
+#   opcd_require model exp_name                # missing -> one line on stderr, exit 2
+#   opcd_common_overrides                      # fills the OPCD_OVERRIDES array
+#   OPCD_OVERRIDES+=(rollout.temperature=1.0)  # script-specific settings
+#   opcd_exec distill                          # env, then exec opcd (or print it: OPCD_DRY_RUN=1)
+#
+# Flags take `--name value` or `--name=value`. The first argument that is not a known flag, and
+# everything after it, is passed to opcd verbatim, after the launcher's own overrides (so a trailing
+# `trainer.lr=1e-5` wins). Boolean flags accept True/False/true/false (and 1/0, yes/no).
+#
+# Environment read here:
+#   OPCD_DRY_RUN=1    print the final command line (shell-quoted) instead of running it
+#   OPCD_CFG_ONLY=1   run `opcd distill --cfg ...`: print the resolved config, load no model
+#   OPCD_NUM_GPUS     GPUs on this node; default: counted with `nvidia-smi -L` (0 without a GPU)
+#   OPCD_VENV         the venv setup.sh made (default <repo>/.venv); else `opcd` from PATH
+#   WANDB_API_KEY     when set, wandb is added to the loggers (the key stays in the environment only)
+
+OPCD_SCRIPT_NAME="$(basename "${0:-launcher}")"
+OPCD_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OPCD_KNOWN_FLAGS=()
+OPCD_PASSTHROUGH=()
+OPCD_OVERRIDES=()
+
+opcd_die() {  # one line on stderr, exit 2 (a usage error)
+    echo "$OPCD_SCRIPT_NAME: error: $*" >&2
+    exit 2
+}
+
+opcd_flag() {  # opcd_flag NAME [DEFAULT]: register a flag (again: just set its default)
+    local name="$1"
+    local known
+    for known in ${OPCD_KNOWN_FLAGS[@]+"${OPCD_KNOWN_FLAGS[@]}"}; do
+        if [[ "$known" == "$name" ]]; then
+            printf -v "FLAG_$name" '%s' "${2-}"
+            return 0
+        fi
+    done
+    OPCD_KNOWN_FLAGS+=("$name")
+    printf -v "FLAG_$name" '%s' "${2-}"
+}
+
+opcd_common_flags() {  # the flags and defaults every reference launcher shares (launchers.md)
+    opcd_flag model                        # required by the launchers that train
+    opcd_flag ref_model_path               # teacher; empty = the student's initial weights
+    opcd_flag exp_name                     # run name: run folder and wandb run
+    opcd_flag exp_path                     # context file (experience text or system prompt)
+    opcd_flag experience_max_length 4096
+    opcd_flag nnodes 1
+    opcd_flag rollout_n 1
+    opcd_flag kl_loss_type full
+    opcd_flag kl_topk 256
+    opcd_flag kl_renorm_topk False
+    opcd_flag kl_tail_bucket False         # opcd extension: the tail-bucket support (loss.support_mode=tail)
+    opcd_flag kl_merge_indice False
+    opcd_flag actor_lr 1e-6
+    opcd_flag max_response_length 1024
+    opcd_flag total_training_steps 50
+    opcd_flag save_freq 2
+}
+
+opcd_usage() {
+    echo "usage: bash scripts/$OPCD_SCRIPT_NAME [--flag value ...] [hydra.override=value ...]"
+    echo "flags (default):"
+    local name value
+    for name in "${OPCD_KNOWN_FLAGS[@]}"; do
+        value="FLAG_$name"
+        printf '  --%-24s %s\n' "$name" "${!value:-(none)}"
+    done
+    echo "Anything from the first unknown argument on is passed to 'opcd distill' as Hydra overrides."
+}
+
+opcd_parse_flags() {  # opcd_parse_flags "$@"
+    local arg name value known found
+    while (($#)); do
+        arg="$1"
+        if [[ "$arg" == -h || "$arg" == --help ]]; then
+            opcd_usage
+            exit 0
+        fi
+        found=0
+        if [[ "$arg" == --* ]]; then
+            name="${arg#--}"
+            name="${name%%=*}"
+            for known in "${OPCD_KNOWN_FLAGS[@]}"; do
+                [[ "$known" == "$name" ]] && found=1 && break
+            done
+        fi
+        if ((!found)); then
+            OPCD_PASSTHROUGH=("$@")  # the first unknown argument and everything after it
+            return 0
+        fi
+        if [[ "$arg" == *=* ]]; then
+            value="${arg#*=}"
+            shift
+        else
+            (($# >= 2)) || opcd_die "--$name needs a value"
+            value="$2"
+            shift 2
+        fi
+        printf -v "FLAG_$name" '%s' "$value"
+    done
+}
+
+opcd_require() {  # opcd_require NAME...: each flag must have a non-empty value
+    local name value
+    for name in "$@"; do
+        value="FLAG_$name"
+        [[ -n "${!value}" ]] || opcd_die "--$name is required (see --help)"
+    done
+}
+
+opcd_bool() {  # opcd_bool NAME: normalise FLAG_<NAME> to true|false, or exit 2
+    local var="FLAG_$1"
+    case "${!var}" in
+        True | true | TRUE | 1 | yes | Yes) printf -v "$var" true ;;
+        False | false | FALSE | 0 | no | No) printf -v "$var" false ;;
+        *) opcd_die "--$1 expects True or False, got '${!var}'" ;;
+    esac
+}
+
+opcd_int() {  # opcd_int NAME: FLAG_<NAME> must be an integer (possibly negative), or exit 2
+    local var="FLAG_$1"
+    [[ "${!var}" =~ ^-?[0-9]+$ ]] || opcd_die "--$1 expects an integer, got '${!var}'"
+}
+
+opcd_hydra_str() {  # opcd_hydra_str VAR VALUE: VAR = VALUE as a Hydra string (bare when unambiguous, else quoted)
+    local value="$2" out
+    if [[ "$value" =~ ^[A-Za-z_./][A-Za-z0-9_./:-]*$ ]] \
+        && ! [[ "${value,,}" =~ ^(true|false|null|nan|inf)$ ]]; then
+        out="$value"
+    elif [[ "$value" != *"'"* ]]; then
+        out="'$value'"
+    elif [[ "$value" != *'"'* ]]; then
+        out="\"$value\""
+    else
+        opcd_die "a value cannot contain both quote characters: $value"
+    fi
+    printf -v "$1" '%s' "$out"
+}
+
+opcd_num_gpus() {  # print the GPUs on this node: `nvidia-smi -L` lines (0 when it fails)
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        nvidia-smi -L | grep -c '^GPU [0-9]' || true
+    else
+        echo 0
+    fi
+}
+
+opcd_common_overrides() {  # the common flags -> OPCD_OVERRIDES (group selections first)
+    opcd_bool kl_renorm_topk
+    opcd_bool kl_tail_bucket
+    opcd_bool kl_merge_indice
+    opcd_int nnodes
+    opcd_int rollout_n
+    opcd_int kl_topk
+    opcd_int experience_max_length
+    opcd_int max_response_length
+    opcd_int total_training_steps
+    opcd_int save_freq
+    ((FLAG_nnodes >= 1)) || opcd_die "--nnodes must be >= 1, got $FLAG_nnodes"
+
+    local support="partial"  # the reference's default: the plain top-k partial sum
+    if [[ "$FLAG_kl_renorm_topk" == true && "$FLAG_kl_tail_bucket" == true ]]; then
+        opcd_die "--kl_renorm_topk and --kl_tail_bucket are alternatives; set at most one to True"
+    elif [[ "$FLAG_kl_renorm_topk" == true ]]; then
+        support="renorm"
+    elif [[ "$FLAG_kl_tail_bucket" == true ]]; then
+        support="tail"
+    fi
+
+    local model teacher context exp_name kl_loss_type
+    opcd_hydra_str model "$FLAG_model"
+    opcd_hydra_str exp_name "$FLAG_exp_name"
+    opcd_hydra_str kl_loss_type "$FLAG_kl_loss_type"
+    OPCD_OVERRIDES+=(model=hf "model.path=$model")
+    if [[ -n "$FLAG_ref_model_path" && "$FLAG_ref_model_path" != "$FLAG_model" ]]; then
+        opcd_hydra_str teacher "$FLAG_ref_model_path"
+        OPCD_OVERRIDES+=("model.teacher_path=$teacher")
+    fi
+    if [[ -n "$FLAG_exp_path" ]]; then
+        opcd_hydra_str context "$FLAG_exp_path"
+        OPCD_OVERRIDES+=("task.context_path=$context")
+    fi
+    OPCD_OVERRIDES+=(
+        "task.experience_max_length=$FLAG_experience_max_length"
+        "rollout.n=$FLAG_rollout_n"
+        "rollout.max_response_length=$FLAG_max_response_length"
+        "loss.kl_loss_type=$kl_loss_type"
+        "loss.kl_topk=$FLAG_kl_topk"
+        "loss.support_mode=$support"
+        "loss.kl_merge_indice=$FLAG_kl_merge_indice"
+        trainer=paper
+        "trainer.exp_name=$exp_name"
+        "trainer.lr=$FLAG_actor_lr"
+        "trainer.total_training_steps=$FLAG_total_training_steps"
+        "trainer.save_freq=$FLAG_save_freq"
+    )
+    if [[ -n "${WANDB_API_KEY:-}" ]]; then
+        OPCD_OVERRIDES+=("trainer.loggers=[console,jsonl,wandb]")
+    else
+        OPCD_OVERRIDES+=("trainer.loggers=[console,jsonl]")
+    fi
+    if ((FLAG_nnodes > 1)); then
+        OPCD_OVERRIDES+=(ray.address=auto "ray.nnodes=$FLAG_nnodes")
+    fi
+    opcd_hardware_overrides
+}
+
+opcd_hardware_overrides() {  # bf16 + flash-attention on GPUs (the hf preset); fp32 + default attention on CPU
+    local gpus="${OPCD_NUM_GPUS:-}"
+    if [[ -z "$gpus" ]]; then
+        gpus="$(opcd_num_gpus)"
+    fi
+    [[ "$gpus" =~ ^[0-9]+$ ]] || opcd_die "OPCD_NUM_GPUS must be a whole number, got '$gpus'"
+    if ((gpus > 0)); then
+        OPCD_OVERRIDES+=("ray.gpus_per_node=$gpus")
+    else
+        OPCD_OVERRIDES+=(model.dtype=float32 model.attn_implementation=null ray.gpus_per_node=0)
+    fi
+}
+
+opcd_exec() {  # opcd_exec SUBCOMMAND: set the environment, then exec opcd (or print the command)
+    export TOKENIZERS_PARALLELISM=true
+    export NCCL_TIMEOUT="${NCCL_TIMEOUT:-36000}"  # seconds; long collectives around checkpoints
+    export HYDRA_FULL_ERROR=1
+    # WANDB_API_KEY / WANDB_PROJECT are read by wandb from the environment; never printed here.
+
+    local venv="${OPCD_VENV:-$OPCD_REPO/.venv}"
+    [[ "$venv" == /* ]] || venv="$OPCD_REPO/$venv"
+    local opcd_bin
+    if [[ -x "$venv/bin/opcd" ]]; then
+        opcd_bin="$venv/bin/opcd"
+    elif command -v opcd >/dev/null 2>&1; then
+        opcd_bin="opcd"
+    else
+        echo "$OPCD_SCRIPT_NAME: error: opcd not found (no $venv/bin/opcd and none on PATH); run: bash setup.sh" >&2
+        exit 127
+    fi
+
+    local cmd=("$opcd_bin" "$1")
+    if [[ "${OPCD_CFG_ONLY:-0}" == 1 ]]; then
+        cmd+=(--cfg)
+    fi
+    cmd+=(${OPCD_OVERRIDES[@]+"${OPCD_OVERRIDES[@]}"} ${OPCD_PASSTHROUGH[@]+"${OPCD_PASSTHROUGH[@]}"})
+
+    if [[ "${OPCD_DRY_RUN:-0}" == 1 ]]; then
+        printf '%q ' "${cmd[@]}"
+        echo
+        exit 0
+    fi
+    echo "[$OPCD_SCRIPT_NAME] $(printf '%q ' "${cmd[@]}")" >&2
+    exec "${cmd[@]}"
+}

