@@ -44,9 +44,9 @@ def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], tra
             shutil.rmtree(final)
         os.rename(tmp, final)
         write_text_atomic(run_dir / LATEST, str(step))
-    except OSError as exc:
+    except BaseException as exc:  # any failure (an exception in `write`, Ctrl-C): drop the partial copy
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise OpcdError(f"no space left on device while writing checkpoint {final} "
                             f"(the previous checkpoint is intact)") from exc
         raise
@@ -54,13 +54,10 @@ def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], tra
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
-    """The newest complete checkpoint: the pointer's if valid, else the highest complete step folder."""
+    """The newest complete checkpoint. Folders with a COMPLETE marker are the truth; the pointer
+    file only names one for people and tools (a crash between publishing a folder and updating the
+    pointer must not send a resume back to an older step)."""
     run_dir = Path(run_dir)
-    pointer = run_dir / LATEST
-    if pointer.is_file():
-        text = pointer.read_text().strip()
-        if text.isdigit() and (step_dir(run_dir, int(text)) / COMPLETE).is_file():
-            return int(text), step_dir(run_dir, int(text))
     steps = sorted((int(m.group(1)) for p in run_dir.glob("global_step_*")
                     if (m := _STEP_DIR.match(p.name)) and (p / COMPLETE).is_file()), reverse=True)
     return (steps[0], step_dir(run_dir, steps[0])) if steps else None

@@ -46,3 +46,39 @@ def tiny_model(smollm2_dir, tmp_path_factory) -> Path:
 def tiny_deeper_model(smollm2_dir, tmp_path_factory) -> Path:
     """A different, deeper model with the same tokenizer: a larger-teacher stand-in."""
     return _tiny_model(smollm2_dir, tmp_path_factory.mktemp("tiny-teacher"), layers=3, seed=1)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    """The real converted tokenizer, loaded once. Shared: tests must not modify it (load a fresh one)."""
+    from opcd.models import load_tokenizer
+
+    return load_tokenizer(str(smollm2_dir))
+
+
+def _sharpened(src: Path, out: Path, scale: float) -> Path:
+    """A copy of `src` whose (tied) embedding is scaled up. A freshly initialised tiny model is almost
+    uniform over the 49k-token vocabulary (entropy ~ln V, KL between two of them ~1e-5), which makes
+    loss values too small to tell a bug from rounding; scaled by 10 the next-token entropy is a few
+    nats, the top-8 holds most of the mass, and two such models are a KL of ~0.2 apart."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    assert model.config.tie_word_embeddings, "scaling the input embedding must also scale the output head"
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(scale)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sharp_tiny_model(tiny_model, tmp_path_factory) -> Path:
+    """tiny_model with peaked next-token distributions (see `_sharpened`)."""
+    return _sharpened(tiny_model, tmp_path_factory.mktemp("sharp-tiny-student"), scale=10.0)
+
+
+@pytest.fixture(scope="session")
+def sharp_tiny_deeper_model(tiny_deeper_model, tmp_path_factory) -> Path:
+    """tiny_deeper_model with peaked next-token distributions: a teacher far enough from the student."""
+    return _sharpened(tiny_deeper_model, tmp_path_factory.mktemp("sharp-tiny-teacher"), scale=10.0)
