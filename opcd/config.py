@@ -59,7 +59,7 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature; the loss uses the same temperature for both models
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
-    max_response_length: int = 48  # new tokens per response (stops earlier at EOS)
+    max_response_length: int = 32  # new tokens per response (stops earlier at EOS)
     eval_temperature: float = 1.0  # sampling used for held-out evaluation
     eval_top_p: float = 0.95
     eval_top_k: int = 0

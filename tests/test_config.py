@@ -79,7 +79,7 @@ def test_default_values():
     assert (cfg.loss.kl_loss_type, cfg.loss.kl_topk, cfg.loss.support_mode) == ("full", 64, "tail")
     assert cfg.loss.kl_merge_indice is False and cfg.loss.aggregation == "token_mean"
     assert (cfg.rollout.backend, cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.max_response_length) == \
-        ("hf", 1, 1.0, 48)
+        ("hf", 1, 1.0, 32)
     assert (cfg.trainer.batch_size, cfg.trainer.micro_batch_size, cfg.trainer.lr) == (8, 8, 1e-5)
     assert cfg.trainer.total_training_steps == 30 and cfg.trainer.resume == "auto"
     assert cfg.task.name == "language" and cfg.task.context_kind == "system_prompt"

@@ -55,6 +55,19 @@ def test_kl_falls_with_a_deeper_teacher(tmp_path, tiny_model, tiny_deeper_model)
     assert (tmp_path / "run" / "global_step_12" / "COMPLETE").is_file()
 
 
+def test_kl_falls_with_the_initial_student_as_teacher(tmp_path, sharp_tiny_model):
+    """The method's default: teacher = the student's frozen initial weights, seeing the context."""
+    cfg = load_config(_overrides(tmp_path, sharp_tiny_model, **{
+        "trainer.total_training_steps": 12, "trainer.save_freq": 0, "trainer.batch_size": 8,
+        "trainer.micro_batch_size": 8, "trainer.eval_before": "false", "trainer.eval_after": "false"}))
+    run_distill(cfg)
+    rows = _metrics(tmp_path / "run")
+    kl = [row["loss/kl"] for row in rows]
+    assert kl[0] > 0
+    assert sum(kl[-3:]) / 3 < 0.7 * sum(kl[:3]) / 3, kl
+    assert all(0 < row["loss/student_support_mass"] <= 1 for row in rows)
+
+
 def test_resumed_run_continues_exactly(tmp_path, tiny_model):
     """A run stopped after step 2 and resumed ends with the same weights and step metrics as an
     uninterrupted run (data position, optimiser state and sampling seeds are all restored)."""
