@@ -55,16 +55,19 @@ def test_kl_falls_with_a_deeper_teacher(tmp_path, tiny_model, tiny_deeper_model)
     assert (tmp_path / "run" / "global_step_12" / "COMPLETE").is_file()
 
 
-def test_kl_falls_with_the_initial_student_as_teacher(tmp_path, sharp_tiny_model):
-    """The method's default: teacher = the student's frozen initial weights, seeing the context."""
-    cfg = load_config(_overrides(tmp_path, sharp_tiny_model, **{
-        "trainer.total_training_steps": 12, "trainer.save_freq": 0, "trainer.batch_size": 8,
-        "trainer.micro_batch_size": 8, "trainer.eval_before": "false", "trainer.eval_after": "false"}))
+def test_real_model_learns_the_context_with_itself_as_teacher(tmp_path):
+    """The method's default setting on the bundled SmolLM2-135M: teacher = the frozen initial
+    weights WITH the French system prompt. (A random tiny model ignores its context, so this check
+    needs a real one.) Measured: KL 0.41 -> 0.20 and French share 0 -> 0.6 of rollouts in 8 steps."""
+    cfg = load_config([f"trainer.runs_dir={tmp_path}", "trainer.exp_name=run", "trainer.lr=5e-5",
+                       "trainer.total_training_steps=8", "trainer.save_freq=0", "trainer.loggers=[jsonl]",
+                       "rollout.max_response_length=16", "trainer.eval_before=false", "trainer.eval_after=false"])
     run_distill(cfg)
     rows = _metrics(tmp_path / "run")
     kl = [row["loss/kl"] for row in rows]
-    assert kl[0] > 0
-    assert sum(kl[-3:]) / 3 < 0.7 * sum(kl[:3]) / 3, kl
+    french = [row["rollout/score"] for row in rows]
+    assert sum(kl[-3:]) < 0.85 * sum(kl[:3]), kl
+    assert sum(french[-3:]) > sum(french[:3]) + 0.5, french
     assert all(0 < row["loss/student_support_mass"] <= 1 for row in rows)
 
 
