@@ -8,11 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    return np.random.default_rng((seed, epoch)).permutation(n).tolist()
+from opcd.data import shuffled_order
 
 
 @dataclass
@@ -33,7 +29,7 @@ class BatchSampler:
         while len(batch) < self.batch_size:
             if self.offset >= self.num_examples:
                 self.epoch, self.offset = self.epoch + 1, 0
-            order = epoch_order(self.num_examples, self.seed, self.epoch)
+            order = shuffled_order(self.num_examples, self.seed, self.epoch)
             take = min(self.batch_size - len(batch), self.num_examples - self.offset)
             batch.extend(order[self.offset:self.offset + take])
             self.offset += take

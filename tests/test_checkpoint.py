@@ -15,7 +15,8 @@ from opcd.checkpoint import (
     step_dir,
 )
 from opcd.errors import OpcdError
-from opcd.sampler import BatchSampler, epoch_order
+from opcd.data import shuffled_order as epoch_order
+from opcd.sampler import BatchSampler
 
 
 def _writer(payload: str):
