@@ -37,8 +37,8 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: Literal["language", "medmcqa", "safety"] = "language"
-    train_data: str = "bundled:questions_train"  # bundled:<name>, a .jsonl/.parquet path, or hf:<dataset id>
+    name: Literal["language", "medmcqa", "safety", "math"] = "language"
+    train_data: str = "bundled:questions_train"  # bundled:<name>, .jsonl/.parquet, hf:<dataset id>, rg:<generator>
     test_data: str = "bundled:questions_test"
     train_split: str | None = None  # split name for hf: sources
     test_split: str | None = None

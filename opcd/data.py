@@ -10,7 +10,12 @@ Sources accepted by `load_rows`:
 * ``bundled:<name>``: ``opcd/data/<name>.jsonl`` shipped with the package;
 * a path ending ``.jsonl`` or ``.json`` (JSON lines; a ``.json`` file holding a
   single JSON array also works) or ``.parquet``;
-* ``hf:<dataset_id>``: a hub dataset, with `split` (default "train").
+* ``hf:<dataset_id>``: a hub dataset, with `split` (default "train");
+* ``rg:<generator>``: offline problems from reasoning-gym (e.g. ``rg:gsm_symbolic``); `split`
+  picks the seed (train / validation / test never overlap by seed), `limit` the size (default 256).
+
+Rows in the DAPO math layout (``prompt`` instead of ``content``, the ground truth in
+``reward_model.ground_truth``) are normalised to the layout above.
 """
 
 import json
@@ -26,6 +31,9 @@ from opcd.tasks.sysprompt import CHOICE_LETTERS, medmcqa_user_message
 ROLES = ("system", "user", "assistant")
 BUNDLED_PREFIX = "bundled:"
 HUB_PREFIX = "hf:"
+REASONING_GYM_PREFIX = "rg:"
+REASONING_GYM_SEEDS = {"train": 1, "validation": 2, "test": 3}
+REASONING_GYM_DEFAULT_SIZE = 256
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -73,8 +81,22 @@ def check_message(message: Any, where: str, position: int) -> None:
         raise DataError(f"{where}: field '{field}.content' must be a string, got {got}")
 
 
+def normalise_row(row: Any) -> Any:
+    """DAPO math layout -> ours: `prompt` becomes `content`, `reward_model.ground_truth` the `answer`."""
+    if not isinstance(row, dict):
+        return row
+    if "content" not in row and isinstance(row.get("prompt"), list):
+        row = {**row, "content": row["prompt"]}
+    reward_model = row.get("reward_model")
+    if "answer" not in row and isinstance(reward_model, dict) and "ground_truth" in reward_model:
+        truth = reward_model["ground_truth"]
+        row = {**row, "answer": truth if truth is None or isinstance(truth, str) else str(truth)}
+    return row
+
+
 def check_row(row: Any, where: str) -> dict:
     """`row` itself if it is a valid dataset row; otherwise DataError naming `where` and the field."""
+    row = normalise_row(row)
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with fields 'content' and 'answer', got {_type_name(row)}")
     if "content" not in row:
@@ -196,6 +218,15 @@ def load_hub_rows(dataset_id: str, split: str, limit: int | None) -> list[dict]:
     return check_rows((converter(dict(record), f"{label} row {n}") for n, record in enumerate(dataset, start=1)), label)
 
 
+def load_reasoning_gym_rows(name: str, split: str, limit: int | None) -> list[dict]:
+    from opcd.tasks.math import reasoning_gym_rows
+
+    if split not in REASONING_GYM_SEEDS:
+        raise DataError(f"rg:{name}: split must be one of {', '.join(REASONING_GYM_SEEDS)}, got {split!r}")
+    size = REASONING_GYM_DEFAULT_SIZE if limit is None else limit
+    return check_rows(reasoning_gym_rows(name, size, REASONING_GYM_SEEDS[split]), f"rg:{name}[{split}]")
+
+
 def load_rows(source: str, split: str | None = None, limit: int | None = None) -> list[dict]:
     """Checked rows from `source` (see the module docstring); at most `limit` of them, in order.
 
@@ -205,6 +236,8 @@ def load_rows(source: str, split: str | None = None, limit: int | None = None) -
         raise ConfigError(f"dataset limit must be >= 0 or null, got {limit} for {source}")
     if source.startswith(HUB_PREFIX):
         return load_hub_rows(source[len(HUB_PREFIX):], split or "train", limit)
+    if source.startswith(REASONING_GYM_PREFIX):
+        return load_reasoning_gym_rows(source[len(REASONING_GYM_PREFIX):], split or "train", limit)
     if source.startswith(BUNDLED_PREFIX):
         path = bundled_path(source[len(BUNDLED_PREFIX):])
         label = f"{BUNDLED_PREFIX}{path.stem}"
@@ -213,7 +246,7 @@ def load_rows(source: str, split: str | None = None, limit: int | None = None) -
     else:
         raise DataError(
             f"unsupported dataset source {source!r}: expected bundled:<name>, hf:<dataset_id>, "
-            "or a .jsonl/.json/.parquet path"
+            "rg:<generator>, or a .jsonl/.json/.parquet path"
         )
     rows = read_file_rows(path)
     return check_rows(rows[:limit] if limit is not None else rows, label)

@@ -9,6 +9,7 @@ from typing import Protocol
 
 from opcd.errors import ConfigError
 from opcd.tasks.language import LanguageTask
+from opcd.tasks.math import MathTask
 from opcd.tasks.sysprompt import MedMCQATask, SafetyTask
 
 
@@ -28,6 +29,7 @@ TASKS: dict[str, Task] = {
     "medmcqa": MedMCQATask(),
     "safety": SafetyTask(),
     "language": LanguageTask(),
+    "math": MathTask(),
 }
 
 
@@ -39,4 +41,4 @@ def get_task(name: str) -> Task:
     return task
 
 
-__all__ = ["Task", "TASKS", "get_task", "LanguageTask", "MedMCQATask", "SafetyTask"]
+__all__ = ["Task", "TASKS", "get_task", "LanguageTask", "MathTask", "MedMCQATask", "SafetyTask"]
