@@ -1,6 +1,7 @@
 """The `opcd` command.
 
     opcd distill [--cfg] [HYDRA_OVERRIDE ...]   on-policy context distillation (default: the CPU demo)
+    opcd extract [--cfg] [HYDRA_OVERRIDE ...]   experiential knowledge extraction + best selection
 
 Overrides use Hydra syntax: `task=medmcqa`, `trainer.lr=5e-6`, `model.path=Qwen/Qwen3-8B`. Every
 user error ends with one line on stderr and exit code 2; `--cfg` prints the resolved config and exits.
@@ -24,6 +25,10 @@ def _parser() -> argparse.ArgumentParser:
                                              "with it (default: a CPU demo on SmolLM2-135M)")
     distill.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
     distill.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task=medmcqa trainer.lr=5e-6")
+    extract = sub.add_parser("extract", help="write experiential knowledge from solved problems over a stream "
+                                             "and seeds, then pick the best by held-out score")
+    extract.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
+    extract.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task=math extract.seeds=[0,1]")
     return parser
 
 
@@ -46,11 +51,17 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from opcd.config import load_config, to_yaml
 
+    cfg = load_config(args.overrides)
+    if args.cfg:
+        print(to_yaml(cfg))
+        return 0
+    if args.command == "extract":
+        from opcd.pipelines.extract import run_extract
+
+        summary = run_extract(cfg)
+        print(json.dumps(summary, indent=1))
+        return 0
     if args.command == "distill":
-        cfg = load_config(args.overrides)
-        if args.cfg:
-            print(to_yaml(cfg))
-            return 0
         from opcd.pipelines.distill import run_distill
 
         summary = run_distill(cfg)

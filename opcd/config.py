@@ -142,6 +142,26 @@ class RayConfig:
 
 
 @dataclass
+class ExtractConfig:
+    """`opcd extract`: build experiential knowledge from a stream of solved problems (method.md §5)."""
+
+    stream_items: int = 30  # training problems consumed per seed (one writer call each)
+    heldout_size: int = 900  # held-out items scored with each experience version; <= 0 = all
+    seeds: list[int] = field(default_factory=lambda: [0])  # one independent extraction per seed
+    writer_path: str | None = None  # experience writer; None = the solver model itself
+    writer_sees_previous: bool = False  # show the writer the experience written so far
+    max_new_items: int = 2  # lessons kept per writer call
+    writer_max_tokens: int = 256
+
+    def __post_init__(self):
+        _check(self.stream_items >= 1, "extract.stream_items", self.stream_items, "an integer >= 1")
+        _check(bool(self.seeds) and all(s >= 0 for s in self.seeds), "extract.seeds", self.seeds,
+               "a non-empty list of integers >= 0")
+        _check(self.max_new_items >= 1, "extract.max_new_items", self.max_new_items, "an integer >= 1")
+        _check(self.writer_max_tokens >= 1, "extract.writer_max_tokens", self.writer_max_tokens, "an integer >= 1")
+
+
+@dataclass
 class DistillConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -149,6 +169,7 @@ class DistillConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
 
     def __post_init__(self):
         _check(self.trainer.micro_batch_size <= self.trainer.batch_size * self.rollout.n,

@@ -69,7 +69,7 @@ def _sampling(cfg: DistillConfig, evaluation: bool) -> SamplingParams:
     return SamplingParams(r.temperature, r.top_p, r.top_k, r.max_response_length, record_topk=record)
 
 
-def _worker_kwargs(cfg: DistillConfig, path: str) -> dict:
+def worker_kwargs(cfg: DistillConfig, path: str) -> dict:
     m = cfg.model
     return {"model_path": path, "dtype": m.dtype, "trust_remote_code": m.trust_remote_code,
             "attn_implementation": m.attn_implementation, "temperature": cfg.rollout.temperature,
@@ -99,10 +99,10 @@ def run_distill(cfg: DistillConfig) -> dict:
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     gpus = 1 if cfg.ray.gpus_per_node > 0 else 0
     student = WorkerGroup("student", StudentWorker, {
-        **_worker_kwargs(cfg, student_path), "lr": cfg.trainer.lr, "weight_decay": cfg.trainer.weight_decay,
+        **worker_kwargs(cfg, student_path), "lr": cfg.trainer.lr, "weight_decay": cfg.trainer.weight_decay,
         "grad_clip": cfg.trainer.grad_clip, "kl_loss_type": cfg.loss.kl_loss_type,
         "support_mode": cfg.loss.support_mode, "aggregation": cfg.loss.aggregation}, num_gpus=gpus)
-    teacher = WorkerGroup("teacher", TeacherWorker, _worker_kwargs(cfg, teacher_path), num_gpus=gpus)
+    teacher = WorkerGroup("teacher", TeacherWorker, worker_kwargs(cfg, teacher_path), num_gpus=gpus)
     trainer = Trainer(cfg.trainer, cfg.loss, _sampling(cfg, evaluation=False), cfg.rollout.n, student, teacher,
                       examples, task, tokenizer, run_dir)
     start_step = trainer.resume()
