@@ -2,6 +2,7 @@
 
     opcd distill [--cfg] [HYDRA_OVERRIDE ...]   on-policy context distillation (default: the CPU demo)
     opcd extract [--cfg] [HYDRA_OVERRIDE ...]   experiential knowledge extraction + best selection
+    opcd evaluate RUN_DIR [KEY=VALUE ...]       every checkpoint + baselines, mean of the best 3
 
 Overrides use Hydra syntax: `task=medmcqa`, `trainer.lr=5e-6`, `model.path=Qwen/Qwen3-8B`. Every
 user error ends with one line on stderr and exit code 2; `--cfg` prints the resolved config and exits.
@@ -29,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
                                              "and seeds, then pick the best by held-out score")
     extract.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
     extract.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task=math extract.seeds=[0,1]")
+    evaluate = sub.add_parser("evaluate", help="evaluate every checkpoint of a run (and the baselines) without "
+                                               "the context; mean of the best 3")
+    evaluate.add_argument("run_dir", help="a run folder written by opcd distill")
+    evaluate.add_argument("overrides", nargs="*", help="key=value changes to the run's config, e.g. evaluate.limit=100")
     return parser
 
 
@@ -51,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from opcd.config import load_config, to_yaml
 
+    if args.command == "evaluate":
+        from opcd.pipelines.evaluate import load_run_config, run_evaluate
+
+        summary = run_evaluate(args.run_dir, load_run_config(args.run_dir, args.overrides))
+        print(json.dumps(summary, indent=1))
+        return 0
     cfg = load_config(args.overrides)
     if args.cfg:
         print(to_yaml(cfg))

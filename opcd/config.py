@@ -162,6 +162,19 @@ class ExtractConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """`opcd evaluate RUN_DIR`: every checkpoint (and the baselines) on the test split, no context."""
+
+    steps: list[int] | None = None  # checkpoints to evaluate; None = all in the run folder
+    limit: int = 500  # test items; <= 0 = all (reference: 1,000 math, 500 system prompts)
+    baselines: bool = True  # also the base model without and with the context
+    best_k: int = 3  # report the mean of the k best checkpoints (the paper's "best-3")
+
+    def __post_init__(self):
+        _check(self.best_k >= 1, "evaluate.best_k", self.best_k, "an integer >= 1")
+
+
+@dataclass
 class DistillConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -170,6 +183,7 @@ class DistillConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def __post_init__(self):
         _check(self.trainer.micro_batch_size <= self.trainer.batch_size * self.rollout.n,

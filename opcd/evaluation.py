@@ -1,6 +1,9 @@
-"""Held-out evaluation: generate once per test item with a worker group and score with the task."""
+"""Held-out evaluation: generate once per test item with a worker group and score with the task;
+and the paper's summary of a run, the mean of its best checkpoints."""
 
 from __future__ import annotations
+
+import statistics
 
 from dataclasses import dataclass, field
 
@@ -31,3 +34,14 @@ def evaluate(who: str, group, prompts: list[list[int]], rows: list[dict], task, 
                for row, text, score in zip(rows, texts, scores)]
     return EvalResult(who, sum(scores) / max(len(scores), 1), len(scores), float(mask.sum(-1).float().mean()),
                       samples)
+
+
+def best_k_mean(scores: dict[int, float], k: int = 3) -> dict:
+    """Mean and standard deviation of the k best checkpoint scores (all of them if fewer), with their
+    steps; ties prefer the earlier step."""
+    if not scores:
+        raise ValueError("no checkpoint scores to summarise")
+    best = sorted(scores.items(), key=lambda item: (-item[1], item[0]))[:k]
+    values = [score for _, score in best]
+    return {"k": len(best), "mean": sum(values) / len(values),
+            "std": statistics.pstdev(values) if len(values) > 1 else 0.0, "steps": [step for step, _ in best]}

@@ -61,7 +61,7 @@ def build_examples(rows: list[dict], task, context: ContextSource, tokenizer, ma
     return examples
 
 
-def _sampling(cfg: DistillConfig, evaluation: bool) -> SamplingParams:
+def sampling(cfg: DistillConfig, evaluation: bool) -> SamplingParams:
     r = cfg.rollout
     if evaluation:
         return SamplingParams(r.eval_temperature, r.eval_top_p, r.eval_top_k, r.max_response_length)
@@ -103,7 +103,7 @@ def run_distill(cfg: DistillConfig) -> dict:
         "grad_clip": cfg.trainer.grad_clip, "kl_loss_type": cfg.loss.kl_loss_type,
         "support_mode": cfg.loss.support_mode, "aggregation": cfg.loss.aggregation}, num_gpus=gpus)
     teacher = WorkerGroup("teacher", TeacherWorker, worker_kwargs(cfg, teacher_path), num_gpus=gpus)
-    trainer = Trainer(cfg.trainer, cfg.loss, _sampling(cfg, evaluation=False), cfg.rollout.n, student, teacher,
+    trainer = Trainer(cfg.trainer, cfg.loss, sampling(cfg, evaluation=False), cfg.rollout.n, student, teacher,
                       examples, task, tokenizer, run_dir)
     start_step = trainer.resume()
     _trim_metrics(run_dir, start_step)
@@ -147,7 +147,7 @@ def _evaluate(cfg, who, group, examples: list[Example], side: str, task, tokeniz
               results: dict) -> dict:
     prompts = [e.student_prompt if side == "student" else e.teacher_prompt for e in examples]
     result = evaluate(who, group, prompts, [e.row for e in examples], task, tokenizer,
-                      _sampling(cfg, evaluation=True), seed=cfg.trainer.seed + 7919)
+                      sampling(cfg, evaluation=True), seed=cfg.trainer.seed + 7919)
     with open(run_dir / f"eval_{who}.jsonl", "w") as fh:
         for sample in result.samples:
             fh.write(json.dumps(sample, ensure_ascii=False) + "\n")

@@ -1,0 +1,133 @@
+"""`opcd evaluate RUN_DIR`: every checkpoint of a run on the task's test split WITHOUT the context,
+plus the baselines (base model without and with the context), with the mean of the best k.
+
+The run's own `config.yaml` says which task, data, context and sampling to use; overrides after the
+run folder change them (e.g. `evaluate.limit=1000 rollout.eval_temperature=0.6`). Results are cached
+per checkpoint in `RUN_DIR/evaluation/<name>.json` (keyed by the settings that change a score), so a
+second call only evaluates what is new. Written: `evaluation/results.csv` and `results.json`.
+
+    opcd evaluate runs/french-demo
+    opcd evaluate runs/med evaluate.steps=[2,4,6] evaluate.baselines=false
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from opcd.checkpoint import COMPLETE, step_dir, write_text_atomic
+from opcd.config import DistillConfig, validate
+from opcd.contexts import load_context
+from opcd.data import load_rows
+from opcd.errors import ConfigError
+from opcd.evaluation import best_k_mean, evaluate
+from opcd.models import load_tokenizer, resolve_model
+from opcd.pipelines.distill import build_examples, resolve_user_path, sampling, worker_kwargs
+from opcd.prompts import token_counter
+from opcd.tasks import get_task
+from opcd.workers.group import WorkerGroup, init_ray
+from opcd.workers.teacher import TeacherWorker
+
+log = logging.getLogger("opcd.evaluate")
+
+
+def load_run_config(run_dir: Path, overrides: list[str]) -> DistillConfig:
+    """The run's saved config with dotted `overrides` (key=value) applied on top, validated again."""
+    from omegaconf import OmegaConf
+
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"{run_dir} is not an opcd run folder (no config.yaml)")
+    bad = [o for o in overrides if "=" not in o or o.split("=", 1)[0] in ("task", "model", "rollout", "trainer")]
+    if bad:
+        raise ConfigError(f"evaluate overrides must be dotted key=value pairs (e.g. evaluate.limit=100), got {bad}")
+    config = OmegaConf.load(saved)
+    if overrides:
+        config = OmegaConf.merge(config, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+    return validate(config)
+
+
+def checkpoints(run_dir: Path, steps: list[int] | None) -> list[int]:
+    found = sorted(int(p.name.rsplit("_", 1)[1]) for p in Path(run_dir).glob("global_step_*")
+                   if p.name.rsplit("_", 1)[1].isdigit() and (p / COMPLETE).is_file())
+    if steps is None:
+        return found
+    missing = sorted(set(steps) - set(found))
+    if missing:
+        raise ConfigError(f"evaluate.steps: no complete checkpoint for steps {missing} in {run_dir} "
+                          f"(found {found})")
+    return sorted(steps)
+
+
+def run_evaluate(run_dir: Path, cfg: DistillConfig) -> dict:
+    run_dir = Path(run_dir)
+    out = run_dir / "evaluation"
+    out.mkdir(exist_ok=True)
+    steps = checkpoints(run_dir, cfg.evaluate.steps)
+    base_path = resolve_model(cfg.model.path)
+    tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
+    task = get_task(cfg.task.name)
+    context = load_context(cfg.task.context_kind, resolve_user_path(cfg.task.context_path),
+                           cfg.task.experience_max_length, token_counter(tokenizer))
+    limit = cfg.evaluate.limit if cfg.evaluate.limit > 0 else None
+    rows = load_rows(resolve_user_path(cfg.task.test_data), cfg.task.test_split, limit)
+    examples = build_examples(rows, task, context, tokenizer, cfg.task.max_prompt_length, cfg.trainer.seed,
+                              cfg.task.enable_thinking, cfg.task.test_data)
+    key = _settings_key(cfg, len(examples))
+    jobs = [(f"step_{s}", str(step_dir(run_dir, s) / "model"), "student") for s in steps]
+    if cfg.evaluate.baselines:
+        jobs += [("base_without_context", base_path, "student"), ("base_with_context", base_path, "teacher")]
+    results = {}
+    for name, model_path, side in jobs:
+        cached = out / f"{name}.json"
+        if cached.is_file() and json.loads(cached.read_text()).get("settings") == key:
+            results[name] = json.loads(cached.read_text())
+            continue
+        if not _ray_started():
+            init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        group = WorkerGroup(f"eval-{name}", TeacherWorker, worker_kwargs(cfg, model_path),
+                            num_gpus=1 if cfg.ray.gpus_per_node > 0 else 0)
+        try:
+            prompts = [e.student_prompt if side == "student" else e.teacher_prompt for e in examples]
+            result = evaluate(name, group, prompts, [e.row for e in examples], task, tokenizer,
+                              sampling(cfg, evaluation=True), seed=cfg.trainer.seed + 7919)
+        finally:
+            group.shutdown()
+        results[name] = {**result.summary(), "settings": key}
+        write_text_atomic(cached, json.dumps({**results[name], "samples": result.samples}, ensure_ascii=False,
+                                             indent=1))
+        log.info("%s: score %.4f over %d items", name, result.score, result.num_items)
+    return _write_tables(out, steps, results, cfg.evaluate.best_k)
+
+
+def _settings_key(cfg: DistillConfig, num_items: int) -> str:
+    """What changes a score: data, context, sampling, length, seed. Cached results must match it."""
+    relevant = {"task": asdict(cfg.task), "rollout": asdict(cfg.rollout), "seed": cfg.trainer.seed,
+                "items": num_items}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_tables(out: Path, steps: list[int], results: dict, best_k: int) -> dict:
+    per_step = {s: results[f"step_{s}"]["score"] for s in steps}
+    summary = {"checkpoints": per_step,
+               "best": best_k_mean(per_step, best_k) if per_step else None,
+               "baselines": {name: results[name]["score"] for name in ("base_without_context", "base_with_context")
+                             if name in results}}
+    with open(out / "results.csv", "w", newline="") as fh:
+        table = csv.writer(fh)
+        table.writerow(["name", "step", "score", "num_items"])
+        for name, result in results.items():
+            step = name.split("_", 1)[1] if name.startswith("step_") else ""
+            table.writerow([name, step, f"{result['score']:.4f}", result["num_items"]])
+    write_text_atomic(out / "results.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def _ray_started() -> bool:
+    import ray
+
+    return ray.is_initialized()

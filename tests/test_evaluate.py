@@ -1,0 +1,72 @@
+"""Checkpoint evaluation: best-k mean, caching, baselines, run-config overrides."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from opcd.config import load_config
+from opcd.errors import ConfigError
+from opcd.evaluation import best_k_mean
+
+
+def test_best_k_mean_on_known_numbers():
+    scores = {2: 0.40, 4: 0.55, 6: 0.50, 8: 0.61, 10: 0.55}
+    best = best_k_mean(scores, 3)
+    assert best["steps"] == [8, 4, 10]  # 0.55 tie: the earlier step first
+    assert best["mean"] == pytest.approx((0.61 + 0.55 + 0.55) / 3)
+    assert best["std"] == pytest.approx(((0.61 - 0.57) ** 2 * 1 + (0.55 - 0.57) ** 2 * 2) ** 0.5 / 3 ** 0.5)
+    assert best_k_mean({4: 0.3}, 3) == {"k": 1, "mean": 0.3, "std": 0.0, "steps": [4]}
+    with pytest.raises(ValueError):
+        best_k_mean({}, 3)
+
+
+@pytest.mark.slow
+def test_evaluate_checkpoints_baselines_and_cache(tmp_path, tiny_model, monkeypatch):
+    import ray
+
+    from opcd.pipelines import evaluate as ev
+    from opcd.pipelines.distill import run_distill
+    from opcd.workers.group import init_ray
+
+    init_ray(None, 8)
+    try:
+        run_distill(load_config([f"model.path={tiny_model}", f"trainer.runs_dir={tmp_path}", "trainer.exp_name=r",
+                                 "trainer.total_training_steps=4", "trainer.save_freq=2", "trainer.batch_size=2",
+                                 "trainer.micro_batch_size=2", "trainer.eval_before=false",
+                                 "trainer.eval_after=false", "trainer.loggers=[jsonl]",
+                                 "rollout.max_response_length=6", "loss.kl_topk=8"]))
+        run = tmp_path / "r"
+        cfg = ev.load_run_config(run, ["evaluate.limit=3"])
+        summary = ev.run_evaluate(run, cfg)
+        assert set(summary["checkpoints"]) == {2, 4}
+        assert set(summary["baselines"]) == {"base_without_context", "base_with_context"}
+        assert summary["best"]["k"] == 2 and sorted(summary["best"]["steps"]) == [2, 4]
+        assert len((run / "evaluation" / "results.csv").read_text().splitlines()) == 1 + 4
+        samples = json.loads((run / "evaluation" / "step_4.json").read_text())["samples"]
+        assert len(samples) == 3
+
+        def no_workers(*args, **kwargs):
+            raise AssertionError("a cached result was evaluated again")
+
+        monkeypatch.setattr(ev, "WorkerGroup", no_workers)
+        assert ev.run_evaluate(run, cfg) == summary
+        with pytest.raises(ConfigError, match="no complete checkpoint for steps \\[3\\]"):
+            ev.run_evaluate(run, ev.load_run_config(run, ["evaluate.steps=[3]"]))
+    finally:
+        ray.shutdown()
+
+
+def test_run_config_overrides_are_checked(tmp_path):
+    from opcd.config import to_yaml
+    from opcd.pipelines.evaluate import load_run_config
+
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config([])))
+    assert load_run_config(tmp_path, ["evaluate.limit=7"]).evaluate.limit == 7
+    with pytest.raises(ConfigError, match="evaluate.nope"):
+        load_run_config(tmp_path, ["evaluate.nope=1"])
+    with pytest.raises(ConfigError, match="dotted key=value"):
+        load_run_config(tmp_path, ["task=math"])
+    with pytest.raises(ConfigError, match="not an opcd run folder"):
+        load_run_config(tmp_path / "missing", [])
