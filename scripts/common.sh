@@ -259,3 +259,35 @@ opcd_exec() {  # opcd_exec SUBCOMMAND: set the environment, then exec opcd (or p
     echo "[$OPCD_SCRIPT_NAME] $(printf '%q ' "${cmd[@]}")" >&2
     exec "${cmd[@]}"
 }
+
+opcd_eval_flags() {  # the flags of the *_eval_inturn.sh launchers
+    opcd_flag model                        # the run's base model (informational: the run folder's config has it)
+    opcd_flag exp_name                     # the run to evaluate: runs/<exp_name> (or $OPCD_RUNS_DIR/<exp_name>)
+    opcd_flag nnodes 1
+    opcd_flag ckpt                         # one checkpoint step; empty = every checkpoint of the run
+    opcd_flag use_bsl False                # also evaluate the base model without and with the context
+    opcd_flag max_response_length
+    opcd_flag val_samples_limit            # test items (default: the reference's per-task size)
+}
+
+opcd_eval_overrides() {  # opcd_eval_overrides TEMPERATURE TOP_P TOP_K LIMIT -> run dir + OPCD_OVERRIDES
+    opcd_require exp_name
+    opcd_bool use_bsl
+    opcd_int nnodes
+    local run_dir="${OPCD_RUNS_DIR:-runs}/$FLAG_exp_name"
+    [[ -f "$run_dir/config.yaml" || "${OPCD_DRY_RUN:-0}" == 1 ]] || \
+        opcd_die "no run folder $run_dir (expected runs/<exp_name> written by a consolidate script)"
+    OPCD_OVERRIDES+=("$run_dir" "rollout.eval_temperature=$1" "rollout.eval_top_p=$2" "rollout.eval_top_k=$3"
+        "evaluate.limit=${FLAG_val_samples_limit:-$4}" "evaluate.baselines=$FLAG_use_bsl")
+    if [[ -n "$FLAG_ckpt" ]]; then
+        opcd_int ckpt
+        OPCD_OVERRIDES+=("evaluate.steps=[$FLAG_ckpt]")
+    fi
+    if [[ -n "$FLAG_max_response_length" ]]; then
+        opcd_int max_response_length
+        OPCD_OVERRIDES+=("rollout.max_response_length=$FLAG_max_response_length")
+    fi
+    if ((FLAG_nnodes > 1)); then
+        OPCD_OVERRIDES+=(ray.address=auto "ray.nnodes=$FLAG_nnodes")
+    fi
+}
