@@ -92,3 +92,10 @@ def test_dapo_layout_is_normalised(tmp_path):
 def test_unknown_reasoning_gym_generator_is_a_data_error():
     with pytest.raises(DataError, match="reasoning-gym dataset 'no_such_generator'"):
         load_rows("rg:no_such_generator", "train", limit=2)
+
+
+def test_reasoning_gym_generator_options():
+    rows = load_rows("rg:basic_arithmetic?min_terms=2&max_terms=2&min_digits=1&max_digits=1", "test", limit=5)
+    for row in rows:
+        problem = row["content"][-1]["content"].split("\n\n", 1)[1]
+        assert problem.startswith("Calculate") and sum(ch.isdigit() for ch in problem) <= 4, problem

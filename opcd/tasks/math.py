@@ -97,11 +97,17 @@ class MathTask:
 
 
 def reasoning_gym_rows(name: str, size: int, seed: int) -> list[dict]:
-    """Offline problems from a reasoning-gym generator (e.g. gsm_symbolic) as dataset rows."""
+    """Offline problems from a reasoning-gym generator as dataset rows. `name` may carry generator
+    options as a query: "basic_arithmetic?max_terms=2&max_digits=2" (integers and floats converted)."""
     import reasoning_gym
 
+    name, _, query = name.partition("?")
+    options = {}
+    for pair in filter(None, query.split("&")):
+        key, _, value = pair.partition("=")
+        options[key] = _number(value)
     try:
-        dataset = reasoning_gym.create_dataset(name, size=size, seed=seed)
+        dataset = reasoning_gym.create_dataset(name, size=size, seed=seed, **options)
     except Exception as exc:  # noqa: BLE001 - unknown generator names come back as various errors
         raise DataError(f"reasoning-gym dataset {name!r} cannot be created: {exc}") from None
     rows = []
@@ -111,3 +117,12 @@ def reasoning_gym_rows(name: str, size: int, seed: int) -> list[dict]:
                      "content": [{"role": "user", "content": math_user_message(item["question"])}],
                      "answer": str(item["answer"]), "solution": metadata.get("answer_cot")})
     return rows
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
