@@ -170,8 +170,17 @@ def _trim_metrics(run_dir: Path, start_step: int) -> None:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+    kept = [line for line in path.read_text().splitlines() if _step_of(line) is not None
+            and _step_of(line) <= start_step]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for a line cut short by a crash (it is dropped)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _plain(cfg: DistillConfig) -> dict:

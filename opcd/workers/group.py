@@ -8,6 +8,7 @@ type, so the CLI prints it the same way as on the driver).
 from __future__ import annotations
 
 import os
+import re
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -64,12 +65,25 @@ class WorkerGroup:
             raise WorkerError(f"{self.name} worker rank {rank} failed in {method}: "
                               f"{type(root).__name__}: {_first_line(root)}") from exc
         except RayActorError as exc:
-            raise WorkerError(f"{self.name} worker rank {rank} died during {method}: {_first_line(exc)}") from exc
+            raise WorkerError(f"{self.name} worker rank {rank} died during {method}: {_death_cause(exc)}") from exc
 
     def shutdown(self) -> None:
         for worker in self.workers:
             ray.kill(worker)
         self.workers = []
+
+
+def _death_cause(exc: RayActorError) -> str:
+    """Why an actor is gone, in one line. Ray's own first line says neither: "The actor died
+    unexpectedly before finishing this task." when the process died, and a colourised task header
+    when the constructor raised (the exception itself is only in the traceback's last line)."""
+    text = str(exc).strip()
+    if exc.actor_init_failed:
+        error = re.sub(r"^[\w.]+\.(?=\w+: )", "", text.splitlines()[-1])  # "a.b.ModelError: x" -> "ModelError: x"
+        return f"its constructor raised {error}"
+    pid = re.search(r"\bpid: (\d+)", text)
+    return (f"its process{f' (pid {pid.group(1)})' if pid else ''} exited unexpectedly (killed, out of memory "
+            f"- see dmesg - or crashed)")
 
 
 def _first_line(exc: BaseException) -> str:
