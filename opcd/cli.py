@@ -45,12 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except OpcdError as exc:
+        _stop_ray()  # Ray's own shutdown chatter must not follow our one-line error
         print(f"opcd: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("opcd: interrupted (the last complete checkpoint is kept; run the same command to resume)",
               file=sys.stderr)
         return 130
+
+
+def _stop_ray() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def _run(args) -> int:
