@@ -46,6 +46,7 @@ def test_extraction_writes_every_file_and_is_deterministic(tmp_path, tiny_model)
     best = Path(summary["best"]["path"])
     assert (run / "best_experience.txt").read_text() == best.read_text() != ""
     assert (run / "best_experience.txt").read_text().startswith("[exp] ")
+    assert (run / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the same seeds give the same files
     _extract(tmp_path, tiny_model, "b")
     for seed in (0, 1):

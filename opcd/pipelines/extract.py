@@ -8,7 +8,7 @@ For each seed, over a stream of training problems:
     append them, keep the newest within task.experience_max_length tokens, save experience_<i>.txt
 
 The experience with the best held-out score over all seeds and steps (ties: the shorter) is copied
-to `<run>/best_experience.txt`, with `scores.csv` (every seed and step) beside it. A seed whose
+to `<run>/best_experience.txt`, with `scores.csv` (every seed and step) and `scores.png` (score per step, one line per seed) beside it. A seed whose
 `scores.json` exists is skipped, so re-running an interrupted extraction continues.
 
     opcd extract task=math extract.stream_items=30 extract.seeds=[0,1,2]
@@ -28,6 +28,7 @@ from opcd.contexts import split_items, truncate_experience, with_experience
 from opcd.data import load_rows, shuffled_order
 from opcd.experience import (WRITER_PREFIX, Candidate, append_items, best_candidate, parse_writer_items,
                              writer_prompt)
+from opcd.plots import plot_extraction
 from opcd.models import check_same_tokenizer, load_tokenizer, resolve_model
 from opcd.pipelines.distill import resolve_user_path, worker_kwargs
 from opcd.prompts import encode_chat, token_counter
@@ -156,6 +157,8 @@ def _select(run_dir: Path, candidates: list[Candidate]) -> dict:
         write_text_atomic(run_dir / "extract_summary.json", json.dumps(summary, indent=1))
         return summary
     shutil.copyfile(best.path, run_dir / "best_experience.txt")
+    plot_extraction([{"seed": c.seed, "step": c.step, "score": c.score, "best": c == best} for c in candidates],
+                    run_dir / "scores.png")
     summary = {"best": {"seed": best.seed, "step": best.step, "score": best.score, "path": best.path},
                "best_experience": str(run_dir / "best_experience.txt"), "no_experience_score": baseline}
     write_text_atomic(run_dir / "extract_summary.json", json.dumps(summary, indent=1))
