@@ -82,3 +82,15 @@ def sharp_tiny_model(tiny_model, tmp_path_factory) -> Path:
 def sharp_tiny_deeper_model(tiny_deeper_model, tmp_path_factory) -> Path:
     """tiny_deeper_model with peaked next-token distributions: a teacher far enough from the student."""
     return _sharpened(tiny_deeper_model, tmp_path_factory.mktemp("sharp-tiny-teacher"), scale=10.0)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance for one test module's end-to-end runs, shut down after it."""
+    import ray
+
+    from opcd.workers.group import init_ray
+
+    init_ray(None, 8)
+    yield
+    ray.shutdown()

@@ -12,18 +12,7 @@ from safetensors.torch import load_file
 from opcd.config import load_config
 from opcd.pipelines.distill import run_distill
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    import ray
-
-    from opcd.workers.group import init_ray
-
-    init_ray(None, 8)
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
 
 def _overrides(runs_dir: Path, student: Path, **extra) -> list[str]:

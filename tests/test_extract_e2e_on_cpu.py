@@ -12,18 +12,7 @@ from opcd.errors import ContextError
 from opcd.pipelines.distill import run_distill
 from opcd.pipelines.extract import run_extract
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    import ray
-
-    from opcd.workers.group import init_ray
-
-    init_ray(None, 8)
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
 
 def _extract(runs: Path, model: Path, exp_name: str) -> dict:
