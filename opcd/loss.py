@@ -15,7 +15,9 @@ Evaluating the exact KL needs both ``[..., V]`` distributions, so the losses
 below work on a *support* ``S``: ``K`` token ids per position (typically the
 student's top-k, optionally merged with the teacher's top-k).  The callers
 gather the log-probabilities of both models at those ids with
-:func:`gather_logprobs` and pass two ``[..., K]`` tensors.
+:func:`gather_logprobs` and pass two ``[..., K]`` tensors.  The memory-lean
+variant that starts from hidden states and applies the lm_head a chunk of tokens
+at a time is in `opcd.loss_chunked`.
 
 Support modes (reverse KL; the forward KL swaps the roles of ``p_s``/``p_t``)
 ------------------------------------------------------------------------------
