@@ -5,14 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_extraction(records: list[dict], path: Path, metric_name: str = "held-out score") -> Path:
-    """One line per seed: held-out score after each number of stream items (0 = no experience);
-    the selected experience is marked when a record has "best": True."""
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401 - makes matplotlib.ticker available as an attribute
+
+    return plt
+
+
+def save(fig, path: Path) -> Path:
+    """Lay out, write and release a figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_extraction(records: list[dict], path: Path, metric_name: str = "held-out score") -> Path:
+    """One line per seed: held-out score after each number of stream items (0 = no experience);
+    the selected experience is marked when a record has "best": True."""
+    import matplotlib.ticker
+
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     for seed in sorted({r["seed"] for r in records}):
@@ -28,7 +46,4 @@ def plot_extraction(records: list[dict], path: Path, metric_name: str = "held-ou
     ax.set_title("experience extraction")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save(fig, path)

@@ -20,6 +20,7 @@ from pathlib import Path
 from opcd import metrics as M
 from opcd.checkpoint import write_text_atomic
 from opcd.errors import DataError
+from opcd.plots import pyplot, save
 
 CURVES = [(M.LOSS_KL, "KL loss"), (M.ACTOR_ENTROPY, "student entropy"), (M.TEACHER_ENTROPY, "teacher entropy"),
           (M.STUDENT_MASS, "student mass in support"), (M.ACTOR_GRAD_NORM, "grad norm"),
@@ -66,20 +67,11 @@ def load_run(folder: str | Path) -> RunData:
     return run
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_training(runs: list[RunData], path: Path) -> Path | None:
     curves = [(key, label) for key, label in CURVES if any(r.last(key) is not None for r in runs)]
     if not curves:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     cols = 3
     rows = (len(curves) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), dpi=110, squeeze=False)
@@ -95,16 +87,13 @@ def plot_training(runs: list[RunData], path: Path) -> Path | None:
     for ax in list(axes.flat)[len(curves):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_checkpoints(runs: list[RunData], path: Path) -> Path | None:
     if not any(r.checkpoints for r in runs):
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=110)
     styles = iter(["--", ":", "-."] * 10)
     for run in runs:
@@ -118,10 +107,7 @@ def plot_checkpoints(runs: list[RunData], path: Path) -> Path | None:
     ax.set_ylabel("task metric (no context)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def _fmt(value) -> str:
