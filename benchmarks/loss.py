@@ -8,6 +8,8 @@ per token (`partial` reverse KL, token mean) and run its backward:
   chunked  teacher via loss_chunked.support_logprobs_no_grad, student via loss_chunked.support_logprobs_from_hidden
            (`--chunk-size` tokens per lm_head chunk, checkpointed), support_reverse_kl, backward.
            Also computes both per-token entropies (the workers report them); naive does not.
+  fused    what the student worker runs: teacher as in chunked, student loss and its gradient in one
+           chunked pass (loss_chunked.fused_support_loss): no recomputation in the backward.
 
 Each (vocab, variant) runs in a fresh subprocess of this script (`--variant`), so peak memory is not
 polluted by the other variant: on CPU the peak resident set size (ru_maxrss) after the runs minus
@@ -37,7 +39,8 @@ import torch
 
 from opcd import loss, loss_chunked
 
-VARIANTS = ("naive", "chunked")
+VARIANTS = ("naive", "chunked", "fused")
+OURS = ("chunked", "fused")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 151936],
                         help="V: vocabulary sizes to run (SmolLM2 and Qwen defaults)")
     parser.add_argument("--k", type=int, default=256, help="K: support ids per token")
-    parser.add_argument("--chunk-size", type=int, default=1024, help="tokens per lm_head chunk (chunked variant)")
+    parser.add_argument("--chunk-size", type=int, default=512, help="tokens per lm_head chunk (chunked and fused)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per variant, the median is reported (default: 3 on CUDA, 1 on CPU, "
                              "where one run of the default sizes already takes ~3 minutes on 2 cores)")
@@ -96,6 +99,16 @@ def chunked_step(x: dict[str, torch.Tensor], chunk_size: int) -> tuple[torch.Ten
     return loss.support_reverse_kl(student, teacher, "partial").mean(), teacher
 
 
+def fused_step(x: dict[str, torch.Tensor], chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    teacher, _, _ = loss_chunked.support_logprobs_no_grad(x["teacher_hidden"], x["teacher_weight"], x["ids"],
+                                                          chunk_size=chunk_size)
+    n = x["hidden"].shape[0]
+    value, _, _ = loss_chunked.fused_support_loss(
+        x["hidden"], x["weight"], x["ids"], teacher, lambda s, t, m: loss.support_reverse_kl(s, t, "partial", m),
+        torch.full((n,), 1.0 / n), chunk_size=chunk_size)
+    return value, teacher
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -103,7 +116,7 @@ def _sync(device: str) -> None:
 
 def run_variant(args: argparse.Namespace, vocab: int) -> dict:
     """Run one variant `repeats` times; -> peak memory (MiB), times (s), loss, and the hidden gradient."""
-    step = {"naive": naive_step, "chunked": chunked_step}[args.variant]
+    step = {"naive": naive_step, "chunked": chunked_step, "fused": fused_step}[args.variant]
     x = make_inputs(args.tokens, args.hidden, vocab, args.k, args.seed, args.device)
     x["hidden"].requires_grad_()
     x["weight"].requires_grad_()
@@ -147,16 +160,19 @@ def compare(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for vocab in args.vocab:
             result = {v: spawn(args, v, vocab, Path(tmp) / f"{v}-{vocab}.pt") for v in VARIANTS}
-            naive, ours = result["naive"], result["chunked"]
+            naive = result["naive"]
             row = {"vocab": vocab, "tokens": args.tokens, "hidden": args.hidden, "k": args.k,
-                   "chunk_size": args.chunk_size, "device": args.device, "repeats": args.repeats,
-                   "max_abs_diff_loss": abs(naive["loss"] - ours["loss"]),
-                   "max_abs_diff_grad_hidden": (naive["grad_hidden"] - ours["grad_hidden"]).abs().max().item()}
+                   "chunk_size": args.chunk_size, "device": args.device, "repeats": args.repeats}
             for name, res in result.items():
                 row[name] = {"peak_mib": res["peak_mib"], "median_s": statistics.median(res["times_s"]),
                              "times_s": res["times_s"], "loss": res["loss"]}
-            row["memory_ratio"] = ours["peak_mib"] / max(naive["peak_mib"], 1e-9)
-            row["time_ratio"] = row["chunked"]["median_s"] / row["naive"]["median_s"]
+            for name in OURS:
+                ours = result[name]
+                row[name].update(
+                    memory_ratio=ours["peak_mib"] / max(naive["peak_mib"], 1e-9),
+                    time_ratio=row[name]["median_s"] / row["naive"]["median_s"],
+                    max_abs_diff_loss=abs(naive["loss"] - ours["loss"]),
+                    max_abs_diff_grad_hidden=(naive["grad_hidden"] - ours["grad_hidden"]).abs().max().item())
             rows.append(row)
     return rows
 
@@ -170,9 +186,9 @@ def print_table(rows: list[dict]) -> None:
         for name in VARIANTS:
             res = row[name]
             line = f"{row['vocab']:>7} {name:>8} {res['peak_mib']:>9.0f} {res['median_s']:>9.2f} {res['loss']:>10.6f} |"
-            if name == "chunked":
-                line += (f" {row['memory_ratio']:>14.3f} {row['time_ratio']:>15.3f} "
-                         f"{row['max_abs_diff_loss']:>10.2e} {row['max_abs_diff_grad_hidden']:>12.2e}")
+            if name in OURS:
+                line += (f" {res['memory_ratio']:>14.3f} {res['time_ratio']:>15.3f} "
+                         f"{res['max_abs_diff_loss']:>10.2e} {res['max_abs_diff_grad_hidden']:>12.2e}")
             print(line)
 
 

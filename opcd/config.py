@@ -120,10 +120,14 @@ class LossConfig:
     support_mode: Literal["partial", "renorm", "tail"] = "tail"  # reference default is partial
     kl_merge_indice: bool = False  # support = student top-k union teacher top-k
     aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    # tokens per lm_head chunk when scoring: no [tokens, vocab] logits are ever held; 0 = full logits
+    lm_head_chunk_size: int = 512
 
     def __post_init__(self):
         _check(not (self.kl_merge_indice and self.kl_topk <= 0), "loss.kl_merge_indice", self.kl_merge_indice,
                "false when kl_topk <= 0 (the support is already the whole vocabulary)")
+        _check(self.lm_head_chunk_size >= 0, "loss.lm_head_chunk_size", self.lm_head_chunk_size,
+               "an integer >= 0 (0 = full logits)")
 
 
 @dataclass

@@ -373,3 +373,20 @@ def aggregate(
     has_tokens = counts > 0
     denom = normalizer if normalizer is not None else has_tokens.sum().clamp(min=1)
     return torch.where(has_tokens, per_seq, torch.zeros_like(per_seq)).sum() / denom
+
+
+def aggregation_weights(mask: Tensor, mode: Aggregation = "token_mean", normalizer: float | None = None) -> Tensor:
+    """The coefficients of :func:`aggregate`, which is linear in ``values``:
+    ``aggregate(values, mask, mode, normalizer) == (aggregation_weights(mask, mode, normalizer) * values).sum()``
+    for finite values. ``[B, T] -> [B, T]`` float32, 0 outside ``mask``. Lets a loss computed a chunk of
+    tokens at a time (opcd.loss_chunked.fused_support_loss) aggregate exactly like the whole batch.
+    """
+    _check_choice(mode, _AGGREGATIONS, "aggregation")
+    if normalizer is not None and normalizer <= 0:
+        raise ValueError(f"normalizer must be > 0, got {normalizer}")
+    keep = mask.bool().float()
+    counts = keep.sum(dim=-1, keepdim=True)
+    if mode == "token_mean":
+        return keep / (normalizer if normalizer is not None else counts.sum().clamp(min=1))
+    rows = normalizer if normalizer is not None else (counts > 0).sum().clamp(min=1)
+    return keep / counts.clamp(min=1) / rows

@@ -356,3 +356,60 @@ def test_gradient_accumulation_equals_one_big_batch(sharp_tiny_model, sharp_tiny
         torch.testing.assert_close(p_small.grad, p_whole.grad, atol=1e-5, rtol=1e-4, msg=name)
     _assert_same_weights(small.state_dict(), whole.state_dict(), atol=1e-5)
     assert _max_weight_change(small.state_dict(), _student(sharp_tiny_model).state_dict()) > 1e-4
+
+
+# -- the chunked lm_head path (loss.lm_head_chunk_size) equals the full-logits path ------------------------
+
+@pytest.mark.parametrize("kl_loss_type,support_mode,aggregation", [
+    ("full", "tail", "token_mean"), ("full", "partial", "seq_mean"), ("full", "renorm", "token_mean"),
+    ("k3", "tail", "token_mean")])
+def test_chunked_head_update_equals_full_logits(sharp_tiny_model, sharp_tiny_deeper_model, prompts,
+                                                teacher_prompts, kl_loss_type, support_mode, aggregation):
+    kwargs = dict(lr=1e-3, grad_clip=1e6, micro_batch_size=3, temperature=0.8, kl_loss_type=kl_loss_type,
+                  support_mode=support_mode, aggregation=aggregation)
+    chunked = _student(sharp_tiny_model, lm_head_chunk_size=5, **kwargs)  # ragged last chunk
+    full = _student(sharp_tiny_model, lm_head_chunk_size=0, **kwargs)
+    assert chunked.lm_head_chunk_size == 5 and full.lm_head_chunk_size == 0
+    teacher = _teacher(sharp_tiny_deeper_model, temperature=0.8, lm_head_chunk_size=0)
+    batch = _update_batch(full, teacher, prompts, teacher_prompts, k=1 if kl_loss_type == "k3" else 8,
+                          lengths=[5, 1, 3, 6])
+    a, b = chunked.update(batch), full.update(batch)
+    for key in ("loss", "entropy", "student_mass", "teacher_mass"):
+        assert a[key] == pytest.approx(b[key], rel=2e-5, abs=1e-6), key
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    # gradients, not weights: Adam's first step is ~lr * sign(g), so rounding-level differences in
+    # near-zero gradient entries would flip whole lr-sized steps
+    for (name, p_chunked), p_full in zip(chunked.model.named_parameters(), full.model.parameters()):
+        norm = p_full.grad.norm().item()
+        assert norm > 0 and (p_chunked.grad - p_full.grad).norm().item() < 1e-4 * norm, name
+
+
+@pytest.mark.parametrize("support,merge_topk", [("student", 0), ("student", 4), (None, 0)])
+def test_chunked_head_teacher_scores_equal_full_logits(sharp_tiny_deeper_model, teacher_prompts, support,
+                                                       merge_topk):
+    chunked = _teacher(sharp_tiny_deeper_model, temperature=0.9, micro_batch_size=3, lm_head_chunk_size=4)
+    full = _teacher(sharp_tiny_deeper_model, temperature=0.9, micro_batch_size=3, lm_head_chunk_size=0)
+    response_ids, response_mask = _random_responses([5, 2, 6, 1], 6, full.pad_id)
+    ids = None if support is None else torch.randint(0, 49152, (4, 6, 5), generator=torch.Generator().manual_seed(4))
+    a = chunked.score(teacher_prompts, response_ids, response_mask, ids, merge_topk)
+    b = full.score(teacher_prompts, response_ids, response_mask, ids, merge_topk)
+    assert torch.equal(a.support_ids[response_mask], b.support_ids[response_mask])
+    assert (a.support_mask is None) == (b.support_mask is None)
+    if a.support_mask is not None:
+        assert torch.equal(a.support_mask[response_mask], b.support_mask[response_mask])
+    torch.testing.assert_close(a.logprobs[response_mask], b.logprobs[response_mask], atol=5e-6, rtol=0)
+    torch.testing.assert_close(a.entropy[response_mask], b.entropy[response_mask], atol=5e-5, rtol=0)
+
+
+def test_models_that_transform_their_logits_keep_the_full_logits_path(tmp_path):
+    """Gemma-2 soft-caps its logits after the lm_head: hidden @ W.T is not its logits."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from opcd.lm_head import is_plain_head
+
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=8)
+    torch.manual_seed(0)
+    assert is_plain_head(LlamaForCausalLM(LlamaConfig(**small)))
+    gemma = Gemma2ForCausalLM(Gemma2Config(**small, final_logit_softcapping=0.5))
+    assert not is_plain_head(gemma)

@@ -86,6 +86,13 @@ def shard(model, param_dtype: torch.dtype | None = None, cpu_offload: bool = Fal
     return model
 
 
+def release(model) -> None:
+    """FSDP2 keeps the root's parameters gathered after its forward, expecting a backward to use
+    them; after a forward with none (scoring, a check) they are released here. No-op unsharded."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+
+
 def my_indices(count: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, count, world_size))
 
@@ -124,6 +131,7 @@ def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict |
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    release(model)  # gathered parameters are plain tensors: the loader expects the sharded ones
     set_model_state_dict(model, model_state, options=options)
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, optimizer_state or {}, options=options)

@@ -10,13 +10,14 @@ optimiser state is left untouched) and reported as `actor/skipped`.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
 
 import torch
 
-from opcd import loss
+from opcd import lm_head, loss, loss_chunked
 from opcd.batching import prompt_response_inputs
 from opcd.models import load_causal_lm, load_tokenizer
 from opcd.objective import per_token_loss
@@ -31,8 +32,8 @@ class StudentWorker:
                  grad_clip: float = 1.0, temperature: float = 1.0, kl_loss_type: str = "full",
                  support_mode: str = "tail", aggregation: str = "token_mean", micro_batch_size: int = 8,
                  num_threads: int = 0, rollout_backend: str = "hf", vllm: dict | None = None,
-                 activation_checkpointing: bool = False, cpu_offload: bool = False, rank: int = 0,
-                 world_size: int = 1, rendezvous=None):
+                 activation_checkpointing: bool = False, cpu_offload: bool = False, lm_head_chunk_size: int = 512,
+                 rank: int = 0, world_size: int = 1, rendezvous=None):
         torch.set_num_threads(num_threads or os.cpu_count() or 1)
         self.rank, self.world_size = rank, world_size
         if world_size > 1:
@@ -67,6 +68,8 @@ class StudentWorker:
         self.aggregation = aggregation
         self.micro_batch_size = micro_batch_size
         self.pad_id = self.tokenizer.pad_token_id
+        # > 0: the loss takes hidden states and applies the lm_head in chunks (no [tokens, vocab] logits)
+        self.lm_head_chunk_size = lm_head_chunk_size if lm_head_chunk_size > 0 and lm_head.is_plain_head(self.model) else 0
 
     # -- rollout ---------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation | None:
@@ -123,10 +126,12 @@ class StudentWorker:
                                         self.pad_id)
         trained = batch.trained_mask[index]
         width = response_ids.shape[1]
-        logits = self.model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1].float()  # [b, T, V]
         support_mask = None if batch.support_mask is None else batch.support_mask[index]
-        student_logprobs = loss.gather_logprobs(logits, batch.support_ids[index], self.temperature)  # [b, T, K]
-        teacher_logprobs = batch.teacher_logprobs[index]
+        support_ids, teacher_logprobs = batch.support_ids[index], batch.teacher_logprobs[index]
+        if self.lm_head_chunk_size:
+            return self._chunked_loss(inputs, width, trained, support_ids, teacher_logprobs, support_mask, normalizer)
+        logits = self.model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1].float()  # [b, T, V]
+        student_logprobs = loss.gather_logprobs(logits, support_ids, self.temperature)  # [b, T, K]
         per_token = per_token_loss(self.kl_loss_type, self.support_mode, student_logprobs, teacher_logprobs,
                                    support_mask)  # [b, T]
         mb_loss = loss.aggregate(per_token, trained, self.aggregation, normalizer=normalizer)
@@ -135,6 +140,23 @@ class StudentWorker:
             stats = {"entropy": (loss.entropy(logits, self.temperature) * mask).sum().item(),
                      "student_mass": (loss.support_mass(student_logprobs, support_mask) * mask).sum().item(),
                      "teacher_mass": (loss.support_mass(teacher_logprobs, support_mask) * mask).sum().item()}
+        return mb_loss, stats
+
+    def _chunked_loss(self, inputs, width, trained, support_ids, teacher_logprobs, support_mask, normalizer):
+        """The same loss and statistics from hidden states, only at the trained tokens, the lm_head a
+        chunk of tokens at a time with its gradient computed on the way (loss_chunked.fused_support_loss)."""
+        with lm_head.hidden_states_out(self.model) as head:
+            hidden = self.model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]  # [b, T, H]
+        keep = trained.bool()
+        weights = loss.aggregation_weights(trained, self.aggregation, normalizer)[keep]
+        mask = None if support_mask is None else support_mask[keep]
+        token_loss = functools.partial(per_token_loss, self.kl_loss_type, self.support_mode)
+        mb_loss, student_logprobs, entropy = loss_chunked.fused_support_loss(
+            hidden[keep], head.weight, support_ids[keep], teacher_logprobs[keep], token_loss, weights,
+            self.temperature, self.lm_head_chunk_size, head.bias, mask)
+        stats = {"entropy": entropy.sum().item(),
+                 "student_mass": loss.support_mass(student_logprobs, mask).sum().item(),
+                 "teacher_mass": loss.support_mass(teacher_logprobs[keep], mask).sum().item()}
         return mb_loss, stats
 
     # -- checkpoints -----------------------------------------------------------------------------

@@ -1,0 +1,55 @@
+"""A causal LM's last hidden states instead of its logits, so the losses can apply the lm_head a
+chunk of tokens at a time (opcd/loss_chunked.py) and never hold [tokens, vocab] logits.
+
+The model still runs its own forward (FSDP2's hooks gather and release the root's parameters as
+usual); only the output projection is bypassed for the duration of the call. Whether that is exact
+for a given architecture is checked numerically once (`is_plain_head`): models that scale or
+soft-cap their logits after the projection keep the full-logits path.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+
+@contextmanager
+def hidden_states_out(model):
+    """Inside the block `model(...).logits` are the final hidden states [B, L, H]; yields the head."""
+    head = model.get_output_embeddings()
+    head.forward = _identity  # an instance attribute shadows nn.Linear.forward
+    try:
+        yield head
+    finally:
+        del head.forward
+
+
+def _identity(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
+
+
+@torch.no_grad()
+def is_plain_head(model) -> bool:
+    """True when `model(ids).logits == hidden @ W.T + b` on a short input (a forward of 4 tokens).
+
+    With several FSDP ranks every rank must call this (it runs the model)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return False
+    was_training = model.training
+    model.eval()
+    try:
+        ids = torch.tensor([[1, 2, 3, 4]], device=head.weight.device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        with hidden_states_out(model):
+            hidden = model(input_ids=ids, use_cache=False).logits
+        if hidden.shape[-1] != head.in_features:
+            return False
+        projected = torch.nn.functional.linear(hidden, head.weight, head.bias).float()
+    finally:
+        model.train(was_training)
+        if hasattr(model, "reshard"):  # FSDP2 keeps the root gathered after a forward: release it
+            model.reshard()
+    tolerance = 1e-4 if head.weight.dtype == torch.float32 else 5e-2
+    return projected.shape == logits.shape and torch.allclose(projected, logits, rtol=tolerance, atol=tolerance)
