@@ -97,6 +97,8 @@ def rollout_kwargs(cfg: DistillConfig) -> dict:
     return {"rollout_backend": "vllm", "vllm": {
         "max_model_len": length, "seed": cfg.trainer.seed, "gpu_memory_utilization": r.vllm_gpu_memory_utilization,
         "cpu_kv_cache_gb": r.vllm_cpu_kv_cache_gb,
+        # vLLM refuses more log-probs per token than this (default 20); the support is the policy's top-k
+        "max_logprobs": max(cfg.loss.kl_topk, 20),
         "enforce_eager": r.vllm_enforce_eager if r.vllm_enforce_eager is not None else cfg.ray.gpus_per_node == 0}}
 
 

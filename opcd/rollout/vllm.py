@@ -27,7 +27,7 @@ from opcd.protocol import Generation, SamplingParams
 class VLLMRollout:
     def __init__(self, model_path: str, tokenizer, dtype: str = "float32", max_model_len: int = 4096, seed: int = 0,
                  gpu_memory_utilization: float = 0.5, cpu_kv_cache_gb: float = 1.0, enforce_eager: bool = True,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, max_logprobs: int = 20):
         # The in-process engine: weights can be handed over as tensors (a separate engine process
         # cannot receive them), and the engine shares the worker's devices.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -42,7 +42,7 @@ class VLLMRollout:
             else {"kv_cache_memory_bytes": int(cpu_kv_cache_gb * 2**30)}
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed, enforce_eager=enforce_eager,
                        enable_prefix_caching=False, max_model_len=max_model_len,
-                       trust_remote_code=trust_remote_code, **memory)
+                       trust_remote_code=trust_remote_code, max_logprobs=max_logprobs, **memory)
         torch.set_num_threads(threads)
         self.pad_id = tokenizer.pad_token_id
         generation_eos = getattr(self.llm.llm_engine.model_config.hf_config, "eos_token_id", None)
