@@ -1,11 +1,14 @@
-"""Pure helpers that turn token-id lists into padded model inputs.
+"""Pure helpers that turn token-id lists into model inputs: padded batches, packed rows, micro-batch plans.
 
-A training sequence is `[left-padded prompt | right-padded response]`, so every row's response starts
+A padded training sequence is `[left-padded prompt | right-padded response]`, so every row's response starts
 at the same column P (the prompt width) and the logits predicting response token t sit at column
-P - 1 + t. Position ids count real tokens only, so left padding does not shift positions.
+P - 1 + t. Position ids count real tokens only, so left padding does not shift positions. A packed
+row (`pack`) holds the same sequences back to back with no padding at all.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -64,5 +67,51 @@ def strip_after_eos(rows: torch.Tensor, eos_ids: set[int], pad_id: int) -> tuple
     return torch.where(mask, rows, torch.full_like(rows, pad_id)), mask
 
 
-def micro_batches(n: int, size: int) -> list[slice]:
-    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+def plan_micro_batches(indices: list[int], lengths: list[int], size: int, token_budget: int = 0) -> list[list[int]]:
+    """Split `indices` (in order) into micro-batches: `size` sequences each, or, with `token_budget` > 0,
+    as many consecutive sequences as fit in that many tokens (`lengths[i]`: prompt + response tokens
+    of sequence i). A sequence longer than the budget is a micro-batch of its own."""
+    if token_budget <= 0:
+        return [indices[start:start + size] for start in range(0, len(indices), size)]
+    groups, used = [], 0
+    for i in indices:
+        if not groups or used + lengths[i] > token_budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += lengths[i]
+    return groups
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Several sequences concatenated into one row, without padding.
+
+    Position ids restart at 0 for every sequence; with no attention mask, transformers reads the
+    sequence boundaries from them (a block-diagonal causal mask with SDPA/eager, variable-length
+    kernels with flash-attention), so no token attends across sequences.
+    """
+
+    input_ids: torch.Tensor  # [1, L]
+    position_ids: torch.Tensor  # [1, L]
+    response_index: torch.Tensor  # [B, T]: column of the hidden state that predicts response token t (0 if masked)
+
+
+def pack(prompts: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor) -> Packed:
+    """prompts: B non-empty token lists; response_ids/mask [B, T], right-padded -> one packed row of
+    sum(len(prompt) + response length) tokens."""
+    ids, positions = [], []
+    index = torch.zeros(response_ids.shape, dtype=torch.long)
+    start = 0
+    for row, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"sequence {row} has an empty prompt: nothing predicts its first response token")
+        n = int(response_mask[row].sum())
+        if not bool(response_mask[row, :n].all()):
+            raise ValueError(f"response {row} is not right-padded (its mask is not a prefix)")
+        tokens = list(prompt) + response_ids[row, :n].tolist()
+        ids.extend(tokens)
+        positions.extend(range(len(tokens)))
+        index[row, :n] = torch.arange(n) + start + len(prompt) - 1
+        start += len(tokens)
+    return Packed(torch.tensor([ids], dtype=torch.long), torch.tensor([positions], dtype=torch.long), index)

@@ -137,6 +137,8 @@ class TrainerConfig:
     total_training_steps: int = 30
     batch_size: int = 8  # prompts per step (each sampled rollout.n times)
     micro_batch_size: int = 8  # sequences per forward/backward pass (gradient accumulation inside a step)
+    micro_batch_tokens: int = 0  # > 0: micro-batches by token budget (prompt + response tokens) instead
+    padding_free: bool = True  # pack each micro-batch into one row without padding (needs loss.lm_head_chunk_size > 0)
     lr: float = 1e-5  # constant learning rate, AdamW
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -159,6 +161,8 @@ class TrainerConfig:
                "an integer >= 1")
         _check(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "an integer >= 1")
         _check(self.micro_batch_size >= 1, "trainer.micro_batch_size", self.micro_batch_size, "an integer >= 1")
+        _check(self.micro_batch_tokens >= 0, "trainer.micro_batch_tokens", self.micro_batch_tokens,
+               "an integer >= 0 (0 = micro-batches of trainer.micro_batch_size sequences)")
         _check(self.lr > 0, "trainer.lr", self.lr, "a float > 0")
         _check(self.weight_decay >= 0, "trainer.weight_decay", self.weight_decay, "a float >= 0")
         _check(self.grad_clip > 0, "trainer.grad_clip", self.grad_clip, "a float > 0")

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 import torch
 
+from opcd.batching import pack, prompt_response_inputs
+
 
 @contextmanager
 def hidden_states_out(model):
@@ -53,3 +55,18 @@ def is_plain_head(model) -> bool:
             model.reshard()
     tolerance = 1e-4 if head.weight.dtype == torch.float32 else 5e-2
     return projected.shape == logits.shape and torch.allclose(projected, logits, rtol=tolerance, atol=tolerance)
+
+
+def response_hidden_states(model, prompts: list[list[int]], response_ids: torch.Tensor,
+                           response_mask: torch.Tensor, pad_id: int, packed: bool) -> torch.Tensor:
+    """Final hidden states that predict each response token: [B, T, H] (rows past a response's end
+    hold whatever; callers mask them). `packed`: one padding-free row (opcd.batching.pack), else a
+    left-padded prompt + right-padded response batch."""
+    width = response_ids.shape[1]
+    with hidden_states_out(model):
+        if packed:
+            row = pack(prompts, response_ids, response_mask)
+            hidden = model(input_ids=row.input_ids, position_ids=row.position_ids, use_cache=False).logits[0]
+            return hidden[row.response_index]
+        inputs = prompt_response_inputs(prompts, response_ids, response_mask, pad_id)
+        return model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]

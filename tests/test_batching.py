@@ -6,13 +6,16 @@ import torch
 
 from opcd.batching import (
     left_pad,
-    micro_batches,
+    pack,
+    plan_micro_batches,
     position_ids,
     prompt_response_inputs,
     right_pad,
     strip_after_eos,
 )
+from opcd.lm_head import hidden_states_out, response_hidden_states
 from opcd.models import load_causal_lm
+from opcd.workers.distributed import rank_micro_batches
 
 PAD, EOS = 0, 2
 
@@ -74,10 +77,42 @@ def test_prompt_response_inputs_layout():
     assert inputs["position_ids"].tolist() == [[0, 0, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 4, 4]]
 
 
-def test_micro_batches_cover_every_row_once():
-    assert micro_batches(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
-    assert micro_batches(4, 4) == [slice(0, 4)]
-    assert micro_batches(3, 8) == [slice(0, 3)]
+def test_micro_batches_by_count_cover_every_row_once_in_order():
+    assert plan_micro_batches([0, 1, 2, 3, 4], [9] * 5, size=2) == [[0, 1], [2, 3], [4]]
+    assert plan_micro_batches([1, 3], [9] * 4, size=8) == [[1, 3]]
+    assert plan_micro_batches([], [], size=2) == []
+
+
+def test_micro_batches_by_token_budget():
+    lengths = [5, 3, 4, 20, 1, 1]
+    # consecutive rows while they fit; a row over the budget is a micro-batch of its own
+    assert plan_micro_batches(list(range(6)), lengths, size=1, token_budget=8) == [[0, 1], [2], [3], [4, 5]]
+    assert plan_micro_batches([0, 2, 4], lengths, size=1, token_budget=100) == [[0, 2, 4]]
+
+
+def test_every_rank_runs_the_busiest_ranks_number_of_passes():
+    lengths = [10, 1, 10, 1, 10, 1]
+
+    def plan(indices):
+        return plan_micro_batches(indices, lengths, size=8, token_budget=10)
+
+    # rank 0 holds 0, 2, 4 (one per pass: 3 passes); rank 1 holds 1, 3, 5 (all in one pass)
+    assert rank_micro_batches(6, 0, 2, plan) == ([[0], [2], [4]], 3)
+    assert rank_micro_batches(6, 1, 2, plan) == ([[1, 3, 5]], 3)
+    assert rank_micro_batches(1, 1, 2, plan) == ([], 1)  # an idle rank still joins one pass
+
+
+def test_pack_layout():
+    response_ids, response_mask = right_pad([[21, 22, EOS], [23]], pad_id=PAD)
+    row = pack([[5, 6], [7, 8, 9, 10]], response_ids, response_mask)
+    assert row.input_ids.tolist() == [[5, 6, 21, 22, EOS, 7, 8, 9, 10, 23]]
+    assert row.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]]
+    # the hidden state at column c predicts the token at column c + 1
+    assert row.response_index.tolist() == [[1, 2, 3], [8, 0, 0]]
+    with pytest.raises(ValueError, match="empty prompt"):
+        pack([[], [7]], response_ids, response_mask)
+    with pytest.raises(ValueError, match="not right-padded"):
+        pack([[5], [7]], response_ids, torch.tensor([[True, False, True], [True, False, False]]))
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +156,26 @@ def test_padded_batch_is_not_trivially_equal(tiny_lm):
         alone = tiny_lm(input_ids=torch.tensor([[600, 900, 1000]])).logits[0, 0:2]
     torch.testing.assert_close(masked, alone, atol=1e-4, rtol=0)
     assert (unmasked - alone).abs().max() > 1e-3
+
+
+def test_packed_row_hidden_states_equal_each_row_alone(tiny_lm):
+    """Padding-free packing: one row, position ids restarting per sequence and no attention mask make
+    transformers keep every sequence to itself; the hidden states predicting each response token
+    equal those of the padded batch (and so of the row alone, by the test above)."""
+    generator = torch.Generator().manual_seed(1)
+
+    def tokens(n):
+        return torch.randint(10, 40000, (n,), generator=generator).tolist()
+
+    prompts = [tokens(9), tokens(1), tokens(5), tokens(2)]
+    response_ids, response_mask = right_pad([tokens(4), tokens(6), tokens(1), tokens(1)], pad_id=EOS)
+    with torch.no_grad():
+        packed = response_hidden_states(tiny_lm, prompts, response_ids, response_mask, EOS, packed=True)
+        padded = response_hidden_states(tiny_lm, prompts, response_ids, response_mask, EOS, packed=False)
+    assert packed.shape == padded.shape == (4, 6, tiny_lm.config.hidden_size)
+    torch.testing.assert_close(packed[response_mask], padded[response_mask], atol=1e-5, rtol=0)
+    # and not by accident: without the restart of the position ids, sequences would see each other
+    row = pack(prompts, response_ids, response_mask)
+    with torch.no_grad(), hidden_states_out(tiny_lm):
+        leaky = tiny_lm(input_ids=row.input_ids, use_cache=False).logits[0][row.response_index]
+    assert (leaky[response_mask] - padded[response_mask]).abs().max() > 1e-3

@@ -107,7 +107,8 @@ def worker_kwargs(cfg: DistillConfig, path: str) -> dict:
     return {"model_path": path, "dtype": m.dtype, "trust_remote_code": m.trust_remote_code,
             "attn_implementation": m.attn_implementation, "temperature": cfg.rollout.temperature,
             "micro_batch_size": cfg.trainer.micro_batch_size, "num_threads": cfg.trainer.num_threads,
-            "lm_head_chunk_size": cfg.loss.lm_head_chunk_size}
+            "lm_head_chunk_size": cfg.loss.lm_head_chunk_size, "padding_free": cfg.trainer.padding_free,
+            "micro_batch_tokens": cfg.trainer.micro_batch_tokens}
 
 
 @dataclass

@@ -19,7 +19,6 @@ Ray cluster can join.
 
 from __future__ import annotations
 
-import math
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -97,9 +96,12 @@ def my_indices(count: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, count, world_size))
 
 
-def micro_batch_count(count: int, world_size: int, size: int) -> int:
-    """Micro-batches EVERY rank runs (the busiest rank's count), at least one."""
-    return max(1, math.ceil(math.ceil(count / world_size) / size))
+def rank_micro_batches(count: int, rank: int, world_size: int, plan) -> tuple[list[list[int]], int]:
+    """This rank's micro-batches (`plan(indices)` over its share of the `count` sequences) and the
+    number of passes EVERY rank runs: the busiest rank's, at least one. Every rank holds the whole
+    batch, so it can plan the others' shares without communicating."""
+    plans = [plan(my_indices(count, r, world_size)) for r in range(world_size)]
+    return plans[rank], max(1, max(len(p) for p in plans))
 
 
 def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from opcd import lm_head, loss, loss_chunked
-from opcd.batching import prompt_response_inputs
+from opcd.batching import plan_micro_batches, prompt_response_inputs
 from opcd.models import load_causal_lm, load_tokenizer
 from opcd.objective import per_token_loss
 from opcd.protocol import Generation, SamplingParams, UpdateBatch
@@ -33,7 +33,8 @@ class StudentWorker:
                  support_mode: str = "tail", aggregation: str = "token_mean", micro_batch_size: int = 8,
                  num_threads: int = 0, rollout_backend: str = "hf", vllm: dict | None = None,
                  activation_checkpointing: bool = False, cpu_offload: bool = False, lm_head_chunk_size: int = 512,
-                 rank: int = 0, world_size: int = 1, rendezvous=None):
+                 padding_free: bool = True, micro_batch_tokens: int = 0, rank: int = 0, world_size: int = 1,
+                 rendezvous=None):
         torch.set_num_threads(num_threads or os.cpu_count() or 1)
         self.rank, self.world_size = rank, world_size
         if world_size > 1:
@@ -70,6 +71,8 @@ class StudentWorker:
         self.pad_id = self.tokenizer.pad_token_id
         # > 0: the loss takes hidden states and applies the lm_head in chunks (no [tokens, vocab] logits)
         self.lm_head_chunk_size = lm_head_chunk_size if lm_head_chunk_size > 0 and lm_head.is_plain_head(self.model) else 0
+        self.padding_free = padding_free and self.lm_head_chunk_size > 0  # packed rows need the hidden-state path
+        self.micro_batch_tokens = micro_batch_tokens
 
     # -- rollout ---------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation | None:
@@ -95,10 +98,11 @@ class StudentWorker:
         self.optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "entropy": 0.0, "student_mass": 0.0, "teacher_mass": 0.0}
         normalizer = batch.num_tokens if self.aggregation == "token_mean" else batch.num_sequences
-        mine = D.my_indices(len(batch.prompt_ids), self.rank, self.world_size)
-        steps = D.micro_batch_count(len(batch.prompt_ids), self.world_size, self.micro_batch_size)
+        lengths = [len(p) + int(n) for p, n in zip(batch.prompt_ids, batch.response_mask.sum(-1))]
+        mine, steps = D.rank_micro_batches(len(batch.prompt_ids), self.rank, self.world_size, functools.partial(
+            plan_micro_batches, lengths=lengths, size=self.micro_batch_size, token_budget=self.micro_batch_tokens))
         for index in range(steps):
-            chunk = mine[index * self.micro_batch_size:(index + 1) * self.micro_batch_size]
+            chunk = mine[index] if index < len(mine) else []
             weight = 1.0 if chunk else 0.0  # a rank short of data still joins the collectives
             mb_loss, mb_stats = self._micro_batch_loss(batch, chunk or [0], normalizer)
             # FSDP2 averages gradients over ranks; the loss is a share of the whole step's mean: undo it
@@ -121,15 +125,16 @@ class StudentWorker:
 
     def _micro_batch_loss(self, batch: UpdateBatch, rows: list[int], normalizer: int):
         index = torch.tensor(rows, dtype=torch.long)
+        prompts = [batch.prompt_ids[i] for i in rows]
         response_ids, response_mask = batch.response_ids[index], batch.response_mask[index]
-        inputs = prompt_response_inputs([batch.prompt_ids[i] for i in rows], response_ids, response_mask,
-                                        self.pad_id)
         trained = batch.trained_mask[index]
-        width = response_ids.shape[1]
         support_mask = None if batch.support_mask is None else batch.support_mask[index]
         support_ids, teacher_logprobs = batch.support_ids[index], batch.teacher_logprobs[index]
         if self.lm_head_chunk_size:
-            return self._chunked_loss(inputs, width, trained, support_ids, teacher_logprobs, support_mask, normalizer)
+            return self._chunked_loss(prompts, response_ids, response_mask, trained, support_ids, teacher_logprobs,
+                                      support_mask, normalizer)
+        inputs = prompt_response_inputs(prompts, response_ids, response_mask, self.pad_id)
+        width = response_ids.shape[1]
         logits = self.model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1].float()  # [b, T, V]
         student_logprobs = loss.gather_logprobs(logits, support_ids, self.temperature)  # [b, T, K]
         per_token = per_token_loss(self.kl_loss_type, self.support_mode, student_logprobs, teacher_logprobs,
@@ -142,11 +147,14 @@ class StudentWorker:
                      "teacher_mass": (loss.support_mass(teacher_logprobs, support_mask) * mask).sum().item()}
         return mb_loss, stats
 
-    def _chunked_loss(self, inputs, width, trained, support_ids, teacher_logprobs, support_mask, normalizer):
-        """The same loss and statistics from hidden states, only at the trained tokens, the lm_head a
-        chunk of tokens at a time with its gradient computed on the way (loss_chunked.fused_support_loss)."""
-        with lm_head.hidden_states_out(self.model) as head:
-            hidden = self.model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]  # [b, T, H]
+    def _chunked_loss(self, prompts, response_ids, response_mask, trained, support_ids, teacher_logprobs,
+                      support_mask, normalizer):
+        """The same loss and statistics from hidden states (of a padding-free packed row by default),
+        only at the trained tokens, the lm_head a chunk of tokens at a time with its gradient computed on
+        the way (loss_chunked.fused_support_loss)."""
+        hidden = lm_head.response_hidden_states(self.model, prompts, response_ids, response_mask, self.pad_id,
+                                                self.padding_free)  # [b, T, H]
+        head = self.model.get_output_embeddings()
         keep = trained.bool()
         weights = loss.aggregation_weights(trained, self.aggregation, normalizer)[keep]
         mask = None if support_mask is None else support_mask[keep]

@@ -6,12 +6,14 @@ generate, for the "teacher with context" evaluation baseline.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 
 import torch
 
 from opcd import lm_head, loss, loss_chunked
-from opcd.batching import prompt_response_inputs
+from opcd.batching import plan_micro_batches, prompt_response_inputs
 from opcd.models import load_causal_lm, load_tokenizer
 from opcd.protocol import Generation, SamplingParams, TeacherScores
 from opcd.rollout.hf import HFRollout
@@ -21,8 +23,9 @@ from opcd.workers import distributed as D
 class TeacherWorker:
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
                  attn_implementation: str | None = None, temperature: float = 1.0, micro_batch_size: int = 8,
-                 num_threads: int = 0, cpu_offload: bool = False, lm_head_chunk_size: int = 512, rank: int = 0,
-                 world_size: int = 1, rendezvous=None):
+                 num_threads: int = 0, cpu_offload: bool = False, lm_head_chunk_size: int = 512,
+                 padding_free: bool = True, micro_batch_tokens: int = 0, rank: int = 0, world_size: int = 1,
+                 rendezvous=None):
         torch.set_num_threads(num_threads or os.cpu_count() or 1)
         self.rank, self.world_size = rank, world_size
         if world_size > 1:
@@ -38,6 +41,8 @@ class TeacherWorker:
         self.pad_id = self.tokenizer.pad_token_id
         # > 0: score from hidden states, the lm_head a chunk of tokens at a time (no [tokens, vocab] logits)
         self.lm_head_chunk_size = lm_head_chunk_size if lm_head_chunk_size > 0 and lm_head.is_plain_head(self.model) else 0
+        self.padding_free = padding_free and self.lm_head_chunk_size > 0  # packed rows need the hidden-state path
+        self.micro_batch_tokens = micro_batch_tokens
 
     @torch.no_grad()
     def score(self, prompts: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor,
@@ -47,21 +52,22 @@ class TeacherWorker:
         parts = []
         # data parallel over ranks: rank r scores sequences r, r + N, ... (the group interleaves the
         # parts back); every rank runs the same number of forward passes
-        mine = D.my_indices(len(prompts), self.rank, self.world_size)
-        steps = D.micro_batch_count(len(prompts), self.world_size, self.micro_batch_size)
+        lengths = [len(p) + int(n) for p, n in zip(prompts, response_mask.sum(-1))]
+        mine, steps = D.rank_micro_batches(len(prompts), self.rank, self.world_size, functools.partial(
+            plan_micro_batches, lengths=lengths, size=self.micro_batch_size, token_budget=self.micro_batch_tokens))
         for step in range(steps):
-            rows = mine[step * self.micro_batch_size:(step + 1) * self.micro_batch_size]
+            rows = mine[step] if step < len(mine) else []
             index = torch.tensor(rows or [0], dtype=torch.long)
-            inputs = prompt_response_inputs([prompts[i] for i in index.tolist()], response_ids[index],
-                                            response_mask[index], self.pad_id)
-            width = response_ids.shape[1]
+            rows_prompts, rows_ids, rows_mask = [prompts[i] for i in index.tolist()], response_ids[index], response_mask[index]
             rows_support = None if support_ids is None else support_ids[index]
             if self.lm_head_chunk_size:
-                with lm_head.hidden_states_out(self.model) as head:
-                    hidden = self.model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
+                hidden = lm_head.response_hidden_states(self.model, rows_prompts, rows_ids, rows_mask, self.pad_id,
+                                                        self.padding_free)
                 if rows:
-                    parts.append(self._chunked_scores(hidden, head, rows_support, merge_topk))
+                    parts.append(self._chunked_scores(hidden, rows_mask, rows_support, merge_topk))
                 continue
+            inputs = prompt_response_inputs(rows_prompts, rows_ids, rows_mask, self.pad_id)
+            width = response_ids.shape[1]
             logits = self.model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1].float()
             if not rows:
                 continue  # a padding pass: this rank had no sequences left
@@ -75,22 +81,31 @@ class TeacherWorker:
         return TeacherScores(torch.cat(logprobs), torch.cat(entropy), torch.cat(ids),
                              None if mask[0] is None else torch.cat(mask))
 
-    def _chunked_scores(self, hidden: torch.Tensor, head, support_ids: torch.Tensor | None, merge_topk: int):
-        """hidden [b, T, H] -> (log-probs [b, T, K'], entropy [b, T], ids [b, T, K'], mask or None)."""
-        b, t, _ = hidden.shape
-        flat = hidden.reshape(b * t, -1)
+    def _chunked_scores(self, hidden: torch.Tensor, response_mask: torch.Tensor, support_ids: torch.Tensor | None,
+                        merge_topk: int):
+        """hidden [b, T, H] -> (log-probs [b, T, K'], entropy [b, T], ids [b, T, K'], mask or None), the
+        lm_head applied at the response tokens only. Past a response's end: the uniform distribution's
+        log-prob (finite, never used) and entropy 0."""
+        head = self.model.get_output_embeddings()
+        vocab = head.weight.shape[0]
+        real = response_mask.bool()
         if support_ids is None:  # the whole vocabulary: exact KL
-            ids = torch.arange(head.weight.shape[0]).expand(b * t, -1)
+            ids = torch.arange(vocab).expand(*response_mask.shape, vocab)
         else:
-            ids = support_ids.reshape(b * t, -1)
+            ids = support_ids
         logprobs, entropy, top = loss_chunked.support_logprobs_no_grad(
-            flat, head.weight, ids, self.temperature, self.lm_head_chunk_size, head.bias,
+            hidden[real], head.weight, ids[real], self.temperature, self.lm_head_chunk_size, head.bias,
             topk=merge_topk if support_ids is not None else 0)
         mask = None
         if top is not None:
-            ids, mask = loss.merge_support(ids, top)
-            mask = mask.reshape(b, t, -1)
-        return logprobs.reshape(b, t, -1), entropy.reshape(b, t), ids.reshape(b, t, -1), mask
+            all_top = torch.zeros(*response_mask.shape, merge_topk, dtype=torch.long)
+            all_top[real] = top
+            ids, mask = loss.merge_support(ids, all_top)
+        out_logprobs = torch.full((*response_mask.shape, logprobs.shape[-1]), -math.log(vocab), dtype=logprobs.dtype)
+        out_logprobs[real] = logprobs
+        out_entropy = torch.zeros(response_mask.shape, dtype=entropy.dtype)
+        out_entropy[real] = entropy
+        return out_logprobs, out_entropy, ids, mask
 
     @staticmethod
     def _support(logits: torch.Tensor, support_ids: torch.Tensor | None, merge_topk: int):
