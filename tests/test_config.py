@@ -121,6 +121,8 @@ def test_overrides_are_typed():
     (["ray.nnodes=2"], "ray.address=None"),
     (["trainer.micro_batch_size=9"], "trainer.micro_batch_size=9"),
     (["trainer.batch_size=2", "rollout.n=2", "trainer.micro_batch_size=5"], "trainer.micro_batch_size=5"),
+    (["trainer.micro_batch_tokens=-1"], "trainer.micro_batch_tokens=-1"),
+    (["loss.lm_head_chunk_size=-3"], "loss.lm_head_chunk_size=-3"),
     (["task=nope"], "task/nope"),
 ])
 def test_bad_input_is_one_line_config_error_naming_the_key(overrides, key):

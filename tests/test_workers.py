@@ -463,3 +463,13 @@ def test_token_budget_micro_batches_equal_one_big_batch(sharp_tiny_model, sharp_
     plan = plan_micro_batches([0, 1, 2, 3], lengths, size=8, token_budget=80)
     assert 1 < len(plan) < 4, (lengths, plan)  # some micro-batches hold several sequences, not all
     _assert_same_step(budget, whole, budget.update(batch), whole.update(batch))
+
+
+def test_packing_is_the_default_only_with_flash_attention():
+    from types import SimpleNamespace
+
+    from opcd.lm_head import packing_pays
+
+    assert packing_pays(SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2")))
+    assert not packing_pays(SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa")))
+    assert not packing_pays(SimpleNamespace(config=SimpleNamespace()))

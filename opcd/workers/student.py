@@ -33,7 +33,7 @@ class StudentWorker:
                  support_mode: str = "tail", aggregation: str = "token_mean", micro_batch_size: int = 8,
                  num_threads: int = 0, rollout_backend: str = "hf", vllm: dict | None = None,
                  activation_checkpointing: bool = False, cpu_offload: bool = False, lm_head_chunk_size: int = 512,
-                 padding_free: bool = True, micro_batch_tokens: int = 0, rank: int = 0, world_size: int = 1,
+                 padding_free: bool | None = None, micro_batch_tokens: int = 0, rank: int = 0, world_size: int = 1,
                  rendezvous=None):
         torch.set_num_threads(num_threads or os.cpu_count() or 1)
         self.rank, self.world_size = rank, world_size
@@ -71,6 +71,8 @@ class StudentWorker:
         self.pad_id = self.tokenizer.pad_token_id
         # > 0: the loss takes hidden states and applies the lm_head in chunks (no [tokens, vocab] logits)
         self.lm_head_chunk_size = lm_head_chunk_size if lm_head_chunk_size > 0 and lm_head.is_plain_head(self.model) else 0
+        if padding_free is None:
+            padding_free = lm_head.packing_pays(self.model)
         self.padding_free = padding_free and self.lm_head_chunk_size > 0  # packed rows need the hidden-state path
         self.micro_batch_tokens = micro_batch_tokens
 

@@ -24,7 +24,7 @@ class TeacherWorker:
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
                  attn_implementation: str | None = None, temperature: float = 1.0, micro_batch_size: int = 8,
                  num_threads: int = 0, cpu_offload: bool = False, lm_head_chunk_size: int = 512,
-                 padding_free: bool = True, micro_batch_tokens: int = 0, rank: int = 0, world_size: int = 1,
+                 padding_free: bool | None = None, micro_batch_tokens: int = 0, rank: int = 0, world_size: int = 1,
                  rendezvous=None):
         torch.set_num_threads(num_threads or os.cpu_count() or 1)
         self.rank, self.world_size = rank, world_size
@@ -41,6 +41,8 @@ class TeacherWorker:
         self.pad_id = self.tokenizer.pad_token_id
         # > 0: score from hidden states, the lm_head a chunk of tokens at a time (no [tokens, vocab] logits)
         self.lm_head_chunk_size = lm_head_chunk_size if lm_head_chunk_size > 0 and lm_head.is_plain_head(self.model) else 0
+        if padding_free is None:
+            padding_free = lm_head.packing_pays(self.model)
         self.padding_free = padding_free and self.lm_head_chunk_size > 0  # packed rows need the hidden-state path
         self.micro_batch_tokens = micro_batch_tokens
 
