@@ -183,10 +183,21 @@ class RayConfig:
     nnodes: int = 1
     gpus_per_node: int = 0  # 0 on CPU
     ranks_per_group: int = 1  # ranks of the student and of the teacher group; > 1 shards them with FSDP2
+    teacher_ranks: int = 0  # ranks of the teacher group; 0 = ray.ranks_per_group
+    # colocate: rank r of every group on bundle r of one pool (GPU shared); separate: a pool (whole GPUs) per group
+    placement: Literal["colocate", "separate"] = "colocate"
 
     def __post_init__(self):
         _check(self.nnodes >= 1, "ray.nnodes", self.nnodes, "an integer >= 1")
         _check(self.ranks_per_group >= 1, "ray.ranks_per_group", self.ranks_per_group, "an integer >= 1")
+        _check(self.teacher_ranks >= 0, "ray.teacher_ranks", self.teacher_ranks, "an integer >= 0 (0 = ray.ranks_per_group)")
+        if self.gpus_per_node > 0:
+            gpus = self.nnodes * self.gpus_per_node
+            teacher = self.teacher_ranks or self.ranks_per_group
+            need = max(self.ranks_per_group, teacher) if self.placement == "colocate" else self.ranks_per_group + teacher
+            _check(need <= gpus, "ray.ranks_per_group", self.ranks_per_group,
+                   f"at most {gpus} GPU ranks in all (ray.nnodes x ray.gpus_per_node; {self.placement} placement "
+                   f"with {teacher} teacher ranks needs {need})")
         _check(not (self.nnodes > 1 and self.address is None), "ray.address", self.address,
                "a cluster address ('auto' or host:port) when ray.nnodes > 1")
 

@@ -123,6 +123,9 @@ def test_overrides_are_typed():
     (["trainer.batch_size=2", "rollout.n=2", "trainer.micro_batch_size=5"], "trainer.micro_batch_size=5"),
     (["trainer.micro_batch_tokens=-1"], "trainer.micro_batch_tokens=-1"),
     (["loss.lm_head_chunk_size=-3"], "loss.lm_head_chunk_size=-3"),
+    (["ray.gpus_per_node=1", "ray.placement=separate"], "ray.ranks_per_group=1"),
+    (["ray.gpus_per_node=2", "ray.ranks_per_group=3"], "ray.ranks_per_group=3"),
+    (["ray.placement=spread"], "ray.placement"),
     (["task=nope"], "task/nope"),
 ])
 def test_bad_input_is_one_line_config_error_naming_the_key(overrides, key):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,6 +36,7 @@ from opcd.sources import Example, GameSource, PromptSource
 from opcd.tracking import Tracker
 from opcd.trainer import Trainer
 from opcd.workers.group import WorkerGroup, init_ray
+from opcd.workers.placement import make_pools, remove_pools
 from opcd.workers.student import StudentWorker
 from opcd.workers.teacher import TeacherWorker
 
@@ -102,6 +104,20 @@ def rollout_kwargs(cfg: DistillConfig) -> dict:
         "enforce_eager": r.vllm_enforce_eager if r.vllm_enforce_eager is not None else cfg.ray.gpus_per_node == 0}}
 
 
+def teacher_ranks(cfg: DistillConfig) -> int:
+    return cfg.ray.teacher_ranks or cfg.ray.ranks_per_group
+
+
+@contextmanager
+def reserved_pools(ranks: dict[str, int], ray_cfg):
+    """The groups' placement pools (opcd/workers/placement.py) for the duration of the block."""
+    pools = make_pools(ranks, ray_cfg.gpus_per_node > 0, ray_cfg.placement)
+    try:
+        yield pools
+    finally:
+        remove_pools(pools.values())
+
+
 def worker_kwargs(cfg: DistillConfig, path: str) -> dict:
     m = cfg.model
     return {"model_path": path, "dtype": m.dtype, "trust_remote_code": m.trust_remote_code,
@@ -148,45 +164,45 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source=Non
     write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    gpus = 1 if cfg.ray.gpus_per_node > 0 else 0
-    student = WorkerGroup("student", StudentWorker, {
-        **worker_kwargs(cfg, student_path), **rollout_kwargs(cfg), "lr": cfg.trainer.lr, "weight_decay": cfg.trainer.weight_decay,
-        "grad_clip": cfg.trainer.grad_clip, "kl_loss_type": objective or cfg.loss.kl_loss_type,
-        "support_mode": cfg.loss.support_mode, "aggregation": cfg.loss.aggregation,
-        "activation_checkpointing": cfg.model.activation_checkpointing, "cpu_offload": cfg.model.cpu_offload},
-        world_size=cfg.ray.ranks_per_group, num_gpus=gpus)
-    teacher = WorkerGroup("teacher", TeacherWorker, {**worker_kwargs(cfg, teacher_path),
-                                                     "cpu_offload": cfg.model.cpu_offload},
-                          world_size=cfg.ray.ranks_per_group, num_gpus=gpus)
-    trainer = Trainer(cfg.trainer, cfg.loss, sampling(cfg, evaluation=False), source, student,
-                      teacher if teacher_scores_needed else None, run_dir, objective)
-    start_step = trainer.resume()
-    _trim_metrics(run_dir, start_step)
-    tracker = Tracker(cfg.trainer.loggers, run_dir, cfg.trainer.exp_name, json.loads(json.dumps(_plain(cfg))),
-                      cfg.trainer.total_training_steps, start_step, cfg.trainer.wandb_project)
-    if start_step:
-        tracker.message(f"resumed {run_dir} from step {start_step}")
-    results = _load_results(run_dir) if start_step else {}
-    try:
-        if cfg.trainer.eval_before and "student_before" not in results:
-            for who, group, side in (("student_before", student, "student"), ("teacher_with_context", teacher, "teacher")):
-                results[who] = _record_eval(run_eval(who, group, side), run_dir, results, tracker)
-                tracker.message(_describe(results[who]))
+    with reserved_pools({"student": cfg.ray.ranks_per_group, "teacher": teacher_ranks(cfg)}, cfg.ray) as pools:
+        student = WorkerGroup("student", StudentWorker, {
+            **worker_kwargs(cfg, student_path), **rollout_kwargs(cfg), "lr": cfg.trainer.lr, "weight_decay": cfg.trainer.weight_decay,
+            "grad_clip": cfg.trainer.grad_clip, "kl_loss_type": objective or cfg.loss.kl_loss_type,
+            "support_mode": cfg.loss.support_mode, "aggregation": cfg.loss.aggregation,
+            "activation_checkpointing": cfg.model.activation_checkpointing, "cpu_offload": cfg.model.cpu_offload},
+            world_size=cfg.ray.ranks_per_group, pool=pools["student"])
+        teacher = WorkerGroup("teacher", TeacherWorker, {**worker_kwargs(cfg, teacher_path),
+                                                         "cpu_offload": cfg.model.cpu_offload},
+                              world_size=cfg.ray.ranks_per_group, pool=pools["student"])
+        trainer = Trainer(cfg.trainer, cfg.loss, sampling(cfg, evaluation=False), source, student,
+                          teacher if teacher_scores_needed else None, run_dir, objective)
+        start_step = trainer.resume()
+        _trim_metrics(run_dir, start_step)
+        tracker = Tracker(cfg.trainer.loggers, run_dir, cfg.trainer.exp_name, json.loads(json.dumps(_plain(cfg))),
+                          cfg.trainer.total_training_steps, start_step, cfg.trainer.wandb_project)
+        if start_step:
+            tracker.message(f"resumed {run_dir} from step {start_step}")
+        results = _load_results(run_dir) if start_step else {}
+        try:
+            if cfg.trainer.eval_before and "student_before" not in results:
+                for who, group, side in (("student_before", student, "student"), ("teacher_with_context", teacher, "teacher")):
+                    results[who] = _record_eval(run_eval(who, group, side), run_dir, results, tracker)
+                    tracker.message(_describe(results[who]))
 
-        def evaluate_during(step: int) -> dict:
-            result = _record_eval(run_eval(f"student_step_{step}", student, "student"), run_dir, results, tracker)
-            results[f"student_step_{step}"] = result
-            return {M.EVAL_DURING: result["score"]}
-        final_step = trainer.fit(tracker, start_step, evaluate_during)
-        if cfg.trainer.eval_after:
-            results["student_after"] = _record_eval(run_eval("student_after", student, "student"), run_dir, results,
-                                                    tracker)
-            tracker.message(_describe(results["student_after"]))
-        tracker.summary({f"eval/{k}/score": v["score"] for k, v in results.items()})
-    finally:
-        tracker.close()
-        student.shutdown()
-        teacher.shutdown()
+            def evaluate_during(step: int) -> dict:
+                result = _record_eval(run_eval(f"student_step_{step}", student, "student"), run_dir, results, tracker)
+                results[f"student_step_{step}"] = result
+                return {M.EVAL_DURING: result["score"]}
+            final_step = trainer.fit(tracker, start_step, evaluate_during)
+            if cfg.trainer.eval_after:
+                results["student_after"] = _record_eval(run_eval("student_after", student, "student"), run_dir, results,
+                                                        tracker)
+                tracker.message(_describe(results["student_after"]))
+            tracker.summary({f"eval/{k}/score": v["score"] for k, v in results.items()})
+        finally:
+            tracker.close()
+            student.shutdown()
+            teacher.shutdown()
     try:  # the report is a convenience: a plotting problem must not fail a finished run
         write_report([run_dir])
     except Exception as exc:  # noqa: BLE001

@@ -33,7 +33,7 @@ from opcd.games.prompts import writer_prompt as game_writer_prompt
 from opcd.games.seeds import heldout_seeds, training_seeds
 from opcd.plots import plot_extraction
 from opcd.models import check_same_tokenizer, load_tokenizer, resolve_model
-from opcd.pipelines.distill import build_player, resolve_user_path, worker_kwargs
+from opcd.pipelines.distill import build_player, reserved_pools, resolve_user_path, worker_kwargs
 from opcd.prompts import encode_chat, token_counter
 from opcd.protocol import SamplingParams
 from opcd.tasks import get_task
@@ -169,26 +169,27 @@ def run_extract(cfg: DistillConfig) -> dict:
         heldout_rows = load_rows(resolve_user_path(cfg.task.test_data), cfg.task.test_split, heldout)
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    gpus = 1 if cfg.ray.gpus_per_node > 0 else 0
-    solver = WorkerGroup("solver", TeacherWorker, worker_kwargs(cfg, model_path), num_gpus=gpus)
-    writer = WorkerGroup("writer", TeacherWorker, worker_kwargs(cfg, writer_path), num_gpus=gpus) \
-        if writer_path else solver
-    extraction = GameExtraction(cfg, tokenizer, solver, writer) if games else \
-        Extraction(cfg, tokenizer, solver, writer, train_rows, heldout_rows)
-    candidates: list[Candidate] = []
-    try:
-        for seed in cfg.extract.seeds:
-            seed_dir = run_dir / f"seed_{seed}"
-            done = seed_dir / "scores.json"
-            if done.is_file():
-                log.info("seed %d already extracted (%s): skipped", seed, done)
-                candidates += [Candidate(r["seed"], r["step"], r["score"], r["path"], r["length"])
-                               for r in json.loads(done.read_text())]
-                continue
-            candidates += extraction.run_seed(seed, seed_dir)
-    finally:
-        for group in {id(solver): solver, id(writer): writer}.values():
-            group.shutdown()
+    # the solver and the writer (a second model) share each GPU, as the student and teacher do
+    with reserved_pools({"solver": 1, **({"writer": 1} if writer_path else {})}, cfg.ray) as pools:
+        solver = WorkerGroup("solver", TeacherWorker, worker_kwargs(cfg, model_path), pool=pools["solver"])
+        writer = WorkerGroup("writer", TeacherWorker, worker_kwargs(cfg, writer_path), pool=pools["writer"]) \
+            if writer_path else solver
+        extraction = GameExtraction(cfg, tokenizer, solver, writer) if games else \
+            Extraction(cfg, tokenizer, solver, writer, train_rows, heldout_rows)
+        candidates: list[Candidate] = []
+        try:
+            for seed in cfg.extract.seeds:
+                seed_dir = run_dir / f"seed_{seed}"
+                done = seed_dir / "scores.json"
+                if done.is_file():
+                    log.info("seed %d already extracted (%s): skipped", seed, done)
+                    candidates += [Candidate(r["seed"], r["step"], r["score"], r["path"], r["length"])
+                                   for r in json.loads(done.read_text())]
+                    continue
+                candidates += extraction.run_seed(seed, seed_dir)
+        finally:
+            for group in {id(solver): solver, id(writer): writer}.values():
+                group.shutdown()
     return _select(run_dir, candidates)
 
 

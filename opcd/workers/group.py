@@ -38,7 +38,9 @@ def init_ray(address: str | None, num_cpus: float | None) -> None:
 
 class WorkerGroup:
     def __init__(self, name: str, worker_cls: type, kwargs: dict, world_size: int = 1,
-                 num_cpus: float = 1, num_gpus: float = 0):
+                 num_cpus: float = 1, num_gpus: float = 0, pool=None):
+        """`pool` (opcd.workers.placement.Pool): rank r runs on the pool's bundle r; else anywhere with
+        `num_cpus`/`num_gpus` free."""
         self.name = name
         self.world_size = world_size
         actor_cls = ray.remote(worker_cls)
@@ -49,8 +51,9 @@ class WorkerGroup:
             rendezvous, self._store = Rendezvous.create(name)
             extra["rendezvous"] = rendezvous
         self.workers = [
-            actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=1,
-                              runtime_env={"env_vars": WORKER_ENV})
+            actor_cls.options(**(pool.actor_options(rank) if pool is not None else
+                                 {"num_cpus": num_cpus, "num_gpus": num_gpus}),
+                              max_concurrency=1, runtime_env={"env_vars": WORKER_ENV})
             .remote(**kwargs, **extra, rank=rank, world_size=world_size)
             for rank in range(world_size)
         ]
