@@ -59,7 +59,9 @@ class VLLMRollout:
                                  top_p=1.0 if greedy else params.top_p, top_k=0 if greedy else params.top_k,
                                  max_tokens=params.max_new_tokens, seed=seed + i, stop_token_ids=self.eos_ids,
                                  logprobs=params.record_topk or None, skip_special_tokens=False,
-                                 ignore_eos=self.ignore_eos)
+                                 ignore_eos=self.ignore_eos,
+                                 # ids only: the callers decode; flat log-probs are a few lists per request
+                                 detokenize=False, flat_logprobs=True)
                     for i in range(len(prompts))]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], requests, use_tqdm=False)
         responses, topks = [], []
@@ -67,14 +69,13 @@ class VLLMRollout:
             sample = output.outputs[0]
             responses.append(list(sample.token_ids))
             if params.record_topk:
-                topks.append(_topk_rows(sample.logprobs or [], params.record_topk))
+                topks.append(topk_ids(sample.logprobs, len(sample.token_ids), params.record_topk))
         ids, mask = right_pad(responses, self.pad_id)
         topk = None
         if params.record_topk:
             topk = torch.zeros(len(prompts), ids.shape[1], params.record_topk, dtype=torch.long)
             for row, rows in enumerate(topks):
-                if rows:
-                    topk[row, :len(rows)] = torch.tensor(rows, dtype=torch.long)
+                topk[row, :rows.shape[0]] = rows
         return Generation(ids, mask, topk)
 
     def sync_weights(self, named_tensors) -> None:
@@ -95,15 +96,26 @@ class VLLMRollout:
             self.asleep = False
 
 
-def _topk_rows(logprobs: list[dict], k: int) -> list[list[int]]:
-    """vLLM's per-position {token: Logprob(rank=...)} (the k best plus, sometimes, the sampled token)
-    -> the k best ids per position, best first."""
-    rows = []
-    for position in logprobs:
-        ranked = sorted(position.items(), key=lambda item: item[1].rank)
-        best = [token for token, entry in ranked if entry.rank is not None and entry.rank <= k][:k]
-        rows.append(best + [best[-1]] * (k - len(best)) if best else [0] * k)
-    return rows
+def topk_ids(flat, positions: int, k: int) -> torch.Tensor:
+    """vLLM's flat log-probs of one request (`FlatLogprobs`: for each position the k best tokens with
+    their ranks 1..k, plus the sampled token with its own rank) -> the k best ids per position, best
+    first, [positions, k]. Tensor work over all entries at once: no Python loop per token. A position
+    with fewer than k ranked entries repeats its best id; one with none holds zeros."""
+    out = torch.zeros(positions, k, dtype=torch.long)
+    known = min(positions, len(flat.start_indices))
+    if known == 0 or not flat.token_ids:
+        return out
+    first, last = flat.start_indices[0], flat.end_indices[known - 1]  # positions are contiguous
+    counts = torch.tensor(flat.end_indices[:known], dtype=torch.long) - torch.tensor(
+        flat.start_indices[:known], dtype=torch.long)
+    position = torch.repeat_interleave(torch.arange(known), counts)
+    ids = torch.tensor(flat.token_ids[first:last], dtype=torch.long)
+    ranks = torch.tensor([r or 0 for r in flat.ranks[first:last]], dtype=torch.long)
+    ranked = (ranks >= 1) & (ranks <= k)
+    filled = torch.zeros(positions, k, dtype=torch.bool)
+    out[position[ranked], ranks[ranked] - 1] = ids[ranked]
+    filled[position[ranked], ranks[ranked] - 1] = True
+    return torch.where(filled, out, out[:, :1].expand(-1, k))
 
 
 def _as_list(value) -> list[int]:
