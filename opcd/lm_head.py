@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from opcd.batching import pack, prompt_response_inputs
+from opcd.models import compute_device
 
 
 @contextmanager
@@ -42,7 +43,7 @@ def is_plain_head(model) -> bool:
     was_training = model.training
     model.eval()
     try:
-        ids = torch.tensor([[1, 2, 3, 4]], device=head.weight.device)
+        ids = torch.tensor([[1, 2, 3, 4]], device=compute_device())
         logits = model(input_ids=ids, use_cache=False).logits.float()
         with hidden_states_out(model):
             hidden = model(input_ids=ids, use_cache=False).logits
@@ -58,18 +59,22 @@ def is_plain_head(model) -> bool:
 
 
 def response_hidden_states(model, prompts: list[list[int]], response_ids: torch.Tensor,
-                           response_mask: torch.Tensor, pad_id: int, packed: bool) -> torch.Tensor:
+                           response_mask: torch.Tensor, pad_id: int, packed: bool,
+                           device: torch.device | str = "cpu") -> torch.Tensor:
     """Final hidden states that predict each response token: [B, T, H] (rows past a response's end
     hold whatever; callers mask them). `packed`: one padding-free row (opcd.batching.pack), else a
-    left-padded prompt + right-padded response batch."""
+    left-padded prompt + right-padded response batch. The inputs go to `device` (the worker's compute
+    device), and so does the result."""
     width = response_ids.shape[1]
     with hidden_states_out(model):
         if packed:
             row = pack(prompts, response_ids, response_mask)
-            hidden = model(input_ids=row.input_ids, position_ids=row.position_ids, use_cache=False).logits[0]
-            return hidden[row.response_index]
+            hidden = model(input_ids=row.input_ids.to(device), position_ids=row.position_ids.to(device),
+                           use_cache=False).logits[0]
+            return hidden[row.response_index.to(device)]
         inputs = prompt_response_inputs(prompts, response_ids, response_mask, pad_id)
-        return model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1]
+        return model(**{k: v.to(device) for k, v in inputs.items()}, logits_to_keep=width + 1,
+                     use_cache=False).logits[:, :-1]
 
 
 def packing_pays(model) -> bool:

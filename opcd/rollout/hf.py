@@ -12,6 +12,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from opcd.batching import left_pad, strip_after_eos
+from opcd.models import compute_device
 from opcd.protocol import Generation, SamplingParams
 
 
@@ -41,20 +42,21 @@ class HFRollout:
 
     def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams) -> Generation:
         ids, mask = left_pad(prompts, self.pad_id)
+        device = compute_device()
         recorder = _RecordTopK(params.record_topk) if params.record_topk > 0 else None
         greedy = params.temperature == 0
         was_training = self.model.training
         self.model.eval()
         out = self.model.generate(
-            input_ids=ids, attention_mask=mask.long(), max_new_tokens=params.max_new_tokens,
+            input_ids=ids.to(device), attention_mask=mask.long().to(device), max_new_tokens=params.max_new_tokens,
             do_sample=not greedy, temperature=None if greedy else params.temperature,
             top_p=None if greedy else params.top_p, top_k=None if greedy else (params.top_k or None),
             eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
             logits_processor=LogitsProcessorList([recorder]) if recorder else None,
         )
         self.model.train(was_training)
-        response, response_mask = strip_after_eos(out[:, ids.shape[1]:], self.eos_ids, self.pad_id)
-        topk = torch.stack(recorder.steps, dim=1) if recorder else None  # [B, T, k]
+        response, response_mask = strip_after_eos(out[:, ids.shape[1]:].cpu(), self.eos_ids, self.pad_id)
+        topk = torch.stack(recorder.steps, dim=1).cpu() if recorder else None  # [B, T, k]
         return Generation(response, response_mask, topk)
 
     def sync_weights(self, named_tensors=None) -> None:

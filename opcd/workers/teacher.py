@@ -14,7 +14,7 @@ import torch
 
 from opcd import lm_head, loss, loss_chunked
 from opcd.batching import plan_micro_batches, prompt_response_inputs
-from opcd.models import load_causal_lm, load_tokenizer
+from opcd.models import compute_device, load_causal_lm, load_tokenizer
 from opcd.protocol import Generation, SamplingParams, TeacherScores
 from opcd.rollout.hf import HFRollout
 from opcd.workers import distributed as D
@@ -33,8 +33,11 @@ class TeacherWorker:
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.model = load_causal_lm(model_path, dtype, trust_remote_code, attn_implementation).eval()
         self.model.requires_grad_(False)
-        if world_size > 1:
+        self.device = compute_device()
+        if world_size > 1:  # fully_shard moves the shards to the device (or keeps them on CPU with offload)
             D.shard(self.model, cpu_offload=cpu_offload)
+        else:
+            self.model.to(self.device)
         self.rollout = HFRollout(self.model, self.tokenizer)
         self.temperature = temperature
         self.micro_batch_size = micro_batch_size
@@ -64,18 +67,21 @@ class TeacherWorker:
             rows_support = None if support_ids is None else support_ids[index]
             if self.lm_head_chunk_size:
                 hidden = lm_head.response_hidden_states(self.model, rows_prompts, rows_ids, rows_mask, self.pad_id,
-                                                        self.padding_free)
+                                                        self.padding_free, self.device)
                 if rows:
                     parts.append(self._chunked_scores(hidden, rows_mask, rows_support, merge_topk))
                 continue
             inputs = prompt_response_inputs(rows_prompts, rows_ids, rows_mask, self.pad_id)
             width = response_ids.shape[1]
-            logits = self.model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1].float()
+            logits = self.model(**{k: v.to(self.device) for k, v in inputs.items()}, logits_to_keep=width + 1,
+                                use_cache=False).logits[:, :-1].float()
             if not rows:
                 continue  # a padding pass: this rank had no sequences left
-            ids, mask = self._support(logits, rows_support, merge_topk)
-            parts.append((loss.gather_logprobs(logits, ids, self.temperature),
-                          loss.entropy(logits, self.temperature), ids, mask))
+            ids, mask = self._support(logits, None if rows_support is None else rows_support.to(self.device),
+                                      merge_topk)
+            parts.append(tuple(None if t is None else t.cpu() for t in (
+                loss.gather_logprobs(logits, ids, self.temperature), loss.entropy(logits, self.temperature), ids,
+                mask)))
         D.release(self.model)
         if not parts:  # more ranks than sequences
             return None
@@ -95,9 +101,9 @@ class TeacherWorker:
             ids = torch.arange(vocab).expand(*response_mask.shape, vocab)
         else:
             ids = support_ids
-        logprobs, entropy, top = loss_chunked.support_logprobs_no_grad(
-            hidden[real], head.weight, ids[real], self.temperature, self.lm_head_chunk_size, head.bias,
-            topk=merge_topk if support_ids is not None else 0)
+        logprobs, entropy, top = (None if t is None else t.cpu() for t in loss_chunked.support_logprobs_no_grad(
+            hidden[real.to(hidden.device)], head.weight, ids[real].to(hidden.device), self.temperature,
+            self.lm_head_chunk_size, head.bias, topk=merge_topk if support_ids is not None else 0))
         mask = None
         if top is not None:
             all_top = torch.zeros(*response_mask.shape, merge_topk, dtype=torch.long)
@@ -113,7 +119,7 @@ class TeacherWorker:
     def _support(logits: torch.Tensor, support_ids: torch.Tensor | None, merge_topk: int):
         if support_ids is None:  # the whole vocabulary: exact KL
             vocab = logits.shape[-1]
-            return torch.arange(vocab).expand(*logits.shape[:-1], vocab), None
+            return torch.arange(vocab, device=logits.device).expand(*logits.shape[:-1], vocab), None
         if merge_topk > 0:
             return loss.merge_support(support_ids, loss.topk_ids(logits, merge_topk))
         return support_ids, None
