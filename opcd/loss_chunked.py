@@ -76,6 +76,8 @@ class _Scratch:
     def log_softmax(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
         """``[c, H]`` -> log-softmax of ``(hidden @ W.T + b) / T``, ``[c, V]`` (a view of a buffer)."""
         logits = self.logits[:hidden.shape[0]]
+        if hidden.dtype != weight.dtype:  # e.g. bf16 hidden states from autocast, fp32 master weights
+            hidden = hidden.to(weight.dtype)
         if weight.dtype == logits.dtype:
             if bias is None:
                 torch.mm(hidden, weight.t(), out=logits)

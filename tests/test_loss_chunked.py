@@ -295,3 +295,19 @@ def test_aggregation_weights_are_the_coefficients_of_aggregate(mode, normalizer)
     weights = aggregation_weights(mask, mode, normalizer)
     torch.testing.assert_close((weights.double() * values).sum(), aggregate(values, mask, mode, normalizer))
     assert not weights[~mask].any()
+
+
+def test_fused_loss_takes_low_precision_hidden_states_with_fp32_master_weights():
+    """Under autocast the trunk hands over bf16 hidden states while the lm_head weight stays fp32: the
+    projection runs in fp32 and the hidden-state gradient comes back in bf16."""
+    hidden, weight, _, ids = _inputs(dtype=torch.float32)
+    low = hidden.detach().to(torch.bfloat16).requires_grad_()
+    teacher = _teacher_logprobs(ids, dtype=torch.float32)
+    token_loss = partial(per_token_loss, "full", "tail")
+    weights = torch.full((N,), 1.0 / N)
+    value, _, _ = fused_support_loss(low, weight, ids, teacher, token_loss, weights, chunk_size=4)
+    reference, _, _ = fused_support_loss(low.detach().float().requires_grad_(), weight, ids, teacher, token_loss,
+                                         weights, chunk_size=4)
+    torch.testing.assert_close(value, reference)
+    (grad,) = torch.autograd.grad(value, low)
+    assert grad.dtype == torch.bfloat16 and grad.abs().sum() > 0

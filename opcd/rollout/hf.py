@@ -8,6 +8,8 @@ the reference spends on them (top-k ids do not depend on the temperature).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -27,8 +29,9 @@ class _RecordTopK(LogitsProcessor):
 
 
 class HFRollout:
-    def __init__(self, model, tokenizer, batch_size: int = 64):
+    def __init__(self, model, tokenizer, batch_size: int = 64, autocast=contextlib.nullcontext):
         self.model = model
+        self.autocast = autocast  # the student's fp32 master weights generate in its compute dtype on GPU
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
         self.batch_size = batch_size  # prompts per generate call: bounds the KV cache
@@ -47,13 +50,14 @@ class HFRollout:
         greedy = params.temperature == 0
         was_training = self.model.training
         self.model.eval()
-        out = self.model.generate(
-            input_ids=ids.to(device), attention_mask=mask.long().to(device), max_new_tokens=params.max_new_tokens,
-            do_sample=not greedy, temperature=None if greedy else params.temperature,
-            top_p=None if greedy else params.top_p, top_k=None if greedy else (params.top_k or None),
-            eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
-            logits_processor=LogitsProcessorList([recorder]) if recorder else None,
-        )
+        with self.autocast():
+            out = self.model.generate(
+                input_ids=ids.to(device), attention_mask=mask.long().to(device), max_new_tokens=params.max_new_tokens,
+                do_sample=not greedy, temperature=None if greedy else params.temperature,
+                top_p=None if greedy else params.top_p, top_k=None if greedy else (params.top_k or None),
+                eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
+                logits_processor=LogitsProcessorList([recorder]) if recorder else None,
+            )
         self.model.train(was_training)
         response, response_mask = strip_after_eos(out[:, ids.shape[1]:].cpu(), self.eos_ids, self.pad_id)
         topk = torch.stack(recorder.steps, dim=1).cpu() if recorder else None  # [B, T, k]

@@ -10,6 +10,7 @@ optimiser state is left untouched) and reported as `actor/skipped`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -40,14 +41,17 @@ class StudentWorker:
         if world_size > 1:
             D.init_process_group(rendezvous, rank, world_size)
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
-        sharded_on_gpu = world_size > 1 and torch.cuda.is_available()
-        # sharded on GPU: fp32 master weights, computed in `dtype` through FSDP2's mixed precision
-        self.model = load_causal_lm(model_path, "float32" if sharded_on_gpu else dtype, trust_remote_code,
+        on_gpu = torch.cuda.is_available()
+        mixed = on_gpu and dtype != "float32"
+        # On GPU: fp32 master weights computed in `dtype` (FSDP2 mixed precision with several ranks,
+        # autocast with one): AdamW steps of lr ~1e-6 on 16-bit weights round away to nothing.
+        self.model = load_causal_lm(model_path, "float32" if on_gpu else dtype, trust_remote_code,
                                     attn_implementation)
         self.device = compute_device()
+        self._autocast = functools.partial(torch.autocast, "cuda", dtype=getattr(torch, dtype)) \
+            if mixed and world_size == 1 else contextlib.nullcontext
         if world_size > 1:  # fully_shard moves the shards to the device (or keeps them on CPU with offload)
-            D.shard(self.model, getattr(torch, dtype) if sharded_on_gpu and dtype != "float32" else None,
-                    cpu_offload, activation_checkpointing)
+            D.shard(self.model, getattr(torch, dtype) if mixed else None, cpu_offload, activation_checkpointing)
         else:
             self.model.to(self.device)
             if activation_checkpointing:
@@ -64,7 +68,7 @@ class StudentWorker:
                 self.rollout = VLLMRollout(model_path, self.tokenizer, dtype=dtype,
                                            trust_remote_code=trust_remote_code, **(vllm or {}))
         else:
-            self.rollout = HFRollout(self.model, self.tokenizer)
+            self.rollout = HFRollout(self.model, self.tokenizer, autocast=self._autocast)
         self.grad_clip = grad_clip
         self.temperature = temperature
         self.kl_loss_type = kl_loss_type
@@ -143,7 +147,8 @@ class StudentWorker:
         inputs = {k: v.to(self.device) for k, v in
                   prompt_response_inputs(prompts, response_ids, response_mask, self.pad_id).items()}
         width = response_ids.shape[1]
-        logits = self.model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1].float()  # [b, T, V]
+        with self._autocast():
+            logits = self.model(**inputs, logits_to_keep=width + 1, use_cache=False).logits[:, :-1].float()  # [b, T, V]
         student_logprobs = loss.gather_logprobs(logits, support_ids, self.temperature)  # [b, T, K]
         per_token = per_token_loss(self.kl_loss_type, self.support_mode, student_logprobs, teacher_logprobs,
                                    support_mask)  # [b, T]
@@ -160,8 +165,9 @@ class StudentWorker:
         """The same loss and statistics from hidden states (of a padding-free packed row by default),
         only at the trained tokens, the lm_head a chunk of tokens at a time with its gradient computed on
         the way (loss_chunked.fused_support_loss)."""
-        hidden = lm_head.response_hidden_states(self.model, prompts, response_ids, response_mask, self.pad_id,
-                                                self.padding_free, self.device)  # [b, T, H]
+        with self._autocast():
+            hidden = lm_head.response_hidden_states(self.model, prompts, response_ids, response_mask, self.pad_id,
+                                                    self.padding_free, self.device)  # [b, T, H]
         head = self.model.get_output_embeddings()
         keep = trained.bool()
         weights = loss.aggregation_weights(trained, self.aggregation, normalizer)[keep]
