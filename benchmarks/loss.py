@@ -25,7 +25,6 @@ Run:  .venv/bin/python benchmarks/loss.py            # N=4096, H=576, V in {4915
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -36,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from json_out import write_json  # benchmarks/: the script's own folder
 
 from opcd import loss, loss_chunked
 
@@ -204,11 +204,7 @@ def main(argv=None) -> None:
     rows = compare(args)
     print_table(rows)
     if args.json:
-        text = json.dumps(rows, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
+        write_json(rows, args.json)
 
 
 if __name__ == "__main__":

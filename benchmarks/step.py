@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 
 import torch
+from json_out import write_json  # benchmarks/: the script's own folder
 
 FRAMEWORKS = ("opcd", "trl")
 SYSTEM_PROMPT = "system_prompts/french.txt"
@@ -316,11 +317,7 @@ def main(argv=None) -> None:
     result["ratio_opcd_over_trl"] = result["opcd"]["tokens_per_s"] / result["trl"]["tokens_per_s"]
     print_table(result)
     if args.json:
-        text = json.dumps(result, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
+        write_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import tempfile
 import time
 
 import torch
+from json_out import write_json  # benchmarks/: the script's own folder
 
 QUESTIONS = ["Why is the sky blue?", "How do bees make honey?", "What is a prime number?", "Why do cats purr?",
              "How does a rainbow form?", "What causes tides?", "Why do leaves change colour?", "What is gravity?"]
@@ -112,7 +113,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--json", help="also write the figures to this file ('-': stdout)")
     args = parser.parse_args()
     if args.model is None:
         from opcd.models import resolve_model
@@ -142,8 +143,7 @@ def main() -> None:
             print(f"{row['part']:<18} {row['seconds']:8.2f} {row['tokens_per_s']:10.1f} "
                   f"{row['tokens_per_s'] / rows[0]['tokens_per_s']:7.2f}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": device, "args": vars(args), "results": results}, fh, indent=1)
+        write_json({"device": device, "args": vars(args), "results": results}, args.json)
 
 
 if __name__ == "__main__":

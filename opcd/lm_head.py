@@ -15,6 +15,7 @@ import torch
 
 from opcd.batching import pack, prompt_response_inputs
 from opcd.models import compute_device
+from opcd.workers.distributed import release
 
 
 @contextmanager
@@ -52,8 +53,7 @@ def is_plain_head(model) -> bool:
         projected = torch.nn.functional.linear(hidden, head.weight, head.bias).float()
     finally:
         model.train(was_training)
-        if hasattr(model, "reshard"):  # FSDP2 keeps the root gathered after a forward: release it
-            model.reshard()
+        release(model)  # FSDP2 keeps the root gathered after a forward
     tolerance = 1e-4 if head.weight.dtype == torch.float32 else 5e-2
     return projected.shape == logits.shape and torch.allclose(projected, logits, rtol=tolerance, atol=tolerance)
 
@@ -83,3 +83,12 @@ def packing_pays(model) -> bool:
     [tokens, tokens] block-diagonal mask, and on CPU (SmolLM2-135M, 8 sequences of ~70 tokens)
     the update measured 3.89 s packed against 3.33 s padded."""
     return "flash" in str(getattr(model.config, "_attn_implementation", "") or "")
+
+
+def head_settings(model, chunk_size: int, padding_free: bool | None) -> tuple[int, bool]:
+    """(lm_head chunk size, packed rows) a worker uses: chunks only where the head is a plain projection
+    (else 0: full logits), packing only on that hidden-state path and, when not set, only where it pays."""
+    chunk_size = chunk_size if chunk_size > 0 and is_plain_head(model) else 0
+    if padding_free is None:
+        padding_free = packing_pays(model)
+    return chunk_size, bool(padding_free and chunk_size > 0)

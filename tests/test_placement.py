@@ -71,7 +71,7 @@ def test_separate_pools_are_distinct(local_ray):
         student = WorkerGroup("student", _where_class(), {}, pool=pools["student"])
         teacher = WorkerGroup("teacher", _where_class(), {}, pool=pools["teacher"])
         (s,), (t,) = student.call("where"), teacher.call("where")
-        assert s[0] != t[0]
+        assert s != t and {s, t} == {pools["student"].group.id.hex(), pools["teacher"].group.id.hex()}
         student.shutdown()
         teacher.shutdown()
     finally:

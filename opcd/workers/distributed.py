@@ -19,12 +19,15 @@ Ray cluster can join.
 
 from __future__ import annotations
 
+import functools
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from opcd.batching import plan_micro_batches
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,14 @@ def rank_micro_batches(count: int, rank: int, world_size: int, plan) -> tuple[li
     batch, so it can plan the others' shares without communicating."""
     plans = [plan(my_indices(count, r, world_size)) for r in range(world_size)]
     return plans[rank], max(1, max(len(p) for p in plans))
+
+
+def plan_rank_micro_batches(prompts: list[list[int]], response_mask: torch.Tensor, rank: int, world_size: int,
+                            size: int, token_budget: int) -> tuple[list[list[int]], int]:
+    """`rank_micro_batches` for a batch of prompt + response sequences, planned by count or token budget."""
+    lengths = [len(p) + int(n) for p, n in zip(prompts, response_mask.sum(-1))]
+    return rank_micro_batches(len(prompts), rank, world_size,
+                              functools.partial(plan_micro_batches, lengths=lengths, size=size, token_budget=token_budget))
 
 
 def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from opcd import lm_head, loss, loss_chunked
-from opcd.batching import plan_micro_batches, prompt_response_inputs
+from opcd.batching import prompt_response_inputs
 from opcd.models import compute_device, load_causal_lm, load_tokenizer
 from opcd.objective import per_token_loss
 from opcd.protocol import Generation, SamplingParams, UpdateBatch
@@ -76,11 +76,9 @@ class StudentWorker:
         self.aggregation = aggregation
         self.micro_batch_size = micro_batch_size
         self.pad_id = self.tokenizer.pad_token_id
-        # > 0: the loss takes hidden states and applies the lm_head in chunks (no [tokens, vocab] logits)
-        self.lm_head_chunk_size = lm_head_chunk_size if lm_head_chunk_size > 0 and lm_head.is_plain_head(self.model) else 0
-        if padding_free is None:
-            padding_free = lm_head.packing_pays(self.model)
-        self.padding_free = padding_free and self.lm_head_chunk_size > 0  # packed rows need the hidden-state path
+        # chunk > 0: hidden states, the lm_head applied a chunk of tokens at a time (no [tokens, vocab] logits)
+        self.lm_head_chunk_size, self.padding_free = lm_head.head_settings(self.model, lm_head_chunk_size,
+                                                                           padding_free)
         self.micro_batch_tokens = micro_batch_tokens
 
     # -- rollout ---------------------------------------------------------------------------------
@@ -107,9 +105,8 @@ class StudentWorker:
         self.optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "entropy": 0.0, "student_mass": 0.0, "teacher_mass": 0.0}
         normalizer = batch.num_tokens if self.aggregation == "token_mean" else batch.num_sequences
-        lengths = [len(p) + int(n) for p, n in zip(batch.prompt_ids, batch.response_mask.sum(-1))]
-        mine, steps = D.rank_micro_batches(len(batch.prompt_ids), self.rank, self.world_size, functools.partial(
-            plan_micro_batches, lengths=lengths, size=self.micro_batch_size, token_budget=self.micro_batch_tokens))
+        mine, steps = D.plan_rank_micro_batches(batch.prompt_ids, batch.response_mask, self.rank, self.world_size,
+                                                self.micro_batch_size, self.micro_batch_tokens)
         for index in range(steps):
             chunk = mine[index] if index < len(mine) else []
             weight = 1.0 if chunk else 0.0  # a rank short of data still joins the collectives

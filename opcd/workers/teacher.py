@@ -6,14 +6,13 @@ generate, for the "teacher with context" evaluation baseline.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
 import torch
 
 from opcd import lm_head, loss, loss_chunked
-from opcd.batching import plan_micro_batches, prompt_response_inputs
+from opcd.batching import prompt_response_inputs
 from opcd.models import compute_device, load_causal_lm, load_tokenizer
 from opcd.protocol import Generation, SamplingParams, TeacherScores
 from opcd.rollout.hf import HFRollout
@@ -42,11 +41,9 @@ class TeacherWorker:
         self.temperature = temperature
         self.micro_batch_size = micro_batch_size
         self.pad_id = self.tokenizer.pad_token_id
-        # > 0: score from hidden states, the lm_head a chunk of tokens at a time (no [tokens, vocab] logits)
-        self.lm_head_chunk_size = lm_head_chunk_size if lm_head_chunk_size > 0 and lm_head.is_plain_head(self.model) else 0
-        if padding_free is None:
-            padding_free = lm_head.packing_pays(self.model)
-        self.padding_free = padding_free and self.lm_head_chunk_size > 0  # packed rows need the hidden-state path
+        # chunk > 0: hidden states, the lm_head applied a chunk of tokens at a time (no [tokens, vocab] logits)
+        self.lm_head_chunk_size, self.padding_free = lm_head.head_settings(self.model, lm_head_chunk_size,
+                                                                           padding_free)
         self.micro_batch_tokens = micro_batch_tokens
 
     @torch.no_grad()
@@ -57,9 +54,8 @@ class TeacherWorker:
         parts = []
         # data parallel over ranks: rank r scores sequences r, r + N, ... (the group interleaves the
         # parts back); every rank runs the same number of forward passes
-        lengths = [len(p) + int(n) for p, n in zip(prompts, response_mask.sum(-1))]
-        mine, steps = D.rank_micro_batches(len(prompts), self.rank, self.world_size, functools.partial(
-            plan_micro_batches, lengths=lengths, size=self.micro_batch_size, token_budget=self.micro_batch_tokens))
+        mine, steps = D.plan_rank_micro_batches(prompts, response_mask, self.rank, self.world_size,
+                                                self.micro_batch_size, self.micro_batch_tokens)
         for step in range(steps):
             rows = mine[step] if step < len(mine) else []
             index = torch.tensor(rows or [0], dtype=torch.long)
