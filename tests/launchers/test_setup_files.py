@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENTRY_POINTS = ["setup.sh", ".ci/run", "ray_node_setup.sh", "run_docker.sh", "run_docker_b200.sh",
                 "setup_b200.sh", "scripts/sys_consolidate.sh"]
 BASH_FILES = ENTRY_POINTS + ["scripts/common.sh"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SYS = REPO / "scripts" / "sys_consolidate.sh"
 
 # The sys_consolidate.sh lines of the reference README, verbatim after the script name.

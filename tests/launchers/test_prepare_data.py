@@ -9,7 +9,7 @@ from pathlib import Path
 from opcd.data import load_rows
 from opcd.errors import DataError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tool():

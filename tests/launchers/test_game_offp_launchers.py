@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOKOBAN = ("--model Qwen/Qwen3-4B-Instruct-2507 --exp_name sokoban-q3-4b-ins-lr5e-6 --nnodes 1 --kl_loss_type full "
            "--kl_topk 256 --actor_lr 5e-6 --max_response_length 1024 --experience_max_length 8192 "
            "--textgame_name Sokoban-v0 --textgame_max_steps 5 --textgame_no_think True "

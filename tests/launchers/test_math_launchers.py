@@ -7,7 +7,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(script: str, *args: str, cfg: bool = False) -> subprocess.CompletedProcess:

@@ -1,0 +1,86 @@
+"""The hf rollout engine (opcd/rollout/hf.py) in process: batched greedy equals each prompt alone, seeded
+sampling reproduces, recorded top-k ids equal a full forward's, EOS handling, chunked generation."""
+
+import pytest
+import torch
+
+from opcd.batching import prompt_response_inputs, strip_after_eos
+from opcd.models import load_causal_lm
+from opcd.protocol import SamplingParams
+from opcd.rollout.hf import HFRollout
+from tests.workers.common import GREEDY, one_thread, prompts, tiny_lm, tokenizer  # noqa: F401 (fixtures)
+
+
+def test_greedy_batch_equals_generate_on_each_prompt_alone(tiny_lm, tokenizer, prompts):
+    """Left padding inside the batch must not change any row's greedy continuation."""
+    gen = HFRollout(tiny_lm, tokenizer).generate(prompts, GREEDY, seed=0)
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            out = tiny_lm.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                   do_sample=False, max_new_tokens=GREEDY.max_new_tokens,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        alone, alone_mask = strip_after_eos(out[:, len(prompt):], {tokenizer.eos_token_id}, tokenizer.pad_token_id)
+        n = int(alone_mask.sum())
+        assert gen.response_ids[row, :n].tolist() == alone[0, :n].tolist()
+        assert int(gen.response_mask[row].sum()) == n
+
+
+def test_sampling_is_reproducible_per_seed(tiny_lm, tokenizer, prompts):
+    rollout = HFRollout(tiny_lm, tokenizer)
+    params = SamplingParams(temperature=1.0, max_new_tokens=8)
+    first = rollout.generate(prompts, params, seed=7)
+    torch.manual_seed(12345)  # the global RNG state before the call must not matter
+    again = rollout.generate(prompts, params, seed=7)
+    other = rollout.generate(prompts, params, seed=8)
+    assert torch.equal(first.response_ids, again.response_ids)
+    assert torch.equal(first.response_mask, again.response_mask)
+    assert not torch.equal(first.response_ids, other.response_ids)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0, max_new_tokens=6, record_topk=8),
+    # top-k/top-p filtering keeps fewer than 8 tokens: the record must still be the RAW top-8
+    SamplingParams(temperature=0.7, top_p=0.5, top_k=3, max_new_tokens=6, record_topk=8),
+    SamplingParams(temperature=0, max_new_tokens=6, record_topk=8),
+])
+def test_recorded_topk_equals_topk_of_a_full_forward(tiny_lm, tokenizer, prompts, params):
+    gen = HFRollout(tiny_lm, tokenizer).generate(prompts, params, seed=3)
+    width = gen.response_ids.shape[1]
+    assert gen.topk_ids.shape == (len(prompts), width, 8)
+    inputs = prompt_response_inputs(prompts, gen.response_ids, gen.response_mask, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = tiny_lm(**inputs, logits_to_keep=width + 1).logits[:, :-1]  # [B, T, V]
+    expected = logits.topk(8, dim=-1).indices
+    mask = gen.response_mask
+    assert torch.equal(gen.topk_ids[mask], expected[mask])
+    # the sampled token is inside the recorded top-k whenever filtering kept only top tokens
+    if params.top_k:
+        assert (gen.topk_ids[mask][:, :params.top_k] == gen.response_ids[mask].unsqueeze(-1)).any(-1).all()
+
+
+def test_generation_stops_at_eos_and_masks_the_rest(tiny_model, tokenizer, prompts):
+    """A random model never says EOS, so declare the token it emits third as an extra stop id."""
+    model = load_causal_lm(str(tiny_model)).eval()
+    free = HFRollout(model, tokenizer).generate(prompts[:2], GREEDY, seed=0)
+    stop = int(free.response_ids[0, 2])
+    first_stop = free.response_ids[0].tolist().index(stop)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]
+    gen = HFRollout(model, tokenizer).generate(prompts[:2], GREEDY, seed=0)
+    assert gen.response_mask[0].tolist()[:first_stop + 1] == [True] * (first_stop + 1)
+    assert not gen.response_mask[0, first_stop + 1:].any()
+    assert gen.response_ids[0, first_stop] == stop  # the stop token is kept (and trained on)
+    assert (gen.response_ids[0, first_stop + 1:] == tokenizer.pad_token_id).all()
+    row1 = free.response_ids[1].tolist()
+    n1 = row1.index(stop) + 1 if stop in row1 else len(row1)
+    assert int(gen.response_mask[1].sum()) == n1
+    assert gen.response_ids[1, :n1].tolist() == row1[:n1]
+
+
+def test_chunked_generation_equals_one_batch(tiny_lm, tokenizer, prompts):
+    params = SamplingParams(temperature=0, max_new_tokens=5, record_topk=4)
+    whole = HFRollout(tiny_lm, tokenizer, batch_size=64).generate(prompts, params, seed=0)
+    chunked = HFRollout(tiny_lm, tokenizer, batch_size=3).generate(prompts, params, seed=0)
+    mask = whole.response_mask
+    assert torch.equal(whole.response_mask, chunked.response_mask)
+    assert torch.equal(whole.response_ids[mask], chunked.response_ids[mask])
+    assert torch.equal(whole.topk_ids[mask], chunked.topk_ids[mask])

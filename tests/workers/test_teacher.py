@@ -1,0 +1,102 @@
+"""The teacher (frozen-model) worker in process: its log-probs at a support equal a brute-force full
+forward of each row alone, merged supports, full-vocabulary scoring, chunked head and packing parity."""
+
+import pytest
+import torch
+
+from tests.workers.common import _logprobs_alone, _random_responses, _teacher, one_thread, teacher_prompts  # noqa: F401 (fixtures)
+
+
+def test_teacher_scores_equal_brute_force(sharp_tiny_deeper_model, teacher_prompts):
+    teacher = _teacher(sharp_tiny_deeper_model, temperature=0.7, micro_batch_size=3)  # two micro-batches
+    lengths = [5, 2, 6, 1]
+    response_ids, response_mask = _random_responses(lengths, 6, teacher.pad_id)
+    support = torch.randint(0, 49152, (4, 6, 5), generator=torch.Generator().manual_seed(1))
+    scores = teacher.score(teacher_prompts, response_ids, response_mask, support)
+    assert torch.equal(scores.support_ids, support) and scores.support_mask is None
+    entropies = []
+    for row, n in enumerate(lengths):
+        logp = _logprobs_alone(teacher.model, teacher_prompts[row], response_ids[row, :n].tolist(), 0.7)
+        torch.testing.assert_close(scores.logprobs[row, :n].double(), logp.gather(-1, support[row, :n]),
+                                   atol=1e-5, rtol=0)
+        entropy = -(logp.exp() * logp).sum(-1)
+        # float32 over 49k terms (logits ~20 after /T): ~3e-5 off near-deterministic positions
+        torch.testing.assert_close(scores.entropy[row, :n].double(), entropy, atol=1e-4, rtol=0)
+        entropies.extend(entropy.tolist())
+    assert max(entropies) > 1.0 and min(entropies) < 0.1  # both spread and peaked positions were checked
+
+
+def test_teacher_merged_support_is_the_union_without_duplicates(sharp_tiny_deeper_model, teacher_prompts):
+    teacher = _teacher(sharp_tiny_deeper_model, temperature=1.0, micro_batch_size=2)
+    lengths = [4, 3, 4, 2]
+    response_ids, response_mask = _random_responses(lengths, 4, teacher.pad_id, seed=2)
+    brute = [_logprobs_alone(teacher.model, teacher_prompts[r], response_ids[r, :n].tolist(), 1.0)
+             for r, n in enumerate(lengths)]
+    support = torch.randint(0, 49152, (4, 4, 6), generator=torch.Generator().manual_seed(3))
+    for row, n in enumerate(lengths):  # force overlaps: the teacher's own top-2 are in the student support
+        support[row, :n, :2] = brute[row].topk(2, dim=-1).indices
+    scores = teacher.score(teacher_prompts, response_ids, response_mask, support, merge_topk=4)
+    assert scores.support_ids.shape == (4, 4, 10) and scores.support_mask.shape == (4, 4, 10)
+    for row, n in enumerate(lengths):
+        teacher_top = brute[row].topk(4, dim=-1).indices
+        for t in range(n):
+            kept = scores.support_ids[row, t][scores.support_mask[row, t]].tolist()
+            assert len(kept) == len(set(kept))  # every token counted once
+            assert set(kept) == set(support[row, t].tolist()) | set(teacher_top[t].tolist())
+            assert not scores.support_mask[row, t].all()  # the forced overlaps were masked
+        expected = brute[row].gather(-1, scores.support_ids[row, :n])
+        torch.testing.assert_close(scores.logprobs[row, :n].double(), expected, atol=1e-5, rtol=0)
+
+
+def test_teacher_full_vocabulary_support_is_normalised(sharp_tiny_deeper_model, teacher_prompts):
+    teacher = _teacher(sharp_tiny_deeper_model, temperature=1.3)
+    response_ids, response_mask = _random_responses([3, 1], 3, teacher.pad_id)
+    scores = teacher.score(teacher_prompts[:2], response_ids, response_mask, None)
+    assert scores.logprobs.shape == (2, 3, 49152)
+    mask = response_mask
+    torch.testing.assert_close(scores.logprobs[mask].logsumexp(-1), torch.zeros(int(mask.sum())), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("support,merge_topk", [("student", 0), ("student", 4), (None, 0)])
+def test_chunked_head_teacher_scores_equal_full_logits(sharp_tiny_deeper_model, teacher_prompts, support,
+                                                       merge_topk):
+    chunked = _teacher(sharp_tiny_deeper_model, temperature=0.9, micro_batch_size=3, lm_head_chunk_size=4)
+    full = _teacher(sharp_tiny_deeper_model, temperature=0.9, micro_batch_size=3, lm_head_chunk_size=0)
+    response_ids, response_mask = _random_responses([5, 2, 6, 1], 6, full.pad_id)
+    ids = None if support is None else torch.randint(0, 49152, (4, 6, 5), generator=torch.Generator().manual_seed(4))
+    a = chunked.score(teacher_prompts, response_ids, response_mask, ids, merge_topk)
+    b = full.score(teacher_prompts, response_ids, response_mask, ids, merge_topk)
+    assert torch.equal(a.support_ids[response_mask], b.support_ids[response_mask])
+    assert (a.support_mask is None) == (b.support_mask is None)
+    if a.support_mask is not None:
+        assert torch.equal(a.support_mask[response_mask], b.support_mask[response_mask])
+    torch.testing.assert_close(a.logprobs[response_mask], b.logprobs[response_mask], atol=5e-6, rtol=0)
+    torch.testing.assert_close(a.entropy[response_mask], b.entropy[response_mask], atol=5e-5, rtol=0)
+
+
+def test_models_that_transform_their_logits_keep_the_full_logits_path(tmp_path):
+    """Gemma-2 soft-caps its logits after the lm_head: hidden @ W.T is not its logits."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from opcd.lm_head import is_plain_head
+
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=8)
+    torch.manual_seed(0)
+    assert is_plain_head(LlamaForCausalLM(LlamaConfig(**small)))
+    gemma = Gemma2ForCausalLM(Gemma2Config(**small, final_logit_softcapping=0.5))
+    assert not is_plain_head(gemma)
+
+
+def test_packed_teacher_scores_equal_padded(sharp_tiny_deeper_model, teacher_prompts):
+    packed = _teacher(sharp_tiny_deeper_model, temperature=0.9, micro_batch_size=3, padding_free=True)
+    padded = _teacher(sharp_tiny_deeper_model, temperature=0.9, micro_batch_size=3, padding_free=False)
+    response_ids, response_mask = _random_responses([5, 2, 6, 1], 6, padded.pad_id)
+    support = torch.randint(0, 49152, (4, 6, 5), generator=torch.Generator().manual_seed(4))
+    a = packed.score(teacher_prompts, response_ids, response_mask, support, merge_topk=3)
+    b = padded.score(teacher_prompts, response_ids, response_mask, support, merge_topk=3)
+    assert torch.equal(a.support_ids[response_mask], b.support_ids[response_mask])
+    assert torch.equal(a.support_mask[response_mask], b.support_mask[response_mask])
+    torch.testing.assert_close(a.logprobs[response_mask], b.logprobs[response_mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.entropy[response_mask], b.entropy[response_mask], atol=5e-5, rtol=0)
+    assert torch.isfinite(a.logprobs).all()  # past the responses' ends too: the trainer checks them
