@@ -8,7 +8,8 @@ from opcd.batching import prompt_response_inputs, strip_after_eos
 from opcd.models import load_causal_lm
 from opcd.protocol import SamplingParams
 from opcd.rollout.hf import HFRollout
-from tests.workers.common import GREEDY, one_thread, prompts, tiny_lm, tokenizer  # noqa: F401 (fixtures)
+from tests.workers.common import (  # noqa: F401 (fixtures are registered by importing them)
+    GREEDY, one_thread, prompts, teacher_prompts, tiny_lm, tokenizer)
 
 
 def test_greedy_batch_equals_generate_on_each_prompt_alone(tiny_lm, tokenizer, prompts):

@@ -9,7 +9,8 @@ from opcd.models import load_causal_lm
 from opcd.protocol import UpdateBatch
 from opcd.rollout.hf import HFRollout
 from opcd.workers.student import StudentWorker
-from tests.workers.common import GREEDY, _assert_same_weights, _logprobs_alone, _max_weight_change, _student, _teacher, _update_batch, one_thread, prompts, teacher_prompts, tokenizer  # noqa: F401 (fixtures)
+from tests.workers.common import (  # noqa: F401 (fixtures are registered by importing them)
+    GREEDY, _assert_same_weights, _logprobs_alone, _max_weight_change, _student, _teacher, _update_batch, one_thread, prompts, teacher_prompts, tiny_lm, tokenizer)
 
 
 def test_update_toward_a_different_teacher_lowers_the_loss(sharp_tiny_model, sharp_tiny_deeper_model, prompts,

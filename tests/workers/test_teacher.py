@@ -4,7 +4,8 @@ forward of each row alone, merged supports, full-vocabulary scoring, chunked hea
 import pytest
 import torch
 
-from tests.workers.common import _logprobs_alone, _random_responses, _teacher, one_thread, teacher_prompts  # noqa: F401 (fixtures)
+from tests.workers.common import (  # noqa: F401 (fixtures are registered by importing them)
+    _logprobs_alone, _random_responses, _teacher, one_thread, prompts, teacher_prompts, tiny_lm, tokenizer)
 
 
 def test_teacher_scores_equal_brute_force(sharp_tiny_deeper_model, teacher_prompts):
