@@ -219,11 +219,11 @@ class _FakeStudent:
                 skipped = float(self.skipped[self.updates - 1])
                 return {"loss": 0.1, "student_mass": 0.9, "teacher_mass": 0.8, "entropy": 1.0,
                         "grad_norm": float("nan") if skipped else 1.0, "lr": 1e-3, "skipped": skipped}
-            case "save":
-                self.saved.append(Path(args[0]).name)
         return None
 
     def call(self, method: str, *args):
+        if method == "save":
+            self.saved.append(Path(args[0]).name)
         return [None]
 
 
