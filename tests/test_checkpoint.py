@@ -268,6 +268,13 @@ def test_keep_last_n_deletes_the_oldest_checkpoints(tmp_path):
     assert retain(tmp_path, 6, keep_last_n=1) == [step_dir(tmp_path, 4)]
 
 
+def test_keep_last_n_is_checked():
+    from opcd.config import TrainerConfig
+
+    with pytest.raises(OpcdError, match=r"^config trainer.keep_last_n=-1: expected an integer >= 0"):
+        TrainerConfig(keep_last_n=-1)
+
+
 def test_retention_after_a_fallback_spares_the_resumed_timeline(tmp_path):
     """After a fallback from a damaged step 6 to step 4, the run saves step 5: the optimizer of step 5
     must be kept (the stale step 6 is newer by number, but is not the newest save of this run)."""
