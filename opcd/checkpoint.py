@@ -146,13 +146,15 @@ def retain(run_dir: Path, current: int, keep_last_n: int) -> list[Path]:
     run_dir = Path(run_dir)
     older = [s for s in complete_steps(run_dir) if s < current]
     cut = max(0, len(older) - (keep_last_n - 1)) if keep_last_n > 0 else 0
+    for trash in run_dir.glob(".global_step_*.deleting"):  # left by a crash during an earlier deletion
+        shutil.rmtree(trash, ignore_errors=True)
     removed = []
     for step in older[:cut]:
         folder = step_dir(run_dir, step)
-        os.rename(folder, run_dir / f".{folder.name}.deleting")  # unpublished first: no half-checkpoint on a crash
-        removed.append(folder)
-    for trash in run_dir.glob(".global_step_*.deleting"):
+        trash = run_dir / f".{folder.name}.deleting"
+        os.rename(folder, trash)  # unpublished first: a crash mid-delete leaves no half-checkpoint
         shutil.rmtree(trash, ignore_errors=True)
+        removed.append(folder)
     for step in older[cut:]:
         drop_optimizer(step_dir(run_dir, step))
     return removed
