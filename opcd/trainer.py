@@ -34,6 +34,7 @@ from opcd.tracking import Tracker
 
 log = logging.getLogger("opcd")
 
+
 class PhaseTimer:
     def __init__(self):
         self.seconds: dict[str, float] = {}
