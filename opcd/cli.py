@@ -6,6 +6,7 @@
     opcd offpolicy generate|train [--cfg] [...]  the off-policy baseline: teacher data, then student training
     opcd oel [--cfg] [HYDRA_OVERRIDE ...]       online experiential learning rounds (text games)
     opcd report RUN_DIR [RUN_DIR ...] [--out D] plots and a Markdown/HTML summary of one or more runs
+    opcd export RUN_DIR STEP                    a Hugging Face folder of a sharded checkpoint
 
 Overrides use Hydra syntax: `task=medmcqa`, `trainer.lr=5e-6`, `model.path=Qwen/Qwen3-8B`. Every
 user error ends with one line on stderr and exit code 2; `--cfg` prints the resolved config and exits.
@@ -50,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
                                      "experience -> consolidate on the visited states")
     oel.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
     oel.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. oel.rounds=3 game.name=Sokoban-v0")
+    export = sub.add_parser("export", help="write the Hugging Face folder (transformers, vLLM) of a checkpoint "
+                                           "saved by several ranks into global_step_<STEP>/model")
+    export.add_argument("run_dir", help="a run folder written by opcd distill")
+    export.add_argument("step", type=int, help="the checkpoint's step")
     return parser
 
 
@@ -84,6 +89,11 @@ def _run(args) -> int:
 
         summary = run_evaluate(args.run_dir, load_run_config(args.run_dir, args.overrides))
         print(json.dumps(summary, indent=1))
+        return 0
+    if args.command == "export":
+        from opcd.export import export_checkpoint
+
+        print(export_checkpoint(args.run_dir, args.step))
         return 0
     if args.command == "report":
         from opcd.report import write_report

@@ -146,6 +146,10 @@ class TrainerConfig:
     grad_clip: float = 1.0
     max_consecutive_nonfinite: int = 5  # stop the run after this many skipped (non-finite) steps in a row
     save_freq: int = 10  # checkpoint every N steps (and at the last step); <= 0 = only at the end
+    keep_last_n: int = 0  # keep only the newest N checkpoints (older ones are deleted); 0 = all
+    # several ranks: also write a Hugging Face folder (gathered) at the last step, at every save, or never
+    # (`opcd export RUN_DIR STEP` writes one later); one rank's checkpoints are Hugging Face folders anyway
+    hf_export: Literal["last", "every", "none"] = "last"
     seed: int = 0
     resume: Literal["auto", "never"] = "auto"  # auto: continue from the run folder's latest checkpoint
     eval_before: bool = True  # evaluate student (no context) and teacher (context) on the test set first
@@ -169,6 +173,7 @@ class TrainerConfig:
         _check(self.weight_decay >= 0, "trainer.weight_decay", self.weight_decay, "a float >= 0")
         _check(self.grad_clip > 0, "trainer.grad_clip", self.grad_clip, "a float > 0")
         _check(0 <= self.seed < 2**28, "trainer.seed", self.seed, "an integer in [0, 2**28)")
+        _check(self.keep_last_n >= 0, "trainer.keep_last_n", self.keep_last_n, "an integer >= 0 (0 = keep all)")
         _check(self.max_consecutive_nonfinite >= 1, "trainer.max_consecutive_nonfinite",
                self.max_consecutive_nonfinite, "an integer >= 1")
         known = {"console", "jsonl", "tensorboard", "wandb"}
@@ -186,10 +191,15 @@ class RayConfig:
     teacher_ranks: int = 0  # ranks of the teacher group; 0 = ray.ranks_per_group
     # colocate: rank r of every group on bundle r of one pool (GPU shared); separate: a pool (whole GPUs) per group
     placement: Literal["colocate", "separate"] = "colocate"
+    # how long a rank waits in a collective (all-reduce, shard gather) before failing; None = $NCCL_TIMEOUT
+    # (seconds, exported by the launchers), else 3600
+    collective_timeout_s: float | None = None
 
     def __post_init__(self):
         _check(self.nnodes >= 1, "ray.nnodes", self.nnodes, "an integer >= 1")
         _check(self.ranks_per_group >= 1, "ray.ranks_per_group", self.ranks_per_group, "an integer >= 1")
+        _check(self.collective_timeout_s is None or 0 < self.collective_timeout_s < 1e7, "ray.collective_timeout_s",
+               self.collective_timeout_s, "a number of seconds in (0, 1e7), or null")
         _check(self.teacher_ranks >= 0, "ray.teacher_ranks", self.teacher_ranks, "an integer >= 0 (0 = ray.ranks_per_group)")
         if self.gpus_per_node > 0:
             gpus = self.nnodes * self.gpus_per_node

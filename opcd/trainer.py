@@ -15,6 +15,7 @@ sum; the data position and optimiser state are checkpointed, so a resumed run co
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from contextlib import contextmanager
@@ -23,13 +24,15 @@ from pathlib import Path
 import torch
 
 from opcd import metrics as M
-from opcd.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint
+from opcd.checkpoint import has_optimizer, read_trainer_state, resumable_checkpoint, retain, save_checkpoint
 from opcd.config import LossConfig, TrainerConfig
 from opcd.errors import TrainingError
 from opcd.objective import uses_sampled_token
 from opcd.protocol import Generation, SamplingParams, TeacherScores, UpdateBatch
 from opcd.sources import RolloutBatch
 from opcd.tracking import Tracker
+
+log = logging.getLogger("opcd")
 
 
 class PhaseTimer:
@@ -162,18 +165,31 @@ class Trainer:
     def save(self, step: int) -> Path:
         state = {"step": step, "sampler": self.source.state_dict(), "consecutive_skipped": self.consecutive_skipped,
                  "seed": self.cfg.seed}
-        return save_checkpoint(self.run_dir, step, lambda tmp: self.student.call_rank0("save", str(tmp)), state)
+        export = self.cfg.hf_export == "every" or (self.cfg.hf_export == "last" and step == self.cfg.total_training_steps)
+        folder = save_checkpoint(self.run_dir, step, lambda tmp: _merged(self.student.call("save", str(tmp), export)),
+                                 state)
+        retain(self.run_dir, step, self.cfg.keep_last_n)
+        return folder
 
     def resume(self) -> int:
-        """Load the newest complete checkpoint of the run folder; returns the step to continue after."""
+        """Load the newest intact checkpoint of the run folder; returns the step to continue after."""
         if self.cfg.resume == "never":
             return 0
-        found = latest_checkpoint(self.run_dir)
+        found = resumable_checkpoint(self.run_dir, log.warning)
         if found is None:
             return 0
         step, folder = found
         state = read_trainer_state(folder)
-        self.student.call("load", str(folder))
+        optimizer = has_optimizer(folder)
+        if not optimizer:  # a fallback past a damaged newest checkpoint: older ones keep no optimizer state
+            log.warning("%s holds no optimizer state (only the newest checkpoint keeps it): AdamW restarts its "
+                        "moments, so this resume is not exact", folder)
+        self.student.call("load", str(folder), optimizer)
         self.source.load_state_dict(state.get("sampler", {}))
         self.consecutive_skipped = int(state.get("consecutive_skipped", 0))
         return step
+
+
+def _merged(per_rank: list[dict[str, str] | None]) -> dict[str, str]:
+    """The checksums each rank computed for the checkpoint files it wrote."""
+    return {rel: digest for part in per_rank if part for rel, digest in part.items()}

@@ -1,5 +1,5 @@
-"""Tests for opcd.checkpoint (atomic publish, crash safety, fallback) and opcd.sampler (resumable
-batch order)."""
+"""Tests for opcd.checkpoint (atomic publish, crash safety, checksums, fallback past a damaged
+checkpoint, retention) and opcd.sampler (resumable batch order)."""
 
 import errno
 import json
@@ -7,12 +7,19 @@ import json
 import pytest
 
 from opcd.checkpoint import (
+    CHECKSUMS,
     COMPLETE,
     LATEST,
+    drop_optimizer,
+    has_optimizer,
     latest_checkpoint,
+    read_checksums,
     read_trainer_state,
+    resumable_checkpoint,
+    retain,
     save_checkpoint,
     step_dir,
+    verify_checkpoint,
 )
 from opcd.errors import OpcdError
 from opcd.data import shuffled_order as epoch_order
@@ -143,6 +150,161 @@ def test_fallback_ignores_temp_and_foreign_folders(tmp_path):
         (tmp_path / name / COMPLETE).write_text("9")
     (tmp_path / LATEST).unlink()
     assert latest_checkpoint(tmp_path) == (1, step_dir(tmp_path, 1))
+
+
+# -- checksums and the fallback past a damaged checkpoint -----------------------------------------
+
+def _three_checkpoints(run_dir):
+    for step in (2, 4, 6):
+        save_checkpoint(run_dir, step, _writer(f"w{step}" * 2000), {"step": step})
+
+
+def _flip_bytes(path, offset=100, count=64):
+    data = bytearray(path.read_bytes())
+    data[offset:offset + count] = bytes(b ^ 0xFF for b in data[offset:offset + count])
+    path.write_bytes(bytes(data))
+
+
+def test_checksums_list_every_file_and_are_written_before_the_pointer_moves(tmp_path):
+    """The checksums are part of the published folder: `sha256sum -c` format, every file but the
+    checksums and the marker, and a checkpoint saved by a writer that hashed some files itself
+    (the workers hash their shards) must carry those digests unchanged."""
+    import hashlib
+
+    def write(folder):
+        _writer("w1")(folder)
+        return {"optimizer.pt": hashlib.sha256(b"w1").hexdigest()}
+
+    folder = save_checkpoint(tmp_path, 1, write, {"step": 1})
+    sums = read_checksums(folder)
+    assert sorted(sums) == ["model/weights.bin", "optimizer.pt", "trainer_state.json"]
+    assert sums["model/weights.bin"] == hashlib.sha256(b"w1").hexdigest()
+    assert (folder / CHECKSUMS).read_text().splitlines()[0] == f"{sums['model/weights.bin']}  model/weights.bin"
+    assert verify_checkpoint(folder) is None
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "state"])
+def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_is_used(tmp_path, damage):
+    """Guards the silent resume from a corrupt checkpoint (issue: 4 KiB of flipped bytes resumed with
+    a KL jump of 4.87 and reported success; a truncated file gave a line without its name; a corrupt
+    trainer_state.json a traceback): the damaged folder and file are named in one line each and the
+    newest intact checkpoint is returned."""
+    _three_checkpoints(tmp_path)
+    newest = step_dir(tmp_path, 6)
+    target = newest / "model" / "weights.bin"
+    match damage:
+        case "flip":
+            _flip_bytes(target)
+        case "truncate":
+            target.write_bytes(target.read_bytes()[:1000])
+        case "delete":
+            target.unlink()
+        case "state":
+            (newest / "trainer_state.json").write_text('{"step": 6, "sampler": {"epo')
+    warnings = []
+    assert resumable_checkpoint(tmp_path, warnings.append) == (4, step_dir(tmp_path, 4))
+    assert len(warnings) == 2 and all("\n" not in w for w in warnings)
+    expected = {"flip": "model/weights.bin does not match its checksum", "truncate": "model/weights.bin does not match",
+                "delete": "model/weights.bin is missing", "state": "trainer_state.json does not match"}[damage]
+    assert warnings[0].startswith(f"checkpoint {newest} is damaged (") and expected in warnings[0]
+    assert warnings[1] == f"resuming from {step_dir(tmp_path, 4)} instead"
+
+
+def test_an_unreadable_trainer_state_is_one_line(tmp_path):
+    save_checkpoint(tmp_path, 1, _writer("w1"), {"step": 1})
+    path = step_dir(tmp_path, 1) / "trainer_state.json"
+    for text in ("{not json", "[1, 2]", '{"step": "one"}'):
+        path.write_text(text)
+        with pytest.raises(OpcdError) as err:
+            read_trainer_state(step_dir(tmp_path, 1))
+        assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+    path.write_bytes(b"\xff\xfe{")
+    with pytest.raises(OpcdError, match="trainer_state.json cannot be read"):
+        read_trainer_state(step_dir(tmp_path, 1))
+
+
+def test_missing_or_garbled_checksums_make_a_checkpoint_damaged(tmp_path):
+    _three_checkpoints(tmp_path)
+    (step_dir(tmp_path, 6) / CHECKSUMS).unlink()
+    (step_dir(tmp_path, 4) / CHECKSUMS).write_text("not a checksum line\n")
+    warnings = []
+    assert resumable_checkpoint(tmp_path, warnings.append) == (2, step_dir(tmp_path, 2))
+    assert "checksums.sha256 is missing" in warnings[0]
+    assert "line 1 is not '<sha256>  <relative path>'" in warnings[1]
+
+
+def test_a_checksum_line_cannot_point_outside_the_folder(tmp_path):
+    save_checkpoint(tmp_path, 1, _writer("w1"), {"step": 1})
+    (step_dir(tmp_path, 1) / CHECKSUMS).write_text(f"{'0' * 64}  ../../etc/passwd\n")
+    assert "is not '<sha256>  <relative path>'" in verify_checkpoint(step_dir(tmp_path, 1))
+
+
+def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    """Starting over in a folder whose every checkpoint is damaged would silently discard the run."""
+    _three_checkpoints(tmp_path)
+    for step in (2, 4, 6):
+        _flip_bytes(step_dir(tmp_path, step) / "optimizer.pt")
+    with pytest.raises(OpcdError, match=r"^no intact checkpoint in .*global_step_6: optimizer.pt does not match"):
+        resumable_checkpoint(tmp_path, lambda message: None)
+    assert resumable_checkpoint(tmp_path / "empty", lambda message: None) is None
+
+
+# -- retention: keep_last_n, the optimizer state only in the newest checkpoint ----------------------
+
+def test_only_the_newest_checkpoint_keeps_the_optimizer_and_older_ones_stay_intact(tmp_path):
+    _three_checkpoints(tmp_path)
+    assert retain(tmp_path, 6, keep_last_n=0) == []
+    assert [has_optimizer(step_dir(tmp_path, s)) for s in (2, 4, 6)] == [False, False, True]
+    assert not (step_dir(tmp_path, 4) / "optimizer.pt").exists()
+    assert all(verify_checkpoint(step_dir(tmp_path, s)) is None for s in (2, 4, 6))
+
+
+def test_keep_last_n_deletes_the_oldest_checkpoints(tmp_path):
+    _three_checkpoints(tmp_path)
+    removed = retain(tmp_path, 6, keep_last_n=2)
+    assert removed == [step_dir(tmp_path, 2)]
+    assert latest_checkpoint(tmp_path) == (6, step_dir(tmp_path, 6))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step_4", "global_step_6", LATEST]
+    assert retain(tmp_path, 6, keep_last_n=1) == [step_dir(tmp_path, 4)]
+
+
+def test_keep_last_n_is_checked():
+    from opcd.config import TrainerConfig
+
+    with pytest.raises(OpcdError, match=r"^config trainer.keep_last_n=-1: expected an integer >= 0"):
+        TrainerConfig(keep_last_n=-1)
+
+
+def test_retention_after_a_fallback_spares_the_resumed_timeline(tmp_path):
+    """After a fallback from a damaged step 6 to step 4, the run saves step 5: the optimizer of step 5
+    must be kept (the stale step 6 is newer by number, but is not the newest save of this run)."""
+    _three_checkpoints(tmp_path)
+    save_checkpoint(tmp_path, 5, _writer("w5"), {"step": 5})
+    retain(tmp_path, 5, keep_last_n=2)
+    assert has_optimizer(step_dir(tmp_path, 5)) and not has_optimizer(step_dir(tmp_path, 4))
+    assert not step_dir(tmp_path, 2).exists() and step_dir(tmp_path, 6).exists()
+
+
+def test_dropping_the_optimizer_unlists_it_before_deleting_it(tmp_path, monkeypatch):
+    """A crash between the two steps must leave a valid model-only checkpoint: the checksums never
+    list a file that is gone."""
+    import shutil
+
+    def sharded_writer(folder):
+        _writer("w1")(folder)
+        (folder / "optimizer.pt").unlink()
+        (folder / "optimizer").mkdir()
+        (folder / "optimizer" / "__0_0.distcp").write_text("shard")
+
+    folder = save_checkpoint(tmp_path, 1, sharded_writer, {"step": 1})
+    assert has_optimizer(folder)
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # killed between unlisting and deleting
+        drop_optimizer(folder)
+    assert not has_optimizer(folder) and verify_checkpoint(folder) is None
+    monkeypatch.undo()
+    drop_optimizer(folder)
+    assert not (folder / "optimizer").exists() and verify_checkpoint(folder) is None
 
 
 # -- BatchSampler ----------------------------------------------------------------------------------

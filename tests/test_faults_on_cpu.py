@@ -39,8 +39,8 @@ RUN_TIMEOUT_S = 240  # one CLI run takes 30-60 s on 2 busy cores; most of it is 
 
 # -- running the CLI in its own session ------------------------------------------------------------
 
-def _command(runs_dir: Path, model: Path, save_freq: int) -> list[str]:
-    overrides = {"model.path": model, "trainer.runs_dir": runs_dir, "trainer.exp_name": "run",
+def _command(runs_dir: Path, model: Path, save_freq: int, ranks: int = 1) -> list[str]:
+    overrides = {"ray.ranks_per_group": ranks, "model.path": model, "trainer.runs_dir": runs_dir, "trainer.exp_name": "run",
                  "trainer.batch_size": 4, "trainer.micro_batch_size": 4, "trainer.lr": 3e-3,
                  "trainer.total_training_steps": STEPS, "trainer.save_freq": save_freq,
                  "trainer.eval_before": "false", "trainer.eval_after": "false", "trainer.loggers": "[jsonl]",
@@ -132,17 +132,19 @@ def _weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 # -- 1. SIGKILL at a random moment, then resume ----------------------------------------------------
 
-def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_model, launch):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_model, launch, ranks):
     """Guards exact resume after a hard kill (no Python cleanup runs): the killed-and-resumed run
     must end with the same weights and step metrics as an uninterrupted one, its metrics must hold
     each step once, no half-written checkpoint folder may survive, and killing the driver's session
     must leave none of its Ray processes behind. The kill lands a seeded-random delay after a
     seeded-random checkpoint, inside the next step (timing jitter sometimes puts it inside a
-    checkpoint write); the delay is short enough that the run cannot have finished."""
+    checkpoint write); the delay is short enough that the run cannot have finished. With 2 ranks
+    (FSDP2, gloo) every checkpoint is sharded, a file per rank, and the same must hold."""
     rng = random.Random(8)
     kill_after, delay = rng.choice([2, 3]), rng.uniform(0.0, 0.5)
-    straight = launch(_command(tmp_path / "straight", tiny_model, save_freq=1), "straight")
-    killed = launch(_command(tmp_path / "killed", tiny_model, save_freq=1), "killed")
+    straight = launch(_command(tmp_path / "straight", tiny_model, save_freq=1, ranks=ranks), "straight")
+    killed = launch(_command(tmp_path / "killed", tiny_model, save_freq=1, ranks=ranks), "killed")
     run_dir = tmp_path / "killed" / "run"
 
     _wait_for(run_dir / f"global_step_{kill_after}" / "COMPLETE", killed)
@@ -154,7 +156,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, tiny_m
     step, _ = latest_checkpoint(run_dir)
     assert kill_after <= step < STEPS
 
-    resumed = launch(_command(tmp_path / "killed", tiny_model, save_freq=1), "resumed")
+    resumed = launch(_command(tmp_path / "killed", tiny_model, save_freq=1, ranks=ranks), "resumed")
     assert _finish(resumed) == 0, _tail(resumed.err)
     assert f"resumed {run_dir} from step {step}" in resumed.out.read_text()
     assert _finish(straight) == 0, _tail(straight.err)
@@ -206,6 +208,7 @@ class _FakeStudent:
         self.skipped = list(skipped)
         self.updates = 0
         self.saved = []
+        self.loaded = []
 
     def call_rank0(self, method: str, *args):
         match method:
@@ -219,11 +222,13 @@ class _FakeStudent:
                 skipped = float(self.skipped[self.updates - 1])
                 return {"loss": 0.1, "student_mass": 0.9, "teacher_mass": 0.8, "entropy": 1.0,
                         "grad_norm": float("nan") if skipped else 1.0, "lr": 1e-3, "skipped": skipped}
-            case "save":
-                self.saved.append(Path(args[0]).name)
         return None
 
     def call(self, method: str, *args):
+        if method == "save":
+            self.saved.append(Path(args[0]).name)
+        if method == "load":
+            self.loaded.append((Path(args[0]).name, args[1]))
         return [None]
 
 
@@ -283,3 +288,20 @@ def test_nonfinite_count_survives_a_resume(tmp_path):
     assert again.resume() == 3
     with pytest.raises(TrainingError, match=r"^step 4: 3 consecutive"):
         again.fit(_Recorder(), start_step=3)
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, caplog):
+    """Guards the silent resume from damaged bytes (issue: flipped bytes in the latest checkpoint
+    resumed and reported success): the trainer names the damaged checkpoint, resumes from the newest
+    intact one, and says that its optimizer state is gone (only the newest checkpoint keeps it)."""
+    _trainer(tmp_path, skipped=[0, 0, 0], limit=3, save_freq=1).fit(_Recorder(), start_step=0)
+    state = tmp_path / "global_step_3" / "trainer_state.json"
+    state.write_bytes(state.read_bytes()[:-5])  # truncated
+    again = _trainer(tmp_path, skipped=[0, 0, 0, 0], limit=3)
+    with caplog.at_level("WARNING", logger="opcd"):
+        assert again.resume() == 2
+    assert again.student.loaded == [("global_step_2", False)]
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0] == (f"checkpoint {tmp_path / 'global_step_3'} is damaged (trainer_state.json does not match its "
+                        f"checksum (flipped or truncated bytes)); falling back to the previous one")
+    assert "global_step_2 holds no optimizer state" in lines[-1]

@@ -170,10 +170,11 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source=Non
             "grad_clip": cfg.trainer.grad_clip, "kl_loss_type": objective or cfg.loss.kl_loss_type,
             "support_mode": cfg.loss.support_mode, "aggregation": cfg.loss.aggregation,
             "activation_checkpointing": cfg.model.activation_checkpointing, "cpu_offload": cfg.model.cpu_offload},
-            world_size=cfg.ray.ranks_per_group, pool=pools["student"])
+            world_size=cfg.ray.ranks_per_group, pool=pools["student"], collective_timeout_s=cfg.ray.collective_timeout_s)
         teacher = WorkerGroup("teacher", TeacherWorker, {**worker_kwargs(cfg, teacher_path),
                                                          "cpu_offload": cfg.model.cpu_offload},
-                              world_size=cfg.ray.ranks_per_group, pool=pools["student"])
+                              world_size=teacher_ranks(cfg), pool=pools["teacher"],
+                              collective_timeout_s=cfg.ray.collective_timeout_s)
         trainer = Trainer(cfg.trainer, cfg.loss, sampling(cfg, evaluation=False), source, student,
                           teacher if teacher_scores_needed else None, run_dir, objective)
         start_step = trainer.resume()

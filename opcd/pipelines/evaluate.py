@@ -26,6 +26,7 @@ from opcd.contexts import load_context
 from opcd.data import load_rows
 from opcd.errors import ConfigError
 from opcd.evaluation import best_k_mean, evaluate, evaluate_games
+from opcd.export import model_folder
 from opcd.games.seeds import heldout_seeds
 from opcd.models import load_tokenizer, resolve_model
 from opcd.pipelines.distill import build_examples, build_player, resolve_user_path, sampling, worker_kwargs
@@ -76,7 +77,8 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig) -> dict:
                            cfg.task.experience_max_length, token_counter(tokenizer))
     run_one, num_items = _evaluator(cfg, tokenizer, context)
     key = _settings_key(cfg, num_items)
-    jobs = [(f"step_{s}", str(step_dir(run_dir, s) / "model"), "student") for s in steps]
+    # a checkpoint folder: its Hugging Face folder, or a temporary export of its shards (opcd/export.py)
+    jobs = [(f"step_{s}", str(step_dir(run_dir, s)), "student") for s in steps]
     if cfg.evaluate.baselines:
         jobs += [("base_without_context", base_path, "student"), ("base_with_context", base_path, "teacher")]
     results = {}
@@ -87,12 +89,13 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig) -> dict:
             continue
         if not _ray_started():
             init_ray(cfg.ray.address, cfg.ray.num_cpus)
-        group = WorkerGroup(f"eval-{name}", TeacherWorker, worker_kwargs(cfg, model_path),
-                            num_gpus=1 if cfg.ray.gpus_per_node > 0 else 0)
-        try:
-            result = run_one(name, group, side)
-        finally:
-            group.shutdown()
+        with model_folder(model_path, out) as path:
+            group = WorkerGroup(f"eval-{name}", TeacherWorker, worker_kwargs(cfg, path),
+                                num_gpus=1 if cfg.ray.gpus_per_node > 0 else 0)
+            try:
+                result = run_one(name, group, side)
+            finally:
+                group.shutdown()
         results[name] = {**result.summary(), "settings": key}
         write_text_atomic(cached, json.dumps({**results[name], "samples": result.samples}, ensure_ascii=False,
                                              indent=1))
@@ -120,10 +123,11 @@ def _out_of_distribution(cfg: DistillConfig, out: Path, jobs: list[tuple[str, st
         if cached.is_file() and json.loads(cached.read_text()).get("settings") == key:
             results[name] = json.loads(cached.read_text())["results"]
             continue
-        results[name] = run_lm_eval(model_path, e.ood_tasks, e.ood_limit if e.ood_limit > 0 else None, e.ood_backend,
-                                    resolve_user_path(e.ood_include_path) if e.ood_include_path else None,
-                                    cfg.model.dtype, cfg.task.enable_thinking, cfg.model.trust_remote_code,
-                                    seed=cfg.trainer.seed)
+        with model_folder(model_path, out) as path:
+            results[name] = run_lm_eval(path, e.ood_tasks, e.ood_limit if e.ood_limit > 0 else None, e.ood_backend,
+                                        resolve_user_path(e.ood_include_path) if e.ood_include_path else None,
+                                        cfg.model.dtype, cfg.task.enable_thinking, cfg.model.trust_remote_code,
+                                        seed=cfg.trainer.seed)
         write_text_atomic(cached, json.dumps({"settings": key, "results": results[name]}, indent=1))
     with open(out / "ood.csv", "w", newline="") as fh:
         table = csv.writer(fh)

@@ -11,7 +11,8 @@ How the work is split, so that every rank runs the same sequence of collectives:
   The loss is already normalised by the whole step's token count, so gradients must be SUMMED over
   ranks: FSDP2 averages them, hence each rank scales its loss by N (gloo has no pre-multiplied sum),
   and per-rank statistics are summed with an all-reduce.
-* checkpoints: the full state dict is gathered to rank 0, which writes it; a load broadcasts from it.
+* checkpoints: torch.distributed.checkpoint, each rank writing and reading its own shards
+  (opcd/workers/checkpoint_io.py); the full state is gathered only for a Hugging Face export.
 
 The rendezvous is a TCPStore hosted by the driver process (`Rendezvous`), so ranks on any node of the
 Ray cluster can join.
@@ -20,6 +21,7 @@ Ray cluster can join.
 from __future__ import annotations
 
 import functools
+import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,6 +30,27 @@ import torch
 import torch.distributed as dist
 
 from opcd.batching import plan_micro_batches
+from opcd.errors import ConfigError
+
+
+DEFAULT_COLLECTIVE_TIMEOUT_S = 3600.0
+
+
+def collective_timeout_s(configured: float | None = None) -> float:
+    """How long a rank waits in a collective: the config's value, else $NCCL_TIMEOUT (seconds; the
+    launchers export it), else an hour. Read on the driver, so one value reaches every node."""
+    if configured is not None:
+        return float(configured)
+    value = os.environ.get("NCCL_TIMEOUT", "").strip()
+    if not value:
+        return DEFAULT_COLLECTIVE_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 1e7:
+        raise ConfigError(f"NCCL_TIMEOUT={value!r}: expected a number of seconds in (0, 1e7)")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -35,9 +58,10 @@ class Rendezvous:
     host: str
     port: int
     group: str  # a key prefix, so several groups can share one store
+    timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S  # collectives of the group's process group
 
     @classmethod
-    def create(cls, group: str) -> tuple["Rendezvous", object]:
+    def create(cls, group: str, timeout_s: float | None = None) -> tuple["Rendezvous", object]:
         """A driver-hosted TCPStore (kept alive by the caller) and the address the ranks connect to."""
         import ray
 
@@ -46,7 +70,7 @@ class Rendezvous:
             probe.bind(("", 0))
             port = probe.getsockname()[1]
         store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timedelta(minutes=30))
-        return cls(host, port, group), store
+        return cls(host, port, group, collective_timeout_s(timeout_s)), store
 
 
 def init_process_group(rendezvous: Rendezvous, rank: int, world_size: int) -> None:
@@ -54,7 +78,7 @@ def init_process_group(rendezvous: Rendezvous, rank: int, world_size: int) -> No
                                                              timeout=timedelta(minutes=30)))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                            timeout=timedelta(minutes=60))
+                            timeout=timedelta(seconds=rendezvous.timeout_s))
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -131,20 +155,3 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-
-def full_optimizer_state_dict(model, optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                              cpu_offload=True))
-
-
-def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict | None) -> None:
-    """Rank 0 holds the full states; every rank receives its shards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    release(model)  # gathered parameters are plain tensors: the loader expects the sharded ones
-    set_model_state_dict(model, model_state, options=options)
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, optimizer_state or {}, options=options)

@@ -38,9 +38,9 @@ def init_ray(address: str | None, num_cpus: float | None) -> None:
 
 class WorkerGroup:
     def __init__(self, name: str, worker_cls: type, kwargs: dict, world_size: int = 1,
-                 num_cpus: float = 1, num_gpus: float = 0, pool=None):
+                 num_cpus: float = 1, num_gpus: float = 0, pool=None, collective_timeout_s: float | None = None):
         """`pool` (opcd.workers.placement.Pool): rank r runs on the pool's bundle r; else anywhere with
-        `num_cpus`/`num_gpus` free."""
+        `num_cpus`/`num_gpus` free. `collective_timeout_s`: see distributed.collective_timeout_s."""
         self.name = name
         self.world_size = world_size
         actor_cls = ray.remote(worker_cls)
@@ -48,7 +48,7 @@ class WorkerGroup:
         if world_size > 1:  # the ranks meet at a store hosted here, on the driver
             from opcd.workers.distributed import Rendezvous
 
-            rendezvous, self._store = Rendezvous.create(name)
+            rendezvous, self._store = Rendezvous.create(name, collective_timeout_s)
             extra["rendezvous"] = rendezvous
         self.workers = [
             actor_cls.options(**(pool.actor_options(rank) if pool is not None else

@@ -14,7 +14,6 @@ import contextlib
 import functools
 import math
 import os
-from pathlib import Path
 
 import torch
 
@@ -24,6 +23,7 @@ from opcd.models import compute_device, load_causal_lm, load_tokenizer
 from opcd.objective import per_token_loss
 from opcd.protocol import Generation, SamplingParams, UpdateBatch
 from opcd.rollout.hf import HFRollout
+from opcd.workers import checkpoint_io
 from opcd.workers import distributed as D
 
 
@@ -179,56 +179,16 @@ class StudentWorker:
         return mb_loss, stats
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def save(self, folder: str) -> None:
-        """Write a Hugging Face model folder (loadable by transformers and vLLM) and the optimiser;
-        with several ranks the full states are gathered to rank 0, which writes them."""
-        folder = Path(folder)
-        if self.world_size > 1:
-            state = D.full_state_dict(self.model)
-            optimizer = D.full_optimizer_state_dict(self.model, self.optimizer)
-            if self.rank == 0:
-                self.model.save_pretrained(folder / "model", state_dict=state)
-                self.tokenizer.save_pretrained(folder / "model")
-                torch.save(optimizer, folder / "optimizer.pt")
-            return
-        self.model.save_pretrained(folder / "model")
-        self.tokenizer.save_pretrained(folder / "model")
-        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+    def save(self, folder: str, export: bool = False) -> dict[str, str]:
+        """This rank's part of a checkpoint (opcd/workers/checkpoint_io.py); -> checksums of its files."""
+        return checkpoint_io.save(self.model, self.optimizer, self.tokenizer, folder, self.rank, self.world_size,
+                                  export)
 
-    def load(self, folder: str) -> None:
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        state, optimizer = {}, None
-        if self.rank == 0:
-            for shard in sorted((folder / "model").glob("*.safetensors")):
-                state.update(load_file(shard))
-            optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
-        if self.world_size > 1:
-            D.load_full_state(self.model, self.optimizer, _with_tied(self.model, state), optimizer)
-            return
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        # tied embeddings are saved once; anything else missing means a broken checkpoint
-        missing = [k for k in missing if k not in _tied_keys(self.model)]
-        if missing or unexpected:
-            raise RuntimeError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]}")
-        self.optimizer.load_state_dict(optimizer)
+    def load(self, folder: str, optimizer: bool = True) -> None:
+        checkpoint_io.load(self.model, self.optimizer, folder, self.world_size, optimizer)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.world_size > 1:
             return D.full_state_dict(self.model)
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
-
-def _with_tied(model, state: dict) -> dict:
-    """A saved state dict stores tied embeddings once; the full-state loader wants every key."""
-    if state and "lm_head.weight" in _tied_keys(model) and "lm_head.weight" not in state:
-        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
-    return state
-
-
-def _tied_keys(model) -> set[str]:
-    if getattr(model.config, "tie_word_embeddings", False):
-        return {"lm_head.weight"}
-    return set()

@@ -1,5 +1,5 @@
 """FSDP2 over 2 CPU ranks (gloo) gives the same teacher scores, loss and updated weights as 1 rank,
-and a sharded run checkpoints (full state gathered to rank 0) and resumes."""
+and a sharded run checkpoints (each rank its own shard, torch.distributed.checkpoint) and resumes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from opcd.protocol import SamplingParams, UpdateBatch
 from opcd.workers.group import WorkerGroup
@@ -41,12 +42,12 @@ def test_two_ranks_match_one_rank(sharp_tiny_model, sharp_tiny_deeper_model, smo
                         response_mask=generation.response_mask, support_ids=scores[1].support_ids,
                         support_mask=None, teacher_logprobs=scores[1].logprobs,
                         num_tokens=int(generation.response_mask.sum()), num_sequences=len(prompts))
-    results, weights = {}, {}
+    results, weights, sums = {}, {}, {}
     for n in (1, 2):
         student = WorkerGroup(f"s{n}", StudentWorker, {**common, "lr": 1e-3}, world_size=n)
         results[n] = [student.call_rank0("update", batch) for _ in range(2)]
         weights[n] = student.call_rank0("state_dict")
-        student.call_rank0("save", str(tmp_path / f"ckpt{n}"))
+        sums[n] = student.call("save", str(tmp_path / f"ckpt{n}"), True)
         student.shutdown()
     for one, two in zip(results[1], results[2]):
         for key in ("loss", "entropy", "student_mass", "teacher_mass", "grad_norm"):
@@ -54,11 +55,18 @@ def test_two_ranks_match_one_rank(sharp_tiny_model, sharp_tiny_deeper_model, smo
     assert set(weights[1]) == set(weights[2])
     for name, tensor in weights[1].items():
         assert torch.allclose(tensor, weights[2][name], atol=1e-5), name
-    assert (tmp_path / "ckpt2" / "model" / "model.safetensors").is_file()
-    assert (tmp_path / "ckpt2" / "optimizer.pt").is_file()
+    # two ranks: a shard file per rank for the model and the optimizer, each hashed by its writer, and
+    # the export (asked for) holds the same weights as one rank's checkpoint
+    assert [sorted(rank_sums) for rank_sums in sums[2]][1] == ["optimizer/__1_0.distcp", "weights/__1_0.distcp"]
+    assert {"weights/__0_0.distcp", "weights/.metadata", "optimizer/__0_0.distcp", "model/model.safetensors",
+            "model_config/config.json"} <= set(sums[2][0])
+    one, two = (load_file(tmp_path / f"ckpt{n}" / "model" / "model.safetensors") for n in (1, 2))
+    assert all(torch.allclose(one[name], two[name], atol=1e-5) for name in one)
+    assert (tmp_path / "ckpt1" / "optimizer.pt").is_file() and not (tmp_path / "ckpt1" / "weights").exists()
 
 
 def test_sharded_distillation_runs_and_resumes(tmp_path, tiny_model):
+    from opcd.checkpoint import has_optimizer
     from opcd.config import load_config
     from opcd.pipelines.distill import run_distill
 
@@ -71,6 +79,10 @@ def test_sharded_distillation_runs_and_resumes(tmp_path, tiny_model):
             "loss.kl_topk=8"]))
 
     assert run(1)["final_step"] == 1
+    first = tmp_path / "fsdp" / "global_step_1"
+    assert sorted(p.name for p in (first / "weights").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert (first / "model").is_dir()  # trainer.hf_export=last
     assert run(2)["final_step"] == 2  # resumed from the sharded checkpoint of step 1
     rows = [json.loads(line) for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss/kl"] >= 0 for r in rows)
+    assert not has_optimizer(first) and has_optimizer(tmp_path / "fsdp" / "global_step_2")

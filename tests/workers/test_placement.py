@@ -83,3 +83,43 @@ def test_pools_larger_than_the_cluster_are_refused_in_one_line(local_ray):
         make_pools({"student": 4, "teacher": 4}, gpus=True, placement="colocate")
     message = str(err.value)
     assert "\n" not in message and "need 4 GPU" in message and "the cluster has 0 GPU" in message
+
+
+class RecordingGroup(WorkerGroup):
+    """The real worker group, noting each group's pool, ranks and the Ray node of every rank."""
+
+    built: list[dict] = []
+
+    def __init__(self, name, worker_cls, kwargs, world_size=1, pool=None, **options):
+        super().__init__(name, worker_cls, kwargs, world_size=world_size, pool=pool, **options)
+        nodes = ray.get([w.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())
+                         for w in self.workers])
+        RecordingGroup.built.append({"name": name, "ranks": world_size, "pool": pool.group.id.hex(), "nodes": nodes})
+
+
+def one_step_overrides(tiny_model, runs_dir, steps: int = 1, batch_size: int = 2) -> list[str]:
+    return [f"model.path={tiny_model}", f"trainer.runs_dir={runs_dir}", "trainer.exp_name=run",
+            f"trainer.total_training_steps={steps}", f"trainer.batch_size={batch_size}", "trainer.micro_batch_size=1",
+            "trainer.eval_before=false", "trainer.eval_after=false", "trainer.loggers=[jsonl]", "trainer.num_threads=1",
+            "rollout.max_response_length=4", "loss.kl_topk=8"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("layout", [[], ["ray.placement=separate", "ray.teacher_ranks=2"]], ids=["colocate", "separate"])
+def test_both_layouts_build_their_groups_and_train_a_step(tmp_path, tiny_model, local_ray, monkeypatch, layout):
+    """Regression: the teacher group was built on the student's pool with the student's rank count,
+    so `ray.teacher_ranks` was ignored and with `ray.placement=separate` the teacher actors asked for
+    bundles the student already held and could never be scheduled."""
+    from opcd.config import load_config
+    from opcd.pipelines import distill
+
+    monkeypatch.setattr(distill, "WorkerGroup", RecordingGroup)
+    RecordingGroup.built = []
+    assert distill.run_distill(load_config(one_step_overrides(tiny_model, tmp_path) + layout))["final_step"] == 1
+    student, teacher = RecordingGroup.built
+    assert (student["name"], teacher["name"]) == ("student", "teacher")
+    if layout:
+        assert (student["ranks"], teacher["ranks"]) == (1, 2) and student["pool"] != teacher["pool"]
+    else:
+        assert (student["ranks"], teacher["ranks"]) == (1, 1) and student["pool"] == teacher["pool"]
