@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from opcd import metrics as M
 from opcd.checkpoint import latest_checkpoint
 from opcd.config import LossConfig, TrainerConfig
 from opcd.errors import TrainingError
@@ -202,8 +203,9 @@ def test_dead_student_worker_ends_the_run_with_one_line_and_the_checkpoint_resum
 class _FakeStudent:
     """Answers the trainer's calls like the student group, with `skipped` flags scripted per step."""
 
-    def __init__(self, skipped: list[int]):
+    def __init__(self, skipped: list[int], gpu: list[dict] | None = None):
         self.skipped = list(skipped)
+        self.gpu = gpu or [None]  # each rank's answer to gpu_memory
         self.updates = 0
         self.saved = []
 
@@ -224,10 +226,13 @@ class _FakeStudent:
         return None
 
     def call(self, method: str, *args):
-        return [None]
+        return self.gpu if method == "gpu_memory" else [None]
 
 
 class _FakeTeacher:
+    def call(self, method: str, *args):
+        return [{}]  # a CPU worker: no reading
+
     def call_rank0(self, method: str, prompts, response_ids, response_mask, support, merge_topk):
         b, t = response_ids.shape
         return TeacherScores(torch.zeros(b, t, 4), torch.ones(b, t), torch.zeros(b, t, 4, dtype=torch.long))
@@ -253,13 +258,13 @@ class _Recorder:
         self.steps.append(step)
 
 
-def _trainer(tmp_path: Path, skipped: list[int], limit: int, save_freq: int = 0) -> Trainer:
+def _trainer(tmp_path: Path, skipped: list[int], limit: int, save_freq: int = 0, gpu=None) -> Trainer:
     cfg = TrainerConfig(total_training_steps=len(skipped), batch_size=2, micro_batch_size=2, save_freq=save_freq,
                         max_consecutive_nonfinite=limit, loggers=["jsonl"])
     examples = [Example({"i": i}, [1, 2], [1, 2, 3]) for i in range(4)]
     source = PromptSource(examples, cfg.batch_size, 1, cfg.seed, _FakeTask(), _FakeTokenizer())
     return Trainer(cfg, LossConfig(kl_topk=4), SamplingParams(max_new_tokens=3, record_topk=4), source,
-                   _FakeStudent(skipped), _FakeTeacher(), tmp_path)
+                   _FakeStudent(skipped, gpu), _FakeTeacher(), tmp_path)
 
 
 def test_too_many_consecutive_nonfinite_steps_stop_the_run(tmp_path):
@@ -283,3 +288,23 @@ def test_nonfinite_count_survives_a_resume(tmp_path):
     assert again.resume() == 3
     with pytest.raises(TrainingError, match=r"^step 4: 3 consecutive"):
         again.fit(_Recorder(), start_step=3)
+
+
+def test_each_groups_gpu_memory_is_logged_per_step_and_absent_on_cpu(tmp_path):
+    """perf/<group>_gpu_* is the largest rank's reading; a group that reports nothing (CPU) logs nothing."""
+    ranks = [{"peak_allocated_gb": 3.0, "peak_reserved_gb": 4.0}, {"peak_allocated_gb": 5.0, "peak_reserved_gb": 4.5}]
+    metrics = _trainer(tmp_path, skipped=[0], limit=3, gpu=ranks).step(1)
+    assert metrics[M.PERF_STUDENT_GPU_PEAK] == 5.0 and metrics[M.PERF_STUDENT_GPU_RESERVED] == 4.5
+    assert not any(key.startswith("perf/teacher_gpu") for key in metrics)
+    assert not any("gpu" in key for key in _trainer(tmp_path, skipped=[0], limit=3).step(1))
+
+
+def test_gpu_memory_reading_is_empty_without_cuda():
+    from opcd import gpu_memory
+
+    if torch.cuda.is_available():
+        torch.ones(1024, device="cuda")
+        first = gpu_memory.read_and_reset()
+        assert first["peak_allocated_gb"] > 0 and first["peak_reserved_gb"] >= first["peak_allocated_gb"]
+    else:
+        assert gpu_memory.read_and_reset() == {}

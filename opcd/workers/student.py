@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from opcd import lm_head, loss, loss_chunked
+from opcd import gpu_memory, lm_head, loss, loss_chunked
 from opcd.batching import prompt_response_inputs
 from opcd.models import compute_device, load_causal_lm, load_tokenizer
 from opcd.objective import per_token_loss
@@ -96,6 +96,10 @@ class StudentWorker:
         state = D.full_state_dict(self.model) if self.world_size > 1 else self.model.state_dict()
         if self.rollout is not None:
             self.rollout.sync_weights(state.items())
+
+    def gpu_memory(self) -> dict[str, float]:
+        """Peak GPU memory since the previous call (opcd/gpu_memory.py); {} on CPU."""
+        return gpu_memory.read_and_reset()
 
     # -- update ----------------------------------------------------------------------------------
     def update(self, batch: UpdateBatch) -> dict[str, float]:
