@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
 
 from opcd.batching import left_pad, strip_after_eos
@@ -42,11 +43,13 @@ class _RecordTopK(LogitsProcessor):
         return scores
 
 
-def resolve_cache(cache: str | None, compile: bool | None, device: torch.device) -> tuple[str, bool]:
-    """None picks the fast path on a GPU (static cache, compiled) and today's path on CPU (dynamic, eager)."""
+def resolve_cache(cache: str | None, compile: bool | None, device: torch.device,
+                  sharded: bool = False) -> tuple[str, bool]:
+    """None picks the fast path on a GPU (static cache, compiled) and today's path on CPU (dynamic, eager).
+    An FSDP2-sharded policy is not compiled by default: its forward all-gathers parameters on the way."""
     on_gpu = device.type == "cuda"
     cache = cache or ("static" if on_gpu else "dynamic")
-    compile = (on_gpu and cache == "static") if compile is None else compile
+    compile = (on_gpu and cache == "static" and not sharded) if compile is None else compile
     if compile and cache != "static":
         raise ValueError(f"rollout.hf_compile=true needs rollout.hf_cache=static (got {cache!r})")
     return cache, compile
@@ -60,7 +63,8 @@ class HFRollout:
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
         self.batch_size = batch_size  # prompts per generate call: bounds the KV cache
-        self.cache, self.compile = resolve_cache(cache, compile, model.device)
+        sharded = any(isinstance(p, DTensor) for p in model.parameters())
+        self.cache, self.compile = resolve_cache(cache, compile, model.device, sharded)
         # one instance: transformers recompiles when the config object compares unequal to the last one
         self.compile_config = CompileConfig(fullgraph=False, mode="reduce-overhead")
         self.compile_config._compile_all_devices = True  # honour an explicit compile on CPU too (tests)

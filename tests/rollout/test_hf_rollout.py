@@ -145,6 +145,7 @@ def test_unset_cache_options_pick_the_fast_path_on_gpu_and_todays_path_on_cpu():
     assert resolve_cache("static", None, torch.device("cpu")) == ("static", False)
     assert resolve_cache("dynamic", None, torch.device("cuda", 0)) == ("dynamic", False)
     assert resolve_cache("static", False, torch.device("cuda", 0)) == ("static", False)
+    assert resolve_cache(None, None, torch.device("cuda", 0), sharded=True) == ("static", False)
     with pytest.raises(ValueError, match="hf_cache=static"):
         resolve_cache("dynamic", True, torch.device("cpu"))
 
