@@ -41,10 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens sampled per prompt (EOS ignored)")
     parser.add_argument("--topk", type=int, default=64, help="top-k ids recorded per position")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the first")
-    parser.add_argument("--variants", default="dynamic,static+compile", help=f"comma-separated of {','.join(VARIANTS)}")
+    parser.add_argument("--variants", help=f"comma-separated of {','.join(VARIANTS)} (default: dynamic,static+compile "
+                                           "on cuda; dynamic,static on cpu, where compiling takes minutes)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH ('-': stdout)")
     args = parser.parse_args(argv)
-    args.variants = args.variants.split(",")
+    args.variants = (args.variants or ("dynamic,static+compile" if args.device == "cuda" else "dynamic,static")).split(",")
     if set(args.variants) - set(VARIANTS):
         parser.error(f"--variants {','.join(args.variants)}: expected names from {','.join(VARIANTS)}")
     if args.batch < 2:
