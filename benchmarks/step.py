@@ -201,9 +201,16 @@ def make_probe():
 
             trainer._generate, trainer._prepare_training_batch = timed_generate, counted_prepare
             teacher = trainer.teacher_model
-            teacher.register_forward_pre_hook(lambda *_: (_sync(), self.current.__setitem__("_t", time.perf_counter())))
-            teacher.register_forward_hook(lambda *_: (_sync(), self.current.__setitem__(
-                "teacher", self.current.get("teacher", 0.0) + time.perf_counter() - self.current.pop("_t"))))
+            def teacher_starts(*_) -> None:  # a pre-hook returning something would replace the forward's inputs
+                _sync()
+                self.current["_t"] = time.perf_counter()
+
+            def teacher_ends(*_) -> None:
+                _sync()
+                self.current["teacher"] = self.current.get("teacher", 0.0) + time.perf_counter() - self.current.pop("_t")
+
+            teacher.register_forward_pre_hook(teacher_starts)
+            teacher.register_forward_hook(teacher_ends)
 
         def on_step_begin(self, args, state, control, **kwargs):
             _sync()
