@@ -290,6 +290,9 @@ def _headline(stage: dict) -> str:
             parts = [f"{n}: {f[n]['tokens_per_s']:.0f} tok/s, {f[n]['median_s_per_step']:.2f} s/step"
                      for n in ("opcd", "trl") if n in f]
             return "; ".join(parts + ([f"opcd/TRL {f['ratio_opcd_over_trl']:.2f}x"] if "ratio_opcd_over_trl" in f else []))
+        case "loss" if f:
+            return "; ".join(f"V={r['vocab']} fused vs naive: memory {r['fused']['memory_ratio']:.2f}x, "
+                             f"time {r['fused']['time_ratio']:.2f}x" for r in f if "fused" in r)
     return ""
 
 

@@ -53,7 +53,9 @@ def test_summary_is_one_json_and_one_markdown_table(tmp_path):
               gpu_check.StageResult("step", "passed", 120.0, figures={
                   "opcd": {"tokens_per_s": 5000.0, "median_s_per_step": 3.3},
                   "trl": {"tokens_per_s": 2600.0, "median_s_per_step": 6.3}, "ratio_opcd_over_trl": 1.92}),
-              gpu_check.StageResult("tests", "failed", 80.0, figures={"tests": 10, "failures": 1}, tail="E  boom")]
+              gpu_check.StageResult("tests", "failed", 80.0, figures={"tests": 10, "failures": 1}, tail="E  boom"),
+              gpu_check.StageResult("loss", "passed", 9.0, figures=[
+                  {"vocab": 49152, "fused": {"memory_ratio": 0.11, "time_ratio": 0.93}}])]
     summary = {"mode": "gpu", "started_utc": "2026-12-01 00:00:00", "seconds": 200.0, "budget_s": 450.0, "ok": False,
                "stages": [gpu_check.asdict(s) for s in stages]}
     gpu_check.write_summary(summary, tmp_path)
@@ -62,4 +64,5 @@ def test_summary_is_one_json_and_one_markdown_table(tmp_path):
     assert "NOT all stages passed" in md
     assert "| step | passed | 120 | opcd: 5000 tok/s, 3.30 s/step; trl: 2600 tok/s, 6.30 s/step; opcd/TRL 1.92x |" in md
     assert "| environment | passed | 0 | torch 2.11, gpu H200 |" in md
+    assert "| loss | passed | 9 | V=49152 fused vs naive: memory 0.11x, time 0.93x |" in md
     assert "## tests: failed" in md and "E  boom" in md
