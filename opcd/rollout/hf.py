@@ -13,8 +13,11 @@ recorded top-k are the same code:
   static   a preallocated cache of `max_cache_len` slots. With `compile` (`rollout.hf_compile`, the GPU
            default) `generate` runs each decoding step through `torch.compile(mode="reduce-overhead")`,
            i.e. one CUDA-graph replay per token. The prefill stays eager. To keep the compiled shapes
-           few, the cache length is rounded up to a multiple of CACHE_LEN_STEP and, when compiling,
-           the batch is padded to a power of two with copies of its first prompt (dropped afterwards).
+           few, the cache length is rounded up to a multiple of CACHE_LEN_STEP (and never shrinks) and,
+           when compiling, the batch is padded to a power of two with copies of its first prompt (dropped
+           afterwards). The cache is kept between calls and zeroed in place (its memory stays allocated
+           through the update): its tensors keep their addresses, which the captured CUDA graphs read, so
+           a later call replays the graphs instead of recording them again.
 The first call at a new shape pays the compile and the graph capture (README, "GPU rollout").
 """
 
@@ -24,7 +27,7 @@ import contextlib
 
 import torch
 from torch.distributed.tensor import DTensor
-from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
+from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList, StaticCache
 
 from opcd.batching import left_pad, strip_after_eos
 from opcd.models import compute_device
@@ -68,6 +71,8 @@ class HFRollout:
         # one instance: transformers recompiles when the config object compares unequal to the last one
         self.compile_config = CompileConfig(fullgraph=False, mode="reduce-overhead")
         self.compile_config._compile_all_devices = True  # honour an explicit compile on CPU too (tests)
+        self._static: StaticCache | None = None
+        self._static_shape = (0, 0)  # (rows, slots) of the kept static cache
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
@@ -93,7 +98,7 @@ class HFRollout:
                 top_p=None if greedy else params.top_p, top_k=None if greedy else (params.top_k or None),
                 eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
                 logits_processor=LogitsProcessorList([recorder]) if recorder else None,
-                **self._cache_kwargs(ids.shape[1] + params.max_new_tokens),
+                **self._cache_kwargs(ids.shape[0], ids.shape[1] + params.max_new_tokens),
             )
         self.model.train(was_training)
         new = out[:rows, ids.shape[1]:].cpu()
@@ -102,12 +107,18 @@ class HFRollout:
         topk = torch.stack(recorder.steps, dim=1)[:rows, :new.shape[1]].cpu() if recorder else None
         return Generation(response, response_mask, topk)
 
-    def _cache_kwargs(self, length: int) -> dict:
+    def _cache_kwargs(self, rows: int, length: int) -> dict:
         if self.cache == "dynamic":
             return {}
-        kwargs = {"cache_implementation": "static", "max_cache_len": -(-length // CACHE_LEN_STEP) * CACHE_LEN_STEP}
+        slots = max(-(-length // CACHE_LEN_STEP) * CACHE_LEN_STEP, self._static_shape[1])
+        if self._static is None or (rows, slots) != self._static_shape:
+            self._static = StaticCache(config=self.model.config.get_text_config(decoder=True), max_cache_len=slots)
+            self._static_shape = (rows, slots)
+        else:
+            self._static.reset()
         # transformers compiles a static cache's decoding on its own on a GPU: say explicitly which we want
-        return {**kwargs, "compile_config": self.compile_config} if self.compile else {**kwargs, "disable_compile": True}
+        return {"cache": self._static, **({"compile_config": self.compile_config} if self.compile
+                                          else {"disable_compile": True})}
 
     def sync_weights(self, named_tensors=None) -> None:
         """Nothing to do: the engine generates with the training module itself."""
