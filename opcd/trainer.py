@@ -85,7 +85,7 @@ class Trainer:
                 stats = self.student.call_rank0("update", self._update_batch(batch, scores))
             with timer("sync"):
                 self.student.call("sync_rollout")
-        return self._step_metrics(batch, scores, stats, timer.seconds)
+        return {**self._step_metrics(batch, scores, stats, timer.seconds), **self._gpu_memory()}
 
     # -- phases' inputs ----------------------------------------------------------------------------
     def _teacher_scores(self, batch: RolloutBatch) -> TeacherScores:
@@ -148,6 +148,15 @@ class Trainer:
         }
         out.update(batch.metrics)  # a source's own figures win (a game knows per-turn clipping)
         out.update({f"{M.TIMING}{phase}": value for phase, value in seconds.items()})
+        return out
+
+    def _gpu_memory(self) -> dict[str, float]:
+        """Each group's peak GPU memory over this step, its largest rank's (opcd/gpu_memory.py); {} on CPU."""
+        out = {}
+        for name, group in (("student", self.student), ("teacher", self.teacher)):
+            readings = [r for r in (group.call("gpu_memory") if group is not None else []) if r]
+            for key in readings[0] if readings else {}:
+                out[M.PERF_GPU.format(group=name, reading=key)] = max(r[key] for r in readings)
         return out
 
     def _check_nonfinite(self, metrics: dict[str, float], step: int) -> None:

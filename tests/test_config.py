@@ -126,6 +126,9 @@ def test_overrides_are_typed():
     (["ray.gpus_per_node=1", "ray.placement=separate"], "ray.ranks_per_group=1"),
     (["ray.gpus_per_node=2", "ray.ranks_per_group=3"], "ray.ranks_per_group=3"),
     (["ray.placement=spread"], "ray.placement"),
+    (["rollout.hf_cache=paged"], "rollout.hf_cache='paged'"),
+    (["rollout.hf_compile=true"], "rollout.hf_compile=True"),  # compiling needs the static cache
+    (["rollout.hf_compile=true", "rollout.hf_cache=dynamic"], "rollout.hf_compile=True"),
     (["task=nope"], "task/nope"),
 ])
 def test_bad_input_is_one_line_config_error_naming_the_key(overrides, key):

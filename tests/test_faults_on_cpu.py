@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from opcd import metrics as M
 from opcd.checkpoint import latest_checkpoint
 from opcd.config import LossConfig, TrainerConfig
 from opcd.errors import TrainingError
@@ -204,8 +205,9 @@ def test_dead_student_worker_ends_the_run_with_one_line_and_the_checkpoint_resum
 class _FakeStudent:
     """Answers the trainer's calls like the student group, with `skipped` flags scripted per step."""
 
-    def __init__(self, skipped: list[int]):
+    def __init__(self, skipped: list[int], gpu: list[dict] | None = None):
         self.skipped = list(skipped)
+        self.gpu = gpu or [None]  # each rank's answer to gpu_memory
         self.updates = 0
         self.saved = []
         self.loaded = []
@@ -229,10 +231,13 @@ class _FakeStudent:
             self.saved.append(Path(args[0]).name)
         if method == "load":
             self.loaded.append((Path(args[0]).name, args[1]))
-        return [None]
+        return self.gpu if method == "gpu_memory" else [None]
 
 
 class _FakeTeacher:
+    def call(self, method: str, *args):
+        return [{}]  # a CPU worker: no reading
+
     def call_rank0(self, method: str, prompts, response_ids, response_mask, support, merge_topk):
         b, t = response_ids.shape
         return TeacherScores(torch.zeros(b, t, 4), torch.ones(b, t), torch.zeros(b, t, 4, dtype=torch.long))
@@ -258,13 +263,13 @@ class _Recorder:
         self.steps.append(step)
 
 
-def _trainer(tmp_path: Path, skipped: list[int], limit: int, save_freq: int = 0) -> Trainer:
+def _trainer(tmp_path: Path, skipped: list[int], limit: int, save_freq: int = 0, gpu=None) -> Trainer:
     cfg = TrainerConfig(total_training_steps=len(skipped), batch_size=2, micro_batch_size=2, save_freq=save_freq,
                         max_consecutive_nonfinite=limit, loggers=["jsonl"])
     examples = [Example({"i": i}, [1, 2], [1, 2, 3]) for i in range(4)]
     source = PromptSource(examples, cfg.batch_size, 1, cfg.seed, _FakeTask(), _FakeTokenizer())
     return Trainer(cfg, LossConfig(kl_topk=4), SamplingParams(max_new_tokens=3, record_topk=4), source,
-                   _FakeStudent(skipped), _FakeTeacher(), tmp_path)
+                   _FakeStudent(skipped, gpu), _FakeTeacher(), tmp_path)
 
 
 def test_too_many_consecutive_nonfinite_steps_stop_the_run(tmp_path):
@@ -305,3 +310,12 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, caplog):
     assert lines[0] == (f"checkpoint {tmp_path / 'global_step_3'} is damaged (trainer_state.json does not match its "
                         f"checksum (flipped or truncated bytes)); falling back to the previous one")
     assert "global_step_2 holds no optimizer state" in lines[-1]
+
+
+def test_each_groups_gpu_memory_is_logged_per_step_and_absent_on_cpu(tmp_path):
+    """perf/<group>_gpu_* is the largest rank's reading; a group that reports nothing (CPU) logs nothing."""
+    ranks = [{"peak_allocated_gb": 3.0, "peak_reserved_gb": 4.0}, {"peak_allocated_gb": 5.0, "peak_reserved_gb": 4.5}]
+    metrics = _trainer(tmp_path, skipped=[0], limit=3, gpu=ranks).step(1)
+    assert metrics[M.PERF_STUDENT_GPU_PEAK] == 5.0 and metrics[M.PERF_STUDENT_GPU_RESERVED] == 4.5
+    assert not any(key.startswith("perf/teacher_gpu") for key in metrics)
+    assert not any("gpu" in key for key in _trainer(tmp_path, skipped=[0], limit=3).step(1))

@@ -92,7 +92,7 @@ def rollout_kwargs(cfg: DistillConfig) -> dict:
     """The student's rollout engine: `hf`, or `vllm` with a context long enough for every prompt."""
     r = cfg.rollout
     if r.backend == "hf":
-        return {"rollout_backend": "hf"}
+        return {"rollout_backend": "hf", "hf": {"cache": r.hf_cache, "compile": r.hf_compile}}
     length = cfg.task.max_prompt_length + r.max_response_length
     if cfg.task.name == "textgame" and cfg.game.mode == "trajectory":
         length = cfg.task.max_prompt_length + cfg.game.max_steps * (r.max_response_length + 256)

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from opcd import lm_head, loss, loss_chunked
+from opcd import gpu_memory, lm_head, loss, loss_chunked
 from opcd.batching import prompt_response_inputs
 from opcd.models import compute_device, load_causal_lm, load_tokenizer
 from opcd.objective import per_token_loss
@@ -32,7 +32,7 @@ class StudentWorker:
                  attn_implementation: str | None = None, lr: float = 1e-6, weight_decay: float = 0.01,
                  grad_clip: float = 1.0, temperature: float = 1.0, kl_loss_type: str = "full",
                  support_mode: str = "tail", aggregation: str = "token_mean", micro_batch_size: int = 8,
-                 num_threads: int = 0, rollout_backend: str = "hf", vllm: dict | None = None,
+                 num_threads: int = 0, rollout_backend: str = "hf", vllm: dict | None = None, hf: dict | None = None,
                  activation_checkpointing: bool = False, cpu_offload: bool = False, lm_head_chunk_size: int = 512,
                  padding_free: bool | None = None, micro_batch_tokens: int = 0, rank: int = 0, world_size: int = 1,
                  rendezvous=None):
@@ -68,7 +68,7 @@ class StudentWorker:
                 self.rollout = VLLMRollout(model_path, self.tokenizer, dtype=dtype,
                                            trust_remote_code=trust_remote_code, **(vllm or {}))
         else:
-            self.rollout = HFRollout(self.model, self.tokenizer, autocast=self._autocast)
+            self.rollout = HFRollout(self.model, self.tokenizer, autocast=self._autocast, **(hf or {}))
         self.grad_clip = grad_clip
         self.temperature = temperature
         self.kl_loss_type = kl_loss_type
@@ -96,6 +96,10 @@ class StudentWorker:
         state = D.full_state_dict(self.model) if self.world_size > 1 else self.model.state_dict()
         if self.rollout is not None:
             self.rollout.sync_weights(state.items())
+
+    def gpu_memory(self) -> dict[str, float]:
+        """Peak GPU memory since the previous call (opcd/gpu_memory.py); {} on CPU."""
+        return gpu_memory.read_and_reset()
 
     # -- update ----------------------------------------------------------------------------------
     def update(self, batch: UpdateBatch) -> dict[str, float]:

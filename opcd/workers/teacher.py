@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from opcd import lm_head, loss, loss_chunked
+from opcd import gpu_memory, lm_head, loss, loss_chunked
 from opcd.batching import prompt_response_inputs
 from opcd.models import compute_device, load_causal_lm, load_tokenizer
 from opcd.protocol import Generation, SamplingParams, TeacherScores
@@ -45,6 +45,10 @@ class TeacherWorker:
         self.lm_head_chunk_size, self.padding_free = lm_head.head_settings(self.model, lm_head_chunk_size,
                                                                            padding_free)
         self.micro_batch_tokens = micro_batch_tokens
+
+    def gpu_memory(self) -> dict[str, float]:
+        """Peak GPU memory since the previous call (opcd/gpu_memory.py); {} on CPU."""
+        return gpu_memory.read_and_reset()
 
     @torch.no_grad()
     def score(self, prompts: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor,

@@ -7,7 +7,7 @@ import torch
 from opcd.batching import prompt_response_inputs, strip_after_eos
 from opcd.models import load_causal_lm
 from opcd.protocol import SamplingParams
-from opcd.rollout.hf import HFRollout
+from opcd.rollout.hf import HFRollout, _batch_bucket, resolve_cache
 from tests.workers.common import (  # noqa: F401 (fixtures are registered by importing them)
     GREEDY, one_thread, prompts, teacher_prompts, tiny_lm, tokenizer)
 
@@ -85,3 +85,91 @@ def test_chunked_generation_equals_one_batch(tiny_lm, tokenizer, prompts):
     assert torch.equal(whole.response_mask, chunked.response_mask)
     assert torch.equal(whole.response_ids[mask], chunked.response_ids[mask])
     assert torch.equal(whole.topk_ids[mask], chunked.topk_ids[mask])
+
+
+@pytest.fixture(scope="module")
+def sharp_lm(sharp_tiny_model):
+    """Peaked distributions: sampled responses vary from token to token (the plain tiny model repeats one)."""
+    return load_causal_lm(str(sharp_tiny_model)).eval()
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0, max_new_tokens=12, record_topk=8),
+    SamplingParams(temperature=1.0, max_new_tokens=12, record_topk=8),
+    SamplingParams(temperature=1.5, top_p=0.95, top_k=20, max_new_tokens=12, record_topk=8),
+])
+def test_static_cache_gives_the_dynamic_cache_ids_and_topk(sharp_lm, tokenizer, prompts, params):
+    """The static cache (the GPU default) must sample what today's dynamic cache samples, per seed, and
+    record the same top-k, over a batch of prompts of different lengths (left padding in both)."""
+    dynamic = HFRollout(sharp_lm, tokenizer, cache="dynamic").generate(prompts, params, seed=5)
+    static = HFRollout(sharp_lm, tokenizer, cache="static").generate(prompts, params, seed=5)
+    assert torch.equal(dynamic.response_mask, static.response_mask)
+    assert torch.equal(dynamic.response_ids, static.response_ids)
+    mask = dynamic.response_mask
+    assert torch.equal(dynamic.topk_ids[mask], static.topk_ids[mask])
+    if params.temperature > 0:  # not a constant answer: the comparison above had something to compare
+        assert len(set(dynamic.response_ids[mask].tolist())) > 1
+
+
+def test_static_cache_sampling_is_reproducible_per_seed(sharp_lm, tokenizer, prompts):
+    rollout = HFRollout(sharp_lm, tokenizer, cache="static")
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, record_topk=4)
+    first = rollout.generate(prompts, params, seed=11)
+    again = rollout.generate(prompts, params, seed=11)  # the cache is now sized by the first call: same result
+    other = rollout.generate(prompts, params, seed=12)
+    assert torch.equal(first.response_ids, again.response_ids)
+    assert torch.equal(first.topk_ids, again.topk_ids)
+    assert not torch.equal(first.response_ids, other.response_ids)
+
+
+def test_static_cache_stops_at_eos_in_chunks_like_the_dynamic_cache(sharp_tiny_model, tokenizer, prompts):
+    """A random model never says EOS, so declare a token it samples as an extra stop id; chunks of 3 prompts
+    (a static cache per chunk) must give what the dynamic cache gives with the same chunks."""
+    model = load_causal_lm(str(sharp_tiny_model)).eval()
+    params = SamplingParams(temperature=1.0, max_new_tokens=10, record_topk=4)
+    free = HFRollout(model, tokenizer, batch_size=3).generate(prompts, params, seed=2)
+    row = free.response_ids[0].tolist()
+    stop = next(t for t in row if t != row[0])  # a token that first appears after position 0
+    first_stop = row.index(stop)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]
+    dynamic = HFRollout(model, tokenizer, batch_size=3).generate(prompts, params, seed=2)
+    static = HFRollout(model, tokenizer, batch_size=3, cache="static").generate(prompts, params, seed=2)
+    assert dynamic.response_mask[0].tolist()[:first_stop + 2] == [True] * (first_stop + 1) + [False]
+    assert torch.equal(dynamic.response_mask, static.response_mask)
+    assert torch.equal(dynamic.response_ids, static.response_ids)
+    assert torch.equal(dynamic.topk_ids[dynamic.response_mask], static.topk_ids[static.response_mask])
+
+
+def test_unset_cache_options_pick_the_fast_path_on_gpu_and_todays_path_on_cpu():
+    assert resolve_cache(None, None, torch.device("cpu")) == ("dynamic", False)
+    assert resolve_cache(None, None, torch.device("cuda", 0)) == ("static", True)
+    assert resolve_cache("static", None, torch.device("cpu")) == ("static", False)
+    assert resolve_cache("dynamic", None, torch.device("cuda", 0)) == ("dynamic", False)
+    assert resolve_cache("static", False, torch.device("cuda", 0)) == ("static", False)
+    assert resolve_cache(None, None, torch.device("cuda", 0), sharded=True) == ("static", False)
+    with pytest.raises(ValueError, match="hf_cache=static"):
+        resolve_cache("dynamic", True, torch.device("cpu"))
+
+
+def test_compiled_batches_are_padded_to_a_few_shapes():
+    assert [_batch_bucket(n, 64) for n in (1, 2, 3, 5, 8, 33, 64)] == [1, 2, 4, 8, 8, 64, 64]
+    assert [_batch_bucket(n, 48) for n in (20, 40, 48)] == [32, 48, 48]  # the chunk size is a shape of its own
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (compiling the decoding step on CPU takes minutes)")
+def test_compiled_static_rollout_on_gpu_keeps_the_contract(sharp_tiny_model, tokenizer, prompts):
+    """On a GPU, the compiled static path (CUDA graphs) against the eager dynamic one, fp32: the same greedy
+    ids and top-k; seeded sampling reproducible; a batch of 3 (padded to 4) gives its own rows back."""
+    model = load_causal_lm(str(sharp_tiny_model)).eval().to("cuda")
+    params = SamplingParams(temperature=0, max_new_tokens=12, record_topk=8)
+    eager = HFRollout(model, tokenizer, cache="dynamic").generate(prompts, params, seed=0)
+    fast = HFRollout(model, tokenizer, cache="static", compile=True)
+    compiled = fast.generate(prompts, params, seed=0)
+    assert torch.equal(eager.response_ids, compiled.response_ids)
+    assert torch.equal(eager.topk_ids[eager.response_mask], compiled.topk_ids[compiled.response_mask])
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=12, record_topk=8)
+    assert torch.equal(fast.generate(prompts, sampled, seed=4).response_ids,
+                       fast.generate(prompts, sampled, seed=4).response_ids)
+    three = fast.generate(prompts[:3], params, seed=0)
+    assert torch.equal(three.response_ids, compiled.response_ids[:3, :three.response_ids.shape[1]])
