@@ -19,6 +19,7 @@ opcd_parse_flags "$@"
 opcd_require model exp_name exp_path
 
 OPCD_OVERRIDES+=(task=math)
+opcd_task_data math
 opcd_common_overrides
 OPCD_OVERRIDES+=(rollout.temperature=0.6 trainer.batch_size=128)
 opcd_exec distill

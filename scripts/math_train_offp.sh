@@ -18,6 +18,7 @@ opcd_parse_flags "$@"
 opcd_require model exp_name exp_path off_policy_save_dir
 
 OPCD_OVERRIDES+=(task=math)
+opcd_task_data math
 opcd_offpolicy_overrides
 opcd_common_overrides
 OPCD_OVERRIDES+=(rollout.temperature=0.6 trainer.batch_size=128)
