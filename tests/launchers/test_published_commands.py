@@ -100,6 +100,7 @@ def test_math_consolidate(args, model, teacher):
     assert cfg["task.name"] == "math" and cfg["task.context_path"] == MATH_EXP
     assert cfg["rollout.temperature"] == 0.6 and cfg["rollout.max_response_length"] == 16384
     assert cfg["trainer.batch_size"] == 128 and cfg["ray.nnodes"] == 2 and cfg["ray.address"] == "auto"
+    assert cfg["trainer.micro_batch_size"] == 1  # one long sequence per pass bounds the activations
     # the prompt budget grows with the experience budget: a 4,096-token experience is not dropped
     assert cfg["task.experience_max_length"] == 4096 and cfg["task.max_prompt_length"] == 4096 + 1024
 
