@@ -216,19 +216,18 @@ opcd_common_overrides() {  # the common flags -> OPCD_OVERRIDES (group selection
     opcd_hardware_overrides
 }
 
-opcd_hardware_overrides() {  # fill the nodes: FSDP2 over every GPU, vLLM, bf16, checkpointing; fp32 + hf on CPU
+opcd_hardware_overrides() {  # GPUs of this node; vLLM on GPU; fp32 and default attention on CPU
     local gpus="${OPCD_NUM_GPUS:-}"
     if [[ -z "$gpus" ]]; then
         gpus="$(opcd_num_gpus)"
     fi
     [[ "$gpus" =~ ^[0-9]+$ ]] || opcd_die "OPCD_NUM_GPUS must be a whole number, got '$gpus'"
+    # opcd's `auto` values do the rest (opcd/config.py): ray.ranks_per_group = every GPU of the nnodes,
+    # the teacher on the same ranks, bf16, activation checkpointing on GPU; `--cfg` prints them
     if ((gpus > 0)); then
-        # student and teacher each shard over all nnodes x gpus ranks, rank r of both on GPU r (colocated)
-        OPCD_OVERRIDES+=("ray.gpus_per_node=$gpus" "ray.ranks_per_group=$((${FLAG_nnodes:-1} * gpus))"
-            ray.placement=colocate rollout.backend=vllm model.dtype=bfloat16 model.activation_checkpointing=true)
+        OPCD_OVERRIDES+=("ray.gpus_per_node=$gpus" rollout.backend=vllm)  # the reference always samples with vLLM
     else
-        OPCD_OVERRIDES+=(model.dtype=float32 model.attn_implementation=null ray.gpus_per_node=0
-            ray.ranks_per_group=1 rollout.backend=hf model.activation_checkpointing=false)
+        OPCD_OVERRIDES+=(model.dtype=float32 model.attn_implementation=null ray.gpus_per_node=0)
     fi
 }
 

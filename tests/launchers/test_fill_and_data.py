@@ -87,3 +87,9 @@ def test_task_presets_keep_validation_apart_from_test():
     assert cfg.task.selection_data == ("rg:gsm_symbolic", "validation")
     assert load_config(["task=medmcqa"]).task.selection_data == ("bundled:medmcqa_test", None)
     assert Path(ROOT / "tools" / "prepare_data.py").is_file()
+
+
+def test_separate_teacher_pool_through_the_launcher_splits_the_gpus():
+    args = MATH_CONSOLIDATE.replace("--nnodes 2", "--nnodes 1") + " ray.placement=separate ray.teacher_ranks=2"
+    cfg = resolved(run("math_consolidate.sh", args, cfg=True, gpus=8))
+    assert (cfg["ray.ranks_per_group"], cfg["ray.teacher_ranks"]) == (6, 2)
