@@ -2,7 +2,8 @@
 
     opcd distill [--cfg] [HYDRA_OVERRIDE ...]   on-policy context distillation (default: the CPU demo)
     opcd extract [--cfg] [HYDRA_OVERRIDE ...]   experiential knowledge extraction + best selection
-    opcd evaluate RUN_DIR [KEY=VALUE ...]       every checkpoint + baselines, mean of the best 3
+    opcd evaluate [--cfg] RUN_DIR [KEY=VALUE ...]  every checkpoint + baselines, mean of the best 3
+    opcd evaluate [--cfg] --base [OVERRIDE ...]    a base model alone, without (and with) the context
     opcd offpolicy generate|train [--cfg] [...]  the off-policy baseline: teacher data, then student training
     opcd oel [--cfg] [HYDRA_OVERRIDE ...]       online experiential learning rounds (text games)
     opcd report RUN_DIR [RUN_DIR ...] [--out D] plots and a Markdown/HTML summary of one or more runs
@@ -20,7 +21,7 @@ import logging
 import os
 import sys
 
-from opcd.errors import OpcdError
+from opcd.errors import ConfigError, OpcdError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,8 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task=math extract.seeds=[0,1]")
     evaluate = sub.add_parser("evaluate", help="evaluate every checkpoint of a run (and the baselines) without "
                                                "the context; mean of the best 3")
-    evaluate.add_argument("run_dir", help="a run folder written by opcd distill")
-    evaluate.add_argument("overrides", nargs="*", help="key=value changes to the run's config, e.g. evaluate.limit=100")
+    evaluate.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
+    evaluate.add_argument("--base", action="store_true", help="evaluate the base model model.path alone: no run "
+                          "folder; the arguments are Hydra overrides as for distill (results in runs/<exp_name>)")
+    evaluate.add_argument("arguments", nargs="*", metavar="RUN_DIR [KEY=VALUE ...]",
+                          help="a run folder written by opcd distill, then key=value changes to its config, "
+                               "e.g. evaluate.limit=100")
     offpolicy = sub.add_parser("offpolicy", help="the off-policy baseline: the teacher with the context writes "
                                                  "responses and top-k log-probs (generate), the student learns "
                                                  "from them (train)")
@@ -87,8 +92,18 @@ def _run(args) -> int:
     if args.command == "evaluate":
         from opcd.pipelines.evaluate import load_run_config, run_evaluate
 
-        summary = run_evaluate(args.run_dir, load_run_config(args.run_dir, args.overrides))
-        print(json.dumps(summary, indent=1))
+        if args.base:
+            cfg = load_config(args.arguments)
+            run_dir = cfg.run_dir
+        elif args.arguments:
+            run_dir, overrides = args.arguments[0], args.arguments[1:]
+            cfg = load_run_config(run_dir, overrides)
+        else:
+            raise ConfigError("opcd evaluate needs a run folder (RUN_DIR [KEY=VALUE ...]) or --base [OVERRIDE ...]")
+        if args.cfg:
+            print(to_yaml(cfg))
+            return 0
+        print(json.dumps(run_evaluate(run_dir, cfg, base_only=args.base), indent=1))
         return 0
     if args.command == "export":
         from opcd.export import export_checkpoint

@@ -10,9 +10,10 @@ Run `opcd distill --cfg` to print the resolved config without running.
 
 from __future__ import annotations
 
+import importlib.util
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -30,10 +31,12 @@ def _check(ok: bool, key: str, value, expected: str) -> None:
 class ModelConfig:
     path: str = "smollm2-135m-instruct"  # student: hub id, local HF folder, or the built-in name
     teacher_path: str | None = None  # frozen teacher; None = the student's initial weights
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     trust_remote_code: bool = False  # off unless the user trusts the model repository's code
     attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"; None = transformers' choice
-    activation_checkpointing: bool = False  # recompute decoder activations in the backward pass (less memory)
+    # recompute decoder activations in the backward pass; None: on with GPUs (long responses make the saved
+    # activations, not the weights, the largest item: README "GPUs and clusters"), off on CPU
+    activation_checkpointing: bool | None = None
     cpu_offload: bool = False  # with ray.ranks_per_group > 1: parameters/gradients/optimizer state on CPU
 
 
@@ -44,6 +47,10 @@ class TaskConfig:
     test_data: str = "bundled:questions_test"
     train_split: str | None = None  # split name for hf: sources
     test_split: str | None = None
+    # held-out set on which `opcd extract` picks its best experience; None = test_data (then the
+    # selection sees the test set: give a separate split, as the reference's dapo_validation)
+    validation_data: str | None = None
+    validation_split: str | None = None
     context_kind: Literal["system_prompt", "experience"] = "system_prompt"
     context_path: str = "system_prompts/french.txt"  # a text file, or a .list of files (one picked per example)
     experience_max_length: int = 4096  # context budget in tokens; <= 0 = unlimited
@@ -52,6 +59,13 @@ class TaskConfig:
 
     def __post_init__(self):
         _check(self.max_prompt_length > 0, "task.max_prompt_length", self.max_prompt_length, "an integer > 0")
+
+    @property
+    def selection_data(self) -> tuple[str, str | None]:
+        """(source, split) of the set extraction selects on: the validation set, else the test set."""
+        if self.validation_data:
+            return self.validation_data, self.validation_split
+        return self.test_data, self.test_split
 
 
 @dataclass
@@ -86,7 +100,8 @@ class GameConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: Literal["hf", "vllm"] = "hf"  # hf: transformers generate (KV cache); vllm: vLLM engine, weights synced
+    # hf: transformers generate (KV cache); vllm: vLLM engine, weights synced; auto: vllm on GPU when installed, else hf
+    backend: Literal["auto", "hf", "vllm"] = "auto"
     n: int = 1  # samples per prompt
     temperature: float = 1.0  # sampling temperature; the loss uses the same temperature for both models
     top_p: float = 1.0
@@ -192,7 +207,10 @@ class RayConfig:
     num_cpus: float | None = None  # logical CPUs for a local instance (None = max(cores, 8): avoids starving)
     nnodes: int = 1
     gpus_per_node: int = 0  # 0 on CPU
-    ranks_per_group: int = 1  # ranks of the student and of the teacher group; > 1 shards them with FSDP2
+    # ranks of the student and of the teacher group; > 1 shards them with FSDP2; 0 = fill the cluster:
+    # every GPU (ray.nnodes x ray.gpus_per_node) when colocated, the GPUs the teacher leaves when
+    # separate (half of them without ray.teacher_ranks); 1 on CPU
+    ranks_per_group: int = 0
     teacher_ranks: int = 0  # ranks of the teacher group; 0 = ray.ranks_per_group
     # colocate: rank r of every group on bundle r of one pool (GPU shared); separate: a pool (whole GPUs) per group
     placement: Literal["colocate", "separate"] = "colocate"
@@ -202,7 +220,13 @@ class RayConfig:
 
     def __post_init__(self):
         _check(self.nnodes >= 1, "ray.nnodes", self.nnodes, "an integer >= 1")
-        _check(self.ranks_per_group >= 1, "ray.ranks_per_group", self.ranks_per_group, "an integer >= 1")
+        _check(self.ranks_per_group >= 0, "ray.ranks_per_group", self.ranks_per_group,
+               "an integer >= 0 (0 = every GPU: ray.nnodes x ray.gpus_per_node)")
+        if self.ranks_per_group == 0:
+            gpus = self.nnodes * self.gpus_per_node
+            if self.placement == "separate":
+                gpus -= self.teacher_ranks or gpus // 2
+            self.ranks_per_group = max(1, gpus)
         _check(self.collective_timeout_s is None or 0 < self.collective_timeout_s < 1e7, "ray.collective_timeout_s",
                self.collective_timeout_s, "a number of seconds in (0, 1e7), or null")
         _check(self.teacher_ranks >= 0, "ray.teacher_ranks", self.teacher_ranks, "an integer >= 0 (0 = ray.ranks_per_group)")
@@ -244,11 +268,17 @@ class EvaluateConfig:
     steps: list[int] | None = None  # checkpoints to evaluate; None = all in the run folder
     limit: int = 500  # test items; <= 0 = all (reference: 1,000 math, 500 system prompts)
     baselines: bool = True  # also the base model without and with the context
+    with_context: bool = False  # also every checkpoint WITH the context (the reference's --eval_prepend_experience)
     best_k: int = 3  # report the mean of the k best checkpoints (the paper's "best-3")
     ood_tasks: list[str] = field(default_factory=list)  # lm-eval tasks per checkpoint and base model, e.g. [ifeval]
     ood_limit: int = 0  # items per lm-eval task; <= 0 = all
     ood_include_path: str | None = None  # a folder of extra lm-eval task YAMLs (local data, offline)
-    ood_backend: Literal["hf", "vllm"] = "hf"  # lm-eval's transformers (CPU/GPU) or vLLM (GPU) backend
+    # lm-eval's transformers or vLLM backend; auto: vLLM with a GPU when it is installed (the reference's)
+    ood_backend: Literal["auto", "hf", "vllm"] = "auto"
+    # lm-eval generation settings and seed: the reference's IFEval command (sampled, not lm-eval's greedy)
+    ood_gen_kwargs: str = "temperature=0.7,top_p=0.8,top_k=20,min_p=0,do_sample=True"
+    ood_seed: int = 42
+    ood_enable_thinking: bool | None = False  # the chat template's thinking switch for lm-eval (reference: off)
 
     def __post_init__(self):
         _check(self.best_k >= 1, "evaluate.best_k", self.best_k, "an integer >= 1")
@@ -300,13 +330,57 @@ class DistillConfig:
     oel: OELConfig = field(default_factory=OELConfig)
 
     def __post_init__(self):
+        self._resolve_auto()
         _check(self.trainer.micro_batch_size <= self.trainer.batch_size * self.rollout.n,
                "trainer.micro_batch_size", self.trainer.micro_batch_size,
                f"<= trainer.batch_size * rollout.n = {self.trainer.batch_size * self.rollout.n}")
 
+    def _resolve_auto(self) -> None:
+        """The `auto` settings, decided by whether the run has GPUs (ray.gpus_per_node > 0), so that
+        `--cfg` and the saved config.yaml show what runs: GPU = bf16, the vLLM rollout (when vLLM is
+        installed), activation checkpointing; CPU = fp32, transformers generate, no checkpointing."""
+        gpu = self.ray.gpus_per_node > 0
+        if self.model.dtype == "auto":
+            self.model.dtype = "bfloat16" if gpu else "float32"
+        if self.model.activation_checkpointing is None:
+            self.model.activation_checkpointing = gpu
+        vllm = gpu and importlib.util.find_spec("vllm") is not None
+        if self.rollout.backend == "auto":
+            self.rollout.backend = "vllm" if vllm else "hf"
+        if self.evaluate.ood_backend == "auto":
+            self.evaluate.ood_backend = "vllm" if vllm else "hf"
+
     @property
     def run_dir(self) -> Path:
         return Path(self.trainer.runs_dir) / self.trainer.exp_name
+
+
+def prompt_budget(experience_max_length, fixed, per_turn=0, turns=0) -> int:
+    """Tokens a prompt may hold: the context budget, plus `fixed` for the row's own text, plus
+    `per_turn` for each game turn of history. The presets derive task.max_prompt_length from it
+    (`${prompt_budget:${task.experience_max_length},1024}`), so a larger experience budget grows the
+    prompt budget with it instead of getting every teacher prompt dropped."""
+    return max(int(experience_max_length), 0) + int(fixed) + int(per_turn) * int(turns)
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("prompt_budget", prompt_budget, replace=True)
+
+
+def schema_defaults(cls) -> dict:
+    """The declared defaults of a config dataclass, nested, before `__post_init__` resolves any `auto`
+    value (the composition must keep `auto` until the overrides are in)."""
+    values = {}
+    for f in fields(cls):
+        if is_dataclass(f.default_factory):
+            values[f.name] = schema_defaults(f.default_factory)
+        elif f.default_factory is not MISSING:
+            values[f.name] = f.default_factory()
+        else:
+            values[f.name] = f.default
+    return values
 
 
 def compose(overrides: list[str], config_name: str = "distill"):
@@ -318,9 +392,10 @@ def compose(overrides: list[str], config_name: str = "distill"):
 
     from hydra.core.config_store import ConfigStore
 
+    _register_resolvers()
     # Every field of the schema, with its default, is the base of the composition: any field can be
     # overridden from the command line, and a key outside the schema is refused by Hydra.
-    ConfigStore.instance().store(name="opcd_schema", node=asdict(DistillConfig()))
+    ConfigStore.instance().store(name="opcd_schema", node=schema_defaults(DistillConfig))
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=list(overrides))

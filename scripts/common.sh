@@ -20,6 +20,8 @@
 #   OPCD_DRY_RUN=1    print the final command line (shell-quoted) instead of running it
 #   OPCD_CFG_ONLY=1   run `opcd distill --cfg ...`: print the resolved config, load no model
 #   OPCD_NUM_GPUS     GPUs on this node; default: counted with `nvidia-smi -L` (0 without a GPU)
+#   OPCD_DATA_DIR     where tools/prepare_data.py wrote the paper's datasets (default: data)
+#   OPCD_RUNS_DIR     run folders (default: runs); OPCD_OFFP_ROOT: off-policy shards (default: /tmp)
 #   OPCD_VENV         the venv setup.sh made (default <repo>/.venv); else `opcd` from PATH
 #   WANDB_API_KEY     when set, wandb is added to the loggers (the key stays in the environment only)
 
@@ -214,17 +216,66 @@ opcd_common_overrides() {  # the common flags -> OPCD_OVERRIDES (group selection
     opcd_hardware_overrides
 }
 
-opcd_hardware_overrides() {  # bf16 + flash-attention on GPUs (the hf preset); fp32 + default attention on CPU
+opcd_hardware_overrides() {  # GPUs of this node; vLLM on GPU; fp32 and default attention on CPU
     local gpus="${OPCD_NUM_GPUS:-}"
     if [[ -z "$gpus" ]]; then
         gpus="$(opcd_num_gpus)"
     fi
     [[ "$gpus" =~ ^[0-9]+$ ]] || opcd_die "OPCD_NUM_GPUS must be a whole number, got '$gpus'"
+    # opcd's `auto` values do the rest (opcd/config.py): ray.ranks_per_group = every GPU of the nnodes,
+    # the teacher on the same ranks, bf16, activation checkpointing on GPU; `--cfg` prints them
     if ((gpus > 0)); then
-        OPCD_OVERRIDES+=("ray.gpus_per_node=$gpus")
+        OPCD_OVERRIDES+=("ray.gpus_per_node=$gpus" rollout.backend=vllm)  # the reference always samples with vLLM
     else
         OPCD_OVERRIDES+=(model.dtype=float32 model.attn_implementation=null ray.gpus_per_node=0)
     fi
+}
+
+OPCD_RG_SIZE=256  # problems per split of an rg: source (opcd.data.REASONING_GYM_DEFAULT_SIZE; a test keeps them equal)
+
+opcd_passthrough_sets() {  # opcd_passthrough_sets KEY: true when the user's overrides set KEY
+    local word
+    for word in ${OPCD_PASSTHROUGH[@]+"${OPCD_PASSTHROUGH[@]}"}; do
+        [[ "$word" == "$1="* || "$word" == "+$1="* ]] && return 0
+    done
+    return 1
+}
+
+opcd_task_data() {  # opcd_task_data math|medmcqa|safety [train,validation,test]: ./data when there, else one line
+    local task="$1" wanted="${2:-train,validation,test}" dir="${OPCD_DATA_DIR:-data}" prefix fallback size
+    case "$task" in
+        math) prefix=dapo ;;
+        medmcqa | safety) prefix="sys_$task" ;;
+        *) opcd_die "no paper data for task '$task'" ;;
+    esac
+    local role files=() missing=()
+    for role in train validation test; do
+        [[ ",$wanted," == *",$role,"* ]] || continue
+        [[ "$role" == validation && "$task" != math ]] && continue  # the system-prompt sets have no validation split
+        files+=("$role")
+        [[ -f "$dir/${prefix}_$role.parquet" ]] || missing+=("$dir/${prefix}_$role.parquet")
+    done
+    if ((${#missing[@]} == 0)); then
+        for role in "${files[@]}"; do
+            local path
+            opcd_hydra_str path "$dir/${prefix}_$role.parquet"
+            OPCD_OVERRIDES+=("task.${role}_data=$path")
+        done
+        return 0
+    fi
+    if ((${#missing[@]} < ${#files[@]})); then
+        opcd_die "$dir has only some of the $task files (missing ${missing[*]}); run: python tools/prepare_data.py"
+    fi
+    if opcd_passthrough_sets task.train_data || opcd_passthrough_sets task.test_data; then
+        return 0  # the user named the data
+    fi
+    if [[ "$task" == math ]]; then
+        fallback="rg:gsm_symbolic, generated offline by reasoning-gym ($OPCD_RG_SIZE problems per split)"
+    else
+        size="$(grep -c . "$OPCD_REPO/opcd/data/${task}_train.jsonl") + $(grep -c . "$OPCD_REPO/opcd/data/${task}_test.jsonl")"
+        fallback="the bundled samples bundled:${task}_train / bundled:${task}_test ($size rows)"
+    fi
+    echo "$OPCD_SCRIPT_NAME: no ${missing[0]} (python tools/prepare_data.py writes the paper's data): using $fallback" >&2
 }
 
 opcd_exec() {  # opcd_exec SUBCOMMAND [STAGE]: set the environment, then exec opcd (or print the command)
@@ -262,24 +313,51 @@ opcd_exec() {  # opcd_exec SUBCOMMAND [STAGE]: set the environment, then exec op
 }
 
 opcd_eval_flags() {  # the flags of the *_eval_inturn.sh launchers
-    opcd_flag model                        # the run's base model (informational: the run folder's config has it)
+    opcd_flag model                        # base model: the baselines of a run; alone when there is no run folder
     opcd_flag exp_name                     # the run to evaluate: runs/<exp_name> (or $OPCD_RUNS_DIR/<exp_name>)
+    opcd_flag exp_path                     # context file (default: the run's; needed for a base model alone)
     opcd_flag nnodes 1
     opcd_flag ckpt                         # one checkpoint step; empty = every checkpoint of the run
     opcd_flag use_bsl False                # also evaluate the base model without and with the context
+    opcd_flag eval_prepend_experience False  # also evaluate WITH the context (checkpoints, or the base model alone)
     opcd_flag max_response_length
     opcd_flag val_samples_limit            # test items (default: the reference's per-task size)
 }
 
-opcd_eval_overrides() {  # opcd_eval_overrides TEMPERATURE TOP_P TOP_K LIMIT -> run dir + OPCD_OVERRIDES
-    opcd_require exp_name
+opcd_eval_overrides() {  # opcd_eval_overrides TEMPERATURE TOP_P TOP_K LIMIT TASK -> OPCD_EVAL_ARGS + OPCD_OVERRIDES
+    # With a run folder runs/<exp_name>: its checkpoints (`opcd evaluate RUN_DIR key=value ...`). Without
+    # one, --model alone (`opcd evaluate --base ...`, composed like a training run of TASK).
     opcd_bool use_bsl
+    opcd_bool eval_prepend_experience
     opcd_int nnodes
-    local run_dir="${OPCD_RUNS_DIR:-runs}/$FLAG_exp_name"
-    [[ -f "$run_dir/config.yaml" || "${OPCD_DRY_RUN:-0}" == 1 ]] || \
-        opcd_die "no run folder $run_dir (expected runs/<exp_name> written by a consolidate script)"
-    OPCD_OVERRIDES+=("$run_dir" "rollout.eval_temperature=$1" "rollout.eval_top_p=$2" "rollout.eval_top_k=$3"
-        "evaluate.limit=${FLAG_val_samples_limit:-$4}" "evaluate.baselines=$FLAG_use_bsl")
+    [[ -n "$FLAG_exp_name" || -n "$FLAG_model" ]] || opcd_die "--exp_name (a run) or --model (a base model alone) is required"
+    local run_dir="${OPCD_RUNS_DIR:-runs}/$FLAG_exp_name" quoted
+    if [[ -n "$FLAG_exp_name" && -f "$run_dir/config.yaml" ]]; then
+        OPCD_EVAL_ARGS=("$run_dir")
+        OPCD_OVERRIDES+=("evaluate.baselines=$FLAG_use_bsl")
+        if [[ -n "$FLAG_model" ]]; then
+            opcd_hydra_str quoted "$FLAG_model"
+            OPCD_OVERRIDES+=("model.path=$quoted")
+        fi
+    elif [[ -n "$FLAG_model" ]]; then
+        OPCD_EVAL_ARGS=(--base)
+        local name="${FLAG_exp_name:-base-$(basename "$FLAG_model")-$5}"
+        opcd_hydra_str quoted "$FLAG_model"
+        OPCD_OVERRIDES+=("task=$5" model=hf "model.path=$quoted" "trainer.exp_name=$name" "evaluate.baselines=$FLAG_use_bsl")
+        [[ "$5" == textgame ]] || opcd_task_data "$5" test
+        opcd_hardware_overrides
+        if ((FLAG_nnodes > 1)); then
+            OPCD_OVERRIDES+=(ray.address=auto "ray.nnodes=$FLAG_nnodes")
+        fi
+    else
+        opcd_die "no run folder $run_dir (expected runs/<exp_name> written by a consolidate script; or give --model to evaluate a base model alone)"
+    fi
+    OPCD_OVERRIDES+=("rollout.eval_temperature=$1" "rollout.eval_top_p=$2" "rollout.eval_top_k=$3"
+        "evaluate.limit=${FLAG_val_samples_limit:-$4}" "evaluate.with_context=$FLAG_eval_prepend_experience")
+    if [[ -n "$FLAG_exp_path" ]]; then
+        opcd_hydra_str quoted "$FLAG_exp_path"
+        OPCD_OVERRIDES+=("task.context_path=$quoted")
+    fi
     if [[ -n "$FLAG_ckpt" ]]; then
         opcd_int ckpt
         OPCD_OVERRIDES+=("evaluate.steps=[$FLAG_ckpt]")
@@ -288,19 +366,35 @@ opcd_eval_overrides() {  # opcd_eval_overrides TEMPERATURE TOP_P TOP_K LIMIT -> 
         opcd_int max_response_length
         OPCD_OVERRIDES+=("rollout.max_response_length=$FLAG_max_response_length")
     fi
-    if ((FLAG_nnodes > 1)); then
+    if [[ "${OPCD_EVAL_ARGS[0]}" != --base ]] && ((FLAG_nnodes > 1)); then
         OPCD_OVERRIDES+=(ray.address=auto "ray.nnodes=$FLAG_nnodes")
     fi
 }
 
+opcd_eval_published() {  # opcd_eval_published "MODEL EXP_NAME" ...: the no-flag form, every run found
+    local pair found=0
+    for pair in "$@"; do
+        local model="${pair%% *}" exp_name="${pair#* }"
+        if [[ -f "${OPCD_RUNS_DIR:-runs}/$exp_name/config.yaml" ]]; then
+            found=1
+            bash "$0" --model "$model" --exp_name "$exp_name" || exit $?
+        else
+            echo "$OPCD_SCRIPT_NAME: skipped $exp_name (no ${OPCD_RUNS_DIR:-runs}/$exp_name)" >&2
+        fi
+    done
+    ((found)) || opcd_die "none of the published runs is in ${OPCD_RUNS_DIR:-runs}/ (give --exp_name RUN or --model BASE)"
+    exit 0
+}
+
 opcd_textgame_flags() {  # the text-game flags of the reference's textgame_* launchers
+    opcd_flag experience_max_length 8192     # the reference's game experience budget
     opcd_flag textgame_name FrozenLake-v0-raw  # FrozenLake-v0-raw (= FrozenLake-v0), Sokoban-v0, textarena:<id>
     opcd_flag textgame_max_steps 5
     opcd_flag textgame_no_think True
     opcd_flag textgame_mode turn             # opcd extension: turn (reference) | trajectory
 }
 
-opcd_textgame_overrides() {  # text-game flags -> OPCD_OVERRIDES (prompt budget as in the reference)
+opcd_textgame_overrides() {  # text-game flags -> OPCD_OVERRIDES
     opcd_int textgame_max_steps
     opcd_bool textgame_no_think
     case "$FLAG_textgame_mode" in
@@ -310,14 +404,20 @@ opcd_textgame_overrides() {  # text-game flags -> OPCD_OVERRIDES (prompt budget 
     local name thinking=true
     [[ "$FLAG_textgame_no_think" == true ]] && thinking=false
     opcd_hydra_str name "$FLAG_textgame_name"
+    # the prompt budget (experience + 512 per move) follows from these in task/textgame.yaml
     OPCD_OVERRIDES+=("game.name=$name" "game.max_steps=$FLAG_textgame_max_steps" "game.mode=$FLAG_textgame_mode"
-        "task.enable_thinking=$thinking"
-        "task.max_prompt_length=$((${FLAG_experience_max_length:-4096} + 512 * FLAG_textgame_max_steps))")
+        "task.enable_thinking=$thinking")
 }
 
 opcd_offpolicy_train_flags() {  # the extra flags of the *_train_offp.sh launchers
     opcd_flag off_policy_save_dir          # the shard folder written by the matching *_generate_offp.sh
     opcd_flag teacher_logprobs recompute   # opcd extension: recompute (reference) | stored
+}
+
+opcd_offpolicy_dir() {  # the shard folder: --off_policy_save_dir, else where the reference's commands put it
+    local dir="${FLAG_off_policy_save_dir:-${OPCD_OFFP_ROOT:-/tmp}/$FLAG_exp_name/off_policy_data}"
+    opcd_hydra_str dir "$dir"
+    OPCD_OVERRIDES+=("offpolicy.save_dir=$dir")
 }
 
 opcd_offpolicy_overrides() {  # --kl_loss_type full|seqkd -> offpolicy.objective; shard folder
@@ -327,11 +427,7 @@ opcd_offpolicy_overrides() {  # --kl_loss_type full|seqkd -> offpolicy.objective
         *) opcd_die "--kl_loss_type for off-policy training must be full (forward KL) or seqkd, got '$FLAG_kl_loss_type'" ;;
     esac
     FLAG_kl_loss_type=full  # the on-policy loss field keeps its default; the objective above decides
-    if [[ -n "${FLAG_off_policy_save_dir:-}" ]]; then
-        local dir
-        opcd_hydra_str dir "$FLAG_off_policy_save_dir"
-        OPCD_OVERRIDES+=("offpolicy.save_dir=$dir")
-    fi
+    opcd_offpolicy_dir
     if [[ -n "${FLAG_teacher_logprobs:-}" ]]; then
         case "$FLAG_teacher_logprobs" in
             recompute | stored) OPCD_OVERRIDES+=("offpolicy.teacher_logprobs=$FLAG_teacher_logprobs") ;;
@@ -341,7 +437,7 @@ opcd_offpolicy_overrides() {  # --kl_loss_type full|seqkd -> offpolicy.objective
 }
 
 opcd_oel_flags() {  # the OEL flags of the reference's follow-up launchers
-    opcd_flag oel_round 1
+    opcd_flag oel_round 1                 # the round: runs/<exp_name>/round_<r>/{deploy,consolidate}
     opcd_flag deploy_save_dir             # consolidate on the states stored there (states.jsonl)
     opcd_flag resume_policy_name          # start from runs/<name>/global_step_<ckpt>/model
     opcd_flag resume_policy_ckpt

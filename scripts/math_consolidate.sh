@@ -19,6 +19,9 @@ opcd_parse_flags "$@"
 opcd_require model exp_name exp_path
 
 OPCD_OVERRIDES+=(task=math)
+opcd_task_data math
 opcd_common_overrides
-OPCD_OVERRIDES+=(rollout.temperature=0.6 trainer.batch_size=128)
+# one 16k-token sequence per forward/backward: its checkpointed activations, not the weights, set the
+# memory (README "GPUs and clusters")
+OPCD_OVERRIDES+=(rollout.temperature=0.6 trainer.batch_size=128 trainer.micro_batch_size=1)
 opcd_exec distill

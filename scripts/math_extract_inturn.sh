@@ -46,7 +46,9 @@ opcd_bool exp_sel_with_prev
 
 opcd_hydra_str model "$FLAG_model"
 opcd_hydra_str exp_name "$FLAG_exp_name"
-OPCD_OVERRIDES+=(task=math model=hf "model.path=$model" "trainer.exp_name=$exp_name"
+OPCD_OVERRIDES+=(task=math)
+opcd_task_data math train,validation
+OPCD_OVERRIDES+=(model=hf "model.path=$model" "trainer.exp_name=$exp_name"
     "extract.seeds=$seeds" "extract.stream_items=$FLAG_stream_items"
     "extract.heldout_size=$FLAG_val_samples_limit" "extract.writer_sees_previous=$FLAG_exp_sel_with_prev"
     "rollout.max_response_length=$FLAG_max_response_length" rollout.eval_temperature=0.6)

@@ -11,11 +11,14 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 opcd_common_flags
+opcd_flag off_policy_save_dir          # shard folder (default: /tmp/<exp_name>/off_policy_data, as the reference)
 opcd_flag max_response_length 16384
 opcd_parse_flags "$@"
 opcd_require model exp_name exp_path
 
 OPCD_OVERRIDES+=(task=math)
+opcd_task_data math
 opcd_common_overrides
+opcd_offpolicy_dir
 OPCD_OVERRIDES+=(rollout.temperature=0.6 trainer.batch_size=128)
 opcd_exec offpolicy generate

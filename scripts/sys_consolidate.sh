@@ -20,7 +20,7 @@ opcd_parse_flags "$@"
 opcd_require model exp_name system_prompt_type
 
 case "$FLAG_system_prompt_type" in
-    medmcqa | safety) OPCD_OVERRIDES+=("task=$FLAG_system_prompt_type") ;;
+    medmcqa | safety) OPCD_OVERRIDES+=("task=$FLAG_system_prompt_type") && opcd_task_data "$FLAG_system_prompt_type" ;;
     *) opcd_die "--system_prompt_type must be medmcqa or safety, got '$FLAG_system_prompt_type'" ;;
 esac
 opcd_common_overrides

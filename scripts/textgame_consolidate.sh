@@ -14,8 +14,10 @@
 # budget + 512 tokens per move. --textgame_mode trajectory (an opcd extension) trains on whole
 # episodes with a loss mask over the model's answers instead of one sample per turn.
 # OEL (reference follow-up): --deploy_save_dir DIR trains on the states stored by
-# textgame_generate_deploy.sh (DIR/states.jsonl); --exp_path may be a .list of experience files (one
-# sampled per state); --resume_policy_name/--resume_policy_ckpt start from an earlier checkpoint.
+# textgame_generate_deploy.sh (DIR/states.jsonl) as round --oel_round of `opcd oel` (run folder
+# runs/<exp_name>/round_<r>/consolidate, teacher = the round's starting policy); --exp_path may be a
+# .list of experience files (one sampled per state); --resume_policy_name/--resume_policy_ckpt start
+# from an earlier checkpoint.
 set -euo pipefail
 # shellcheck source=scripts/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -33,6 +35,11 @@ opcd_resume_policy
 OPCD_OVERRIDES+=(task=textgame)
 opcd_common_overrides
 opcd_textgame_overrides
-opcd_deploy_overrides
 OPCD_OVERRIDES+=(rollout.temperature=0.7 "game.episodes_per_step=$FLAG_textgame_episodes")
+if [[ -n "$FLAG_deploy_save_dir" ]]; then
+    # an OEL round: `opcd oel`'s consolidate phase, in runs/<exp_name>/round_<oel_round>/consolidate
+    opcd_deploy_overrides
+    OPCD_OVERRIDES+=("oel.phases=[consolidate]" "oel.rounds=$FLAG_oel_round" "oel.first_round=$FLAG_oel_round")
+    opcd_exec oel
+fi
 opcd_exec distill

@@ -14,6 +14,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 opcd_common_flags
 opcd_textgame_flags
+opcd_flag off_policy_save_dir          # shard folder (default: /tmp/<exp_name>/off_policy_data, as the reference)
 opcd_flag textgame_episodes 64          # episodes per step
 opcd_parse_flags "$@"
 opcd_require model exp_name exp_path
@@ -22,5 +23,6 @@ opcd_int textgame_episodes
 OPCD_OVERRIDES+=(task=textgame)
 opcd_common_overrides
 opcd_textgame_overrides
+opcd_offpolicy_dir
 OPCD_OVERRIDES+=(rollout.temperature=0.7 "game.episodes_per_step=$FLAG_textgame_episodes")
 opcd_exec offpolicy generate

@@ -8,13 +8,17 @@ import pytest
 import yaml
 
 from opcd.cli import main
-from opcd.config import CONF_DIR, DistillConfig, compose, load_config, validate
+from omegaconf import OmegaConf
+
+from opcd.config import CONF_DIR, DistillConfig, compose, load_config, schema_defaults, validate
 from opcd.errors import ConfigError
 
 GROUPS = ("task", "model", "rollout", "trainer")
 # Presets that cannot stand alone: the overrides they need.
 REQUIRED = {"model/hf": ["model.path=some/model"]}
-DEFAULT_PRESETS = {"task": "language", "model": "smollm2", "rollout": "hf", "trainer": "demo"}
+DEFAULT_PRESETS = {"task": "language", "model": "smollm2", "rollout": "auto", "trainer": "demo"}
+# What an `auto` preset value resolves to on a machine without GPUs (ray.gpus_per_node=0).
+CPU_AUTO = {"dtype": "float32", "backend": "hf"}
 
 
 def _presets() -> list[str]:
@@ -49,6 +53,10 @@ def test_every_preset_composes_validates_and_applies_its_values(preset):
     for section_name, section_values in sections.items():
         section = asdict(getattr(cfg, section_name))
         for key, value in section_values.items():
+            if value == "auto":
+                value = CPU_AUTO[key]
+            elif isinstance(value, str) and value.startswith("${"):  # derived, e.g. the prompt budget
+                value = OmegaConf.select(compose(overrides), f"{section_name}.{key}")
             if f"{section_name}.{key}" not in overridden:
                 assert section[key] == value, f"{preset}: {section_name}.{key}"
 
@@ -70,12 +78,12 @@ def test_hf_model_preset_requires_a_path():
 
 def test_defaults_are_the_schema_plus_the_default_presets():
     """Nothing but config.py's dataclasses and the four default presets decides a default."""
-    expected = asdict(DistillConfig())
+    expected = schema_defaults(DistillConfig)
     for group, name in DEFAULT_PRESETS.items():
         expected[group].update(_preset_yaml(f"{group}/{name}"))
     expected.update({k: {**expected[k], **v} for k, v in
                      yaml.safe_load((CONF_DIR / "distill.yaml").read_text()).items() if k != "defaults"})
-    assert asdict(load_config([])) == expected
+    assert asdict(load_config([])) == asdict(validate(expected))
 
 
 def test_default_values():

@@ -84,3 +84,16 @@ def test_ifeval_scoring_on_local_rows(tasks_dir, tiny_model, monkeypatch):
 def test_unknown_task_is_a_config_error(tasks_dir, tiny_model):
     with pytest.raises(ConfigError, match=r"evaluate.ood_tasks: unknown lm-eval task\(s\) \['no_such_task'\]"):
         run_lm_eval(str(tiny_model), ["no_such_task"], include_path=str(tasks_dir))
+
+
+def test_ifeval_with_the_reference_sampling_is_seeded(tasks_dir, tiny_model, monkeypatch):
+    """The reference's IFEval settings (sampled: T 0.7, top-p 0.8, top-k 20, min-p 0; seed 42; thinking
+    off) reach lm-eval, which accepts them, and the same seed gives the same scores."""
+    from opcd.ood import REFERENCE_GEN_KWARGS, REFERENCE_SEED
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    runs = [run_lm_eval(str(tiny_model), ["opcd_ifeval_local"], include_path=str(tasks_dir), limit=3,
+                        enable_thinking=False, gen_kwargs=REFERENCE_GEN_KWARGS, seed=REFERENCE_SEED)
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert 0.0 <= runs[0]["opcd_ifeval_local"]["prompt_level_strict_acc"] <= 1.0

@@ -1,82 +1,131 @@
-"""Download every dataset the tasks use and write them as parquet in the layout opcd reads
-(`content` chat messages + `answer`), one file per split, into a data folder.
+"""Fetch the datasets the paper's commands train and evaluate on, through `datasets`, into ./data.
 
-    python tools/prepare_data.py                 # all datasets into ./data
-    python tools/prepare_data.py --only medmcqa --out /shared/data
+    python tools/prepare_data.py                        # the seven hub datasets into ./data
+    python tools/prepare_data.py --only dapo_train --limit 100 --out /shared/data
+    python tools/prepare_data.py --source /mnt/mirror    # a local copy: /mnt/mirror/<name>/ per dataset
 
-Needs access to the Hugging Face hub. Offline, every dataset that could not be fetched is listed
-with the reason, nothing partial is left behind, and the exit code is 1. Point the tasks at the
-files with e.g. `task.train_data=data/medmcqa_train.parquet`. Offline runs need none of this:
-the bundled samples and `rg:` generators work without a network.
+The reference's own tools/prepare_data.py loads the same seven hub datasets and writes each one's
+`train` split as parquet (method.md §4); so does this, in the same layout, checking every row
+first: `content` (chat messages) in all of them; `data_source` and `reward_model.ground_truth` in
+the DAPO sets; `answer` in the system-prompt sets. Each `data/<name>.parquet` gets a
+`data/<name>.json` beside it naming its source, split, row count and columns.
+
+The launchers (scripts/*.sh) use these files when they are there: DAPO train / validation / test
+for math (extraction selects on validation, evaluation uses test) and the sys_* sets for the system
+prompts. Offline, every dataset that could not be fetched is listed with its reason, nothing
+partial is left behind and the exit code is 1; the launchers then say which bundled or generated
+fallback they use.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from opcd.data import load_rows
-from opcd.errors import OpcdError
+from opcd.data import check_rows
+from opcd.errors import DataError, OpcdError
+
+HUB_SPLIT = "train"  # each of the reference's datasets is one hub dataset with a single train split
 
 
 @dataclass(frozen=True)
 class Source:
-    name: str  # output file prefix: <name>_<split>.parquet
-    dataset: str  # hf:<id> (converted by opcd.data when it has no `content` column)
-    splits: dict[str, str]  # our split name -> the hub's split name
+    name: str  # the hub dataset ytz20/<name>, written to <out>/<name>.parquet
+    columns: tuple[str, ...]  # top-level columns the reference reads; missing -> an error
+
+    @property
+    def hub_id(self) -> str:
+        return f"ytz20/{self.name}"
 
 
+_DAPO = ("content", "data_source", "reward_model")
+_SYS = ("content", "answer")
 SOURCES = (
-    # DAPO math training problems (prompt + reward_model.ground_truth, normalised on load)
-    Source("dapo_math", "hf:BytedTsinghua-SIA/DAPO-Math-17k", {"train": "train"}),
-    # MedMCQA: the hub's test split has no labels, so its validation split serves as our test split
-    Source("medmcqa", "hf:openlifescienceai/medmcqa", {"train": "train", "test": "validation"}),
+    Source("dapo_train", _DAPO),
+    Source("dapo_validation", _DAPO),  # the held-out 900 that extraction selects on
+    Source("dapo_test", _DAPO),  # the math evaluation reads its first 1,000
+    Source("sys_medmcqa_train", _SYS),
+    Source("sys_medmcqa_test", _SYS),
+    Source("sys_safety_train", _SYS),
+    Source("sys_safety_test", _SYS),
 )
-# The reference's safety statements and its re-published DAPO validation/test splits are not public
-# hub datasets we can name; bring them as parquet/jsonl in the same layout (content + answer).
 
 
-def write_parquet(rows: list[dict], path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def load(source: Source, root: Path | None, limit: int | None):
+    """The dataset as `datasets` loads it: from the hub, or from `root/<name>/` (a folder laid out as
+    the hub repository is, e.g. `data/train-00000-of-00001.parquet`): one code path for both."""
+    import datasets  # slow to import: only here
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    tmp.replace(path)  # a failed run never leaves a half-written file under the final name
+    path = source.hub_id if root is None else str(root / source.name)
+    try:
+        dataset = datasets.load_dataset(path, split=HUB_SPLIT)
+    except Exception as error:  # network, missing dataset or split: all reported on one line
+        reason = f"{type(error).__name__}: {error}".replace("\n", " ")
+        raise DataError(f"cannot load {path} split {HUB_SPLIT!r}: {reason}") from None
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return dataset, path
 
 
-def prepare(sources, out: Path, limit: int | None, load=None) -> list[str]:
-    """Fetch and write each source; returns one line per failure (empty when all succeeded)."""
-    load = load or load_rows
+def convert(source: Source, dataset, label: str) -> None:
+    """Raise DataError unless `dataset` has the reference's layout and every row loads in opcd."""
+    missing = [c for c in source.columns if c not in dataset.column_names]
+    if missing:
+        raise DataError(f"{label}: missing column(s) {', '.join(missing)} (expected {', '.join(source.columns)}; "
+                        f"found {', '.join(dataset.column_names)})")
+    if "reward_model" in source.columns:
+        for number, row in enumerate(dataset, start=1):
+            if not isinstance(row["reward_model"], dict) or "ground_truth" not in row["reward_model"]:
+                raise DataError(f"{label} row {number}: field 'reward_model.ground_truth' missing")
+    check_rows(dataset, label)  # content, roles, answer: the checks opcd runs when it loads the file
+
+
+def write(source: Source, dataset, origin: str, out: Path) -> Path:
+    """`out/<name>.parquet` (renamed into place when complete) and its `out/<name>.json` description."""
+    target = out / f"{source.name}.parquet"
+    tmp = out / f".{source.name}.parquet.tmp"
+    dataset.to_parquet(str(tmp))
+    tmp.replace(target)  # a failed run never leaves a half-written file under the final name
+    about = {"source": origin if origin.startswith("/") else f"hf:{origin}", "split": HUB_SPLIT,
+             "rows": len(dataset), "columns": list(dataset.column_names), "written_by": "tools/prepare_data.py"}
+    (out / f"{source.name}.json").write_text(json.dumps(about, indent=1) + "\n")
+    return target
+
+
+def prepare(sources, out: Path, limit: int | None = None, root: Path | None = None) -> list[str]:
+    """Load, check and write each source; returns one line per failure (empty when all succeeded)."""
     out.mkdir(parents=True, exist_ok=True)
     failures = []
     for source in sources:
-        for ours, theirs in source.splits.items():
-            target = out / f"{source.name}_{ours}.parquet"
-            try:
-                rows = load(source.dataset, theirs, limit)
-                write_parquet(rows, target)
-                print(f"wrote {target} ({len(rows)} rows)")
-            except (OpcdError, OSError) as exc:
-                failures.append(f"{source.dataset} split {theirs}: {exc}")
+        try:
+            dataset, origin = load(source, root, limit)
+            convert(source, dataset, origin)
+            target = write(source, dataset, str(Path(origin).resolve()) if root else origin, out)
+            print(f"wrote {target} ({len(dataset)} rows from {origin})")
+        except (OpcdError, OSError) as exc:
+            failures.append(f"{source.name}: {exc}")
     return failures
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="data", help="output folder (default: ./data)")
-    parser.add_argument("--only", nargs="*", choices=[s.name for s in SOURCES], help="datasets to fetch")
-    parser.add_argument("--limit", type=int, default=None, help="rows per split (default: all)")
+    parser.add_argument("--out", default="data", help="output folder (default: ./data, where the launchers look)")
+    parser.add_argument("--only", nargs="*", choices=[s.name for s in SOURCES], help="datasets to fetch (default: all)")
+    parser.add_argument("--limit", type=int, default=None, help="rows per dataset (default: all)")
+    parser.add_argument("--source", type=Path, default=None,
+                        help="read <SOURCE>/<name>/ (a local copy laid out as the hub repository) instead of the hub")
     args = parser.parse_args(argv)
     chosen = [s for s in SOURCES if not args.only or s.name in args.only]
-    failures = prepare(chosen, Path(args.out), args.limit)
+    failures = prepare(chosen, Path(args.out), args.limit, args.source)
     for line in failures:
         print(f"prepare_data: failed: {line}", file=sys.stderr)
     if failures:
-        print(f"prepare_data: {len(failures)} split(s) not written (offline? the hub must be reachable); "
-              "the bundled samples and rg: generators need no download", file=sys.stderr)
+        print(f"prepare_data: {len(failures)} of {len(chosen)} dataset(s) not written (offline? the hub must be "
+              "reachable, or give --source); the launchers fall back to bundled samples / generated problems",
+              file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -1,6 +1,8 @@
 """`opcd evaluate RUN_DIR`: every checkpoint of a run on the task's test split (text games: the fixed
 held-out episodes, pass rate) WITHOUT the context,
-plus the baselines (base model without and with the context), with the mean of the best k.
+plus the baselines (base model without and with the context), with the mean of the best k;
+`evaluate.with_context` also scores every checkpoint with the context; `opcd evaluate --base`
+scores a base model alone (`model.path`, composed like `opcd distill`; results in runs/<exp_name>).
 
 The run's own `config.yaml` says which task, data, context and sampling to use; overrides after the
 run folder change them (e.g. `evaluate.limit=1000 rollout.eval_temperature=0.6`). Results are cached
@@ -9,6 +11,7 @@ second call only evaluates what is new. Written: `evaluation/results.csv` and `r
 
     opcd evaluate runs/french-demo
     opcd evaluate runs/med evaluate.steps=[2,4,6] evaluate.baselines=false
+    opcd evaluate --base task=medmcqa model=hf model.path=Qwen/Qwen2.5-7B-Instruct evaluate.with_context=true
 """
 
 from __future__ import annotations
@@ -66,21 +69,20 @@ def checkpoints(run_dir: Path, steps: list[int] | None) -> list[int]:
     return sorted(steps)
 
 
-def run_evaluate(run_dir: Path, cfg: DistillConfig) -> dict:
+def run_evaluate(run_dir: Path, cfg: DistillConfig, base_only: bool = False) -> dict:
+    """Evaluate the run's checkpoints (and baselines); `base_only`: the base model `model.path` alone,
+    without the context and, with evaluate.with_context, with it (no run folder needed)."""
     run_dir = Path(run_dir)
     out = run_dir / "evaluation"
-    out.mkdir(exist_ok=True)
-    steps = checkpoints(run_dir, cfg.evaluate.steps)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = [] if base_only else checkpoints(run_dir, cfg.evaluate.steps)
     base_path = resolve_model(cfg.model.path)
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
     context = load_context(cfg.task.context_kind, resolve_user_path(cfg.task.context_path),
                            cfg.task.experience_max_length, token_counter(tokenizer))
     run_one, num_items = _evaluator(cfg, tokenizer, context)
     key = _settings_key(cfg, num_items)
-    # a checkpoint folder: its Hugging Face folder, or a temporary export of its shards (opcd/export.py)
-    jobs = [(f"step_{s}", str(step_dir(run_dir, s)), "student") for s in steps]
-    if cfg.evaluate.baselines:
-        jobs += [("base_without_context", base_path, "student"), ("base_with_context", base_path, "teacher")]
+    jobs = _jobs(run_dir, steps, base_path, cfg.evaluate.baselines, cfg.evaluate.with_context, base_only)
     results = {}
     for name, model_path, side in jobs:
         cached = out / f"{name}.json"
@@ -108,6 +110,21 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig) -> dict:
     return summary
 
 
+def _jobs(run_dir: Path, steps: list[int], base_path: str, baselines: bool, with_context: bool,
+          base_only: bool) -> list[tuple[str, str, str]]:
+    """(name, model folder, side) to evaluate; side "student" = without the context, "teacher" = with it."""
+    # a checkpoint folder: its Hugging Face folder, or a temporary export of its shards (opcd/export.py)
+    models = [(f"step_{s}", str(step_dir(run_dir, s))) for s in steps]
+    jobs = [(name, path, "student") for name, path in models]
+    if with_context:
+        jobs += [(f"{name}_with_context", path, "teacher") for name, path in models]
+    if baselines or base_only:
+        jobs.append(("base_without_context", base_path, "student"))
+    if baselines or (base_only and with_context):
+        jobs.append(("base_with_context", base_path, "teacher"))
+    return jobs
+
+
 def _out_of_distribution(cfg: DistillConfig, out: Path, jobs: list[tuple[str, str]]) -> dict:
     """lm-eval tasks (e.g. IFEval) on every checkpoint and the base model, cached like the task scores;
     also written as evaluation/ood.csv (name, task, metric, value)."""
@@ -115,8 +132,9 @@ def _out_of_distribution(cfg: DistillConfig, out: Path, jobs: list[tuple[str, st
 
     e = cfg.evaluate
     key = hashlib.sha256(json.dumps({"tasks": e.ood_tasks, "limit": e.ood_limit, "include": e.ood_include_path,
-                                     "backend": e.ood_backend, "thinking": cfg.task.enable_thinking,
-                                     "seed": cfg.trainer.seed}, sort_keys=True).encode()).hexdigest()[:16]
+                                     "backend": e.ood_backend, "thinking": e.ood_enable_thinking,
+                                     "gen_kwargs": e.ood_gen_kwargs, "seed": e.ood_seed},
+                                    sort_keys=True).encode()).hexdigest()[:16]
     results = {}
     for name, model_path in jobs:
         cached = out / f"ood_{name}.json"
@@ -126,8 +144,8 @@ def _out_of_distribution(cfg: DistillConfig, out: Path, jobs: list[tuple[str, st
         with model_folder(model_path, out) as path:
             results[name] = run_lm_eval(path, e.ood_tasks, e.ood_limit if e.ood_limit > 0 else None, e.ood_backend,
                                         resolve_user_path(e.ood_include_path) if e.ood_include_path else None,
-                                        cfg.model.dtype, cfg.task.enable_thinking, cfg.model.trust_remote_code,
-                                        seed=cfg.trainer.seed)
+                                        cfg.model.dtype, e.ood_enable_thinking, cfg.model.trust_remote_code,
+                                        e.ood_gen_kwargs, e.ood_seed)
         write_text_atomic(cached, json.dumps({"settings": key, "results": results[name]}, indent=1))
     with open(out / "ood.csv", "w", newline="") as fh:
         table = csv.writer(fh)
@@ -172,13 +190,15 @@ def _write_tables(out: Path, steps: list[int], results: dict, best_k: int) -> di
     per_step = {s: results[f"step_{s}"]["score"] for s in steps}
     summary = {"checkpoints": per_step,
                "best": best_k_mean(per_step, best_k) if per_step else None,
+               "checkpoints_with_context": {s: results[f"step_{s}_with_context"]["score"] for s in steps
+                                            if f"step_{s}_with_context" in results},
                "baselines": {name: results[name]["score"] for name in ("base_without_context", "base_with_context")
                              if name in results}}
     with open(out / "results.csv", "w", newline="") as fh:
         table = csv.writer(fh)
         table.writerow(["name", "step", "score", "num_items"])
         for name, result in results.items():
-            step = name.split("_", 1)[1] if name.startswith("step_") else ""
+            step = name.split("_")[1] if name.startswith("step_") else ""
             table.writerow([name, step, f"{result['score']:.4f}", result["num_items"]])
     write_text_atomic(out / "results.json", json.dumps(summary, indent=1))
     return summary

@@ -166,7 +166,8 @@ def run_extract(cfg: DistillConfig) -> dict:
     else:
         train_rows = load_rows(resolve_user_path(cfg.task.train_data), cfg.task.train_split)
         heldout = cfg.extract.heldout_size if cfg.extract.heldout_size > 0 else None
-        heldout_rows = load_rows(resolve_user_path(cfg.task.test_data), cfg.task.test_split, heldout)
+        source, split = cfg.task.selection_data
+        heldout_rows = load_rows(resolve_user_path(source), split, heldout)
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     # the solver and the writer (a second model) share each GPU, as the student and teacher do

@@ -41,7 +41,7 @@ def test_textgame_consolidate_reference_commands():
     assert sokoban["_command"] == "distill" and sokoban["task"] == "textgame"
     assert sokoban["game.name"] == "Sokoban-v0" and sokoban["game.max_steps"] == "5"
     assert sokoban["task.enable_thinking"] == "false" and sokoban["game.episodes_per_step"] == "64"
-    assert sokoban["rollout.temperature"] == "0.7" and sokoban["task.max_prompt_length"] == str(8192 + 5 * 512)
+    assert sokoban["rollout.temperature"] == "0.7" and "task.max_prompt_length" not in sokoban  # derived: preset
     frozen = _overrides(_run("textgame_consolidate.sh", *shlex.split(FROZENLAKE)))
     assert frozen["game.name"] == "FrozenLake-v0-raw" and frozen["task.enable_thinking"] == "true"
 
@@ -63,8 +63,8 @@ def test_textgame_extract_and_eval():
                              "--exp_model_path", "w", "--val_samples_limit", "16"))
     assert single["extract.seeds"] == "[4]" and single["extract.writer_path"] == "w"
     assert single["game.eval_episodes"] == "16" and single["task.enable_thinking"] == "true"
-    evaluation = _overrides(_run("textgame_eval_inturn.sh", "--exp_name", "run1", "--use_bsl", "True"))
-    assert evaluation["_command"] == "evaluate" and evaluation["game.eval_episodes"] == "128"
+    evaluation = _overrides(_run("textgame_eval_inturn.sh", "--model", "m", "--use_bsl", "True"))
+    assert evaluation["_command"] == "evaluate --base" and evaluation["game.eval_episodes"] == "128"
     assert evaluation["rollout.eval_temperature"] == "0.7" and evaluation["evaluate.baselines"] == "true"
 
 

@@ -241,7 +241,7 @@ def test_gpu_node_keeps_bf16_and_flash_attention():
     overrides = dry_run(MEDMCQA_L31, gpus=8)
     got = as_dict(overrides)
     assert got["ray.gpus_per_node"] == "8"
-    assert "model.dtype" not in got and "model.attn_implementation" not in got  # the hf preset's
+    assert "model.dtype" not in got and "model.attn_implementation" not in got  # auto: bf16; the hf preset's
     cfg = resolved(MEDMCQA_L31, gpus=8)
     assert cfg["model.dtype"] == "bfloat16" and cfg["model.attn_implementation"] == "flash_attention_2"
     assert cfg["ray.gpus_per_node"] == 8

@@ -55,17 +55,3 @@ def test_math_extract_single_run_and_reference_setting():
     assert reference["extract.stream_items"] == "30" and reference["rollout.max_response_length"] == "16384"
     bad = _run("math_extract_inturn.sh", "--model", "m", "--exp_name", "e", "--prompt_version", "v9")
     assert bad.returncode == 2 and "--prompt_version" in bad.stderr
-
-
-def test_eval_launchers_map_onto_opcd_evaluate(tmp_path):
-    math_eval = _overrides(_run("math_eval_inturn.sh", "--exp_name", "run1", "--ckpt", "4", "--use_bsl", "True"))
-    assert math_eval["_command"] == "evaluate"
-    assert math_eval["rollout.eval_temperature"] == "0.6" and math_eval["evaluate.limit"] == "1000"
-    assert math_eval["evaluate.steps"] == "[4]" and math_eval["evaluate.baselines"] == "true"
-    sys_eval = _overrides(_run("sys_eval_inturn.sh", "--exp_name", "run2", "--val_samples_limit", "50"))
-    assert sys_eval["rollout.eval_top_p"] == "0.8" and sys_eval["evaluate.limit"] == "50"
-    assert sys_eval["evaluate.baselines"] == "true" and "evaluate.steps" not in sys_eval
-    env = {**os.environ, "OPCD_RUNS_DIR": str(tmp_path)}
-    missing = subprocess.run(["bash", str(ROOT / "scripts" / "sys_eval_inturn.sh"), "--exp_name", "none"],
-                             env=env, capture_output=True, text=True, timeout=60)
-    assert missing.returncode == 2 and f"no run folder {tmp_path}/none" in missing.stderr

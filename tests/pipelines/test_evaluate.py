@@ -70,3 +70,56 @@ def test_run_config_overrides_are_checked(tmp_path):
         load_run_config(tmp_path, ["task=math"])
     with pytest.raises(ConfigError, match="not an opcd run folder"):
         load_run_config(tmp_path / "missing", [])
+
+
+def test_jobs_cover_checkpoints_context_and_base_model():
+    from opcd.pipelines.evaluate import _jobs
+
+    def names(**kw):
+        return [(name, side) for name, _, side in _jobs(kw.pop("run", "r"), kw.pop("steps", [2]), "base", **kw)]
+
+    assert names(baselines=False, with_context=False, base_only=False) == [("step_2", "student")]
+    assert names(baselines=True, with_context=True, base_only=False) == [
+        ("step_2", "student"), ("step_2_with_context", "teacher"),
+        ("base_without_context", "student"), ("base_with_context", "teacher")]
+    # the base model alone: without the context, and with it only when asked (--eval_prepend_experience / --use_bsl)
+    assert names(steps=[], baselines=False, with_context=False, base_only=True) == [("base_without_context", "student")]
+    assert names(steps=[], baselines=False, with_context=True, base_only=True) == [
+        ("base_without_context", "student"), ("base_with_context", "teacher")]
+
+
+def test_evaluate_cli_cfg_for_a_run_and_for_a_base_model(tmp_path, capsys):
+    import yaml
+
+    from opcd.cli import main
+    from opcd.config import to_yaml
+
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config(["task=medmcqa"])))
+    assert main(["evaluate", "--cfg", str(tmp_path), "evaluate.with_context=true"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["evaluate"]["with_context"] is True
+    assert main(["evaluate", "--cfg", "--base", "task=safety", "model=hf", "model.path=some/model",
+                 "trainer.exp_name=base-safety"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["task"]["name"] == "safety" and cfg["model"]["path"] == "some/model"
+    assert main(["evaluate"]) == 2
+    assert "needs a run folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_base_model_alone_without_and_with_the_context(tmp_path, tiny_model):
+    import ray
+
+    from opcd.pipelines import evaluate as ev
+    from opcd.workers.group import init_ray
+
+    init_ray(None, 8)
+    try:
+        cfg = load_config([f"model.path={tiny_model}", f"trainer.runs_dir={tmp_path}", "trainer.exp_name=base",
+                           "evaluate.limit=2", "evaluate.with_context=true", "evaluate.baselines=false",
+                           "rollout.max_response_length=4"])
+        summary = ev.run_evaluate(cfg.run_dir, cfg, base_only=True)
+        assert summary["checkpoints"] == {} and summary["best"] is None
+        assert set(summary["baselines"]) == {"base_without_context", "base_with_context"}
+        assert not (tmp_path / "base" / "config.yaml").exists()  # results only: not mistaken for a run
+    finally:
+        ray.shutdown()
