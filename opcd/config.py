@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Literal
 
+from opcd.config_hints import check_overrides, unknown_key_message
 from opcd.errors import ConfigError
 
 CONF_DIR = Path(__file__).parent / "conf"
@@ -306,6 +307,7 @@ def compose(overrides: list[str], config_name: str = "distill"):
     # Every field of the schema, with its default, is the base of the composition: any field can be
     # overridden from the command line, and a key outside the schema is refused by Hydra.
     ConfigStore.instance().store(name="opcd_schema", node=asdict(DistillConfig()))
+    check_overrides(overrides, DistillConfig, CONF_DIR)  # a misspelt key: "did you mean", not Hydra's "+" advice
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=list(overrides))
@@ -334,7 +336,7 @@ def _build(cls, data, prefix: str):
     known = {f.name for f in fields(cls)}
     for key in data:
         if key not in known:
-            raise ConfigError(f"config {prefix}{key}: unknown key (known keys: {', '.join(sorted(known))})")
+            raise ConfigError(f"config: {unknown_key_message(prefix + key, [prefix + k for k in known])}")
     values = {}
     for name in known & set(data):
         hint, value, key = hints[name], data[name], f"{prefix}{name}"
