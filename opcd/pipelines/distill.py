@@ -26,7 +26,8 @@ from opcd.games.play import GamePlayer
 from opcd.games.registry import make_game
 from opcd.games.seeds import heldout_seeds
 from opcd.games.states import MoveFormat, read_states, state_examples
-from opcd.models import check_same_tokenizer, check_same_vocab_size, load_tokenizer, resolve_model
+from opcd.models import (check_same_tokenizer, check_teacher_covers_student, load_tokenizer, load_vocab_rows,
+                         resolve_model)
 from opcd import metrics as M
 from opcd.prompts import encode_chat, token_counter
 from opcd.report import write_report
@@ -172,7 +173,8 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source=Non
             "activation_checkpointing": cfg.model.activation_checkpointing, "cpu_offload": cfg.model.cpu_offload},
             world_size=cfg.ray.ranks_per_group, pool=pools["student"])
         teacher = WorkerGroup("teacher", TeacherWorker, {**worker_kwargs(cfg, teacher_path),
-                                                         "cpu_offload": cfg.model.cpu_offload},
+                                                         "cpu_offload": cfg.model.cpu_offload,
+                                                         "vocab_size": load_vocab_rows(student_path, cfg.model.trust_remote_code)},
                               world_size=cfg.ray.ranks_per_group, pool=pools["student"])
         trainer = Trainer(cfg.trainer, cfg.loss, sampling(cfg, evaluation=False), source, student,
                           teacher if teacher_scores_needed else None, run_dir, objective)
@@ -218,9 +220,9 @@ def _check_teacher(cfg: DistillConfig, student_tok, student_path: str, teacher_p
 
     teacher_tok = load_tokenizer(teacher_path, cfg.model.trust_remote_code)
     check_same_tokenizer(student_tok, teacher_tok, student_path, teacher_path)
-    check_same_vocab_size(AutoConfig.from_pretrained(student_path, trust_remote_code=cfg.model.trust_remote_code),
-                          AutoConfig.from_pretrained(teacher_path, trust_remote_code=cfg.model.trust_remote_code),
-                          student_path, teacher_path)
+    check_teacher_covers_student(AutoConfig.from_pretrained(student_path, trust_remote_code=cfg.model.trust_remote_code),
+                                 AutoConfig.from_pretrained(teacher_path, trust_remote_code=cfg.model.trust_remote_code),
+                                 student_path, teacher_path)
 
 
 def _prompt_setup(cfg: DistillConfig, tokenizer, context: ContextSource):
