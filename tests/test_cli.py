@@ -1,0 +1,38 @@
+"""The `opcd` command's help and usage: what a newcomer reads before any run."""
+
+import pytest
+
+from opcd.cli import MAIN_KEYS, main
+from opcd.config import DistillConfig
+from opcd.config_hints import schema_keys
+
+
+def _exit(capsys, *argv) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main(list(argv))
+    out = capsys.readouterr()
+    return info.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize("command", [["distill"], ["extract"], ["offpolicy", "generate"], ["oel"]])
+def test_help_lists_presets_and_main_keys_and_points_to_cfg(capsys, command):
+    code, out, _ = _exit(capsys, *command, "--help")
+    assert code == 0
+    assert "presets: model=hf|smollm2  rollout=hf  task=language|math|medmcqa|safety|textgame" in out
+    assert "  model.path, model.teacher_path: " in out and "trainer.total_training_steps" in out
+    assert "add --cfg (prints the resolved config and exits)" in out
+
+
+def test_main_keys_in_the_help_exist():
+    known = set(schema_keys(DistillConfig))
+    for keys, _ in MAIN_KEYS:
+        for key in keys.split(", "):
+            assert key in known, key
+
+
+def test_evaluate_usage_shows_overrides_as_optional(capsys):
+    """Regression: `opcd evaluate` without arguments said 'required: run_dir, overrides'."""
+    code, _, err = _exit(capsys, "evaluate")
+    assert code == 2
+    assert "usage: opcd evaluate [-h] run_dir [KEY=VALUE ...]" in err
+    assert err.strip().endswith("the following arguments are required: run_dir")
