@@ -20,6 +20,7 @@ import os
 import sys
 
 from opcd.errors import OpcdError
+from opcd.quiet import quiet_third_party_logs
 
 
 # The keys most runs touch, shown by `opcd distill --help` (tests/test_cli.py checks they exist).
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
+    quiet_third_party_logs()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:
         return _run(args)
@@ -105,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         print("opcd: interrupted (the last complete checkpoint is kept; run the same command to resume)",
               file=sys.stderr)
         return 130
+
+
+def _print_run_end(summary: dict) -> None:
+    print(f"run folder: {summary['run_dir']}  last checkpoint: {summary['checkpoint']}")
+    if summary.get("report"):
+        print(f"report: {summary['report']}/report.html (also report.md and PNG plots; "
+              f"`opcd report RUN_DIR ...` compares runs)")
 
 
 def _stop_ray() -> None:
@@ -145,7 +154,7 @@ def _run(args) -> int:
             return 0
         summary = run_offpolicy_train(cfg)
         print(json.dumps(summary["eval"], indent=1))
-        print(f"run folder: {summary['run_dir']}  last checkpoint: {summary['checkpoint']}")
+        _print_run_end(summary)
         return 0
     if args.command == "oel":
         from opcd.pipelines.oel import run_oel
@@ -157,7 +166,7 @@ def _run(args) -> int:
 
         summary = run_distill(cfg)
         print(json.dumps(summary["eval"], indent=1))
-        print(f"run folder: {summary['run_dir']}  last checkpoint: {summary['checkpoint']}")
+        _print_run_end(summary)
         return 0
     raise AssertionError(args.command)
 
