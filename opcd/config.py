@@ -46,13 +46,18 @@ class TaskConfig:
     train_split: str | None = None  # split name for hf: sources
     test_split: str | None = None
     context_kind: Literal["system_prompt", "experience"] = "system_prompt"
-    context_path: str = "system_prompts/french.txt"  # a text file, or a .list of files (one picked per example)
+    context_path: str = "system_prompts/language.txt"  # a text file, or a .list of files (one picked per example)
+    language: str = "fr"  # task=language: target language (ISO 639-1), the `{language}` of a system prompt file
     experience_max_length: int = 4096  # context budget in tokens; <= 0 = unlimited
     max_prompt_length: int = 1024  # rows whose student or teacher prompt is longer are dropped (and counted)
     enable_thinking: bool | None = None  # passed to the chat template when set (Qwen3 thinking switch)
 
     def __post_init__(self):
         _check(self.max_prompt_length > 0, "task.max_prompt_length", self.max_prompt_length, "an integer > 0")
+        from opcd.tasks.language import LANGUAGE_NAMES
+
+        _check(self.language in LANGUAGE_NAMES, "task.language", self.language,
+               f"a language code langdetect knows: {', '.join(LANGUAGE_NAMES)}")
 
 
 @dataclass

@@ -119,7 +119,8 @@ def test_padded_teacher_scores_are_renormalised_over_the_students_rows(tiny_padd
     assert teacher.model.get_output_embeddings().weight.shape[0] == STUDENT_ROWS + 64
     lengths = [3, 1]
     response_ids, response_mask = _random_responses(lengths, 3, teacher.pad_id, seed=5)
-    ids = None if support is None else torch.randint(0, STUDENT_ROWS, (2, 3, 5), generator=torch.Generator().manual_seed(6))
+    generator = torch.Generator().manual_seed(6)
+    ids = None if support is None else torch.randint(0, STUDENT_ROWS, (2, 3, 5), generator=generator)
     scores = teacher.score(teacher_prompts[:2], response_ids, response_mask, ids, merge_topk)
     assert int(scores.support_ids[response_mask].max()) < STUDENT_ROWS
     if support is None:
