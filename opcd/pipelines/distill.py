@@ -175,7 +175,9 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source=Non
             world_size=cfg.ray.ranks_per_group, pool=pools["student"])
         teacher = WorkerGroup("teacher", TeacherWorker, {**worker_kwargs(cfg, teacher_path),
                                                          "cpu_offload": cfg.model.cpu_offload,
-                                                         "vocab_size": load_vocab_rows(student_path, cfg.model.trust_remote_code)},
+                                                         # a padded teacher scores over the student's ids
+                                                         "vocab_size": load_vocab_rows(student_path,
+                                                                                       cfg.model.trust_remote_code)},
                               world_size=cfg.ray.ranks_per_group, pool=pools["student"])
         trainer = Trainer(cfg.trainer, cfg.loss, sampling(cfg, evaluation=False), source, student,
                           teacher if teacher_scores_needed else None, run_dir, objective)
@@ -224,8 +226,9 @@ def _check_teacher(cfg: DistillConfig, student_tok, student_path: str, teacher_p
 
     teacher_tok = load_tokenizer(teacher_path, cfg.model.trust_remote_code)
     check_same_tokenizer(student_tok, teacher_tok, student_path, teacher_path)
-    check_teacher_covers_student(AutoConfig.from_pretrained(student_path, trust_remote_code=cfg.model.trust_remote_code),
-                                 AutoConfig.from_pretrained(teacher_path, trust_remote_code=cfg.model.trust_remote_code),
+    remote = cfg.model.trust_remote_code
+    check_teacher_covers_student(AutoConfig.from_pretrained(student_path, trust_remote_code=remote),
+                                 AutoConfig.from_pretrained(teacher_path, trust_remote_code=remote),
                                  student_path, teacher_path)
 
 
