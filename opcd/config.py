@@ -17,6 +17,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Literal
 
+from opcd.config_hints import check_overrides, unknown_key_message
 from opcd.errors import ConfigError
 
 CONF_DIR = Path(__file__).parent / "conf"
@@ -52,13 +53,18 @@ class TaskConfig:
     validation_data: str | None = None
     validation_split: str | None = None
     context_kind: Literal["system_prompt", "experience"] = "system_prompt"
-    context_path: str = "system_prompts/french.txt"  # a text file, or a .list of files (one picked per example)
+    context_path: str = "system_prompts/language.txt"  # a text file, or a .list of files (one picked per example)
+    language: str = "fr"  # task=language: target language (ISO 639-1), the `{language}` of a system prompt file
     experience_max_length: int = 4096  # context budget in tokens; <= 0 = unlimited
     max_prompt_length: int = 1024  # rows whose student or teacher prompt is longer are dropped (and counted)
     enable_thinking: bool | None = None  # passed to the chat template when set (Qwen3 thinking switch)
 
     def __post_init__(self):
         _check(self.max_prompt_length > 0, "task.max_prompt_length", self.max_prompt_length, "an integer > 0")
+        from opcd.tasks.language import LANGUAGE_NAMES
+
+        _check(self.language in LANGUAGE_NAMES, "task.language", self.language,
+               f"a language code langdetect knows: {', '.join(LANGUAGE_NAMES)}")
 
     @property
     def selection_data(self) -> tuple[str, str | None]:
@@ -396,6 +402,7 @@ def compose(overrides: list[str], config_name: str = "distill"):
     # Every field of the schema, with its default, is the base of the composition: any field can be
     # overridden from the command line, and a key outside the schema is refused by Hydra.
     ConfigStore.instance().store(name="opcd_schema", node=schema_defaults(DistillConfig))
+    check_overrides(overrides, DistillConfig, CONF_DIR)  # a misspelt key: "did you mean", not Hydra's "+" advice
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=list(overrides))
@@ -424,7 +431,7 @@ def _build(cls, data, prefix: str):
     known = {f.name for f in fields(cls)}
     for key in data:
         if key not in known:
-            raise ConfigError(f"config {prefix}{key}: unknown key (known keys: {', '.join(sorted(known))})")
+            raise ConfigError(f"config: {unknown_key_message(prefix + key, [prefix + k for k in known])}")
     values = {}
     for name in known & set(data):
         hint, value, key = hints[name], data[name], f"{prefix}{name}"

@@ -176,12 +176,15 @@ def context_paths(path: str | Path) -> list[Path]:
     return [file.parent / name for name in names]
 
 
-def load_context(kind: str, path: str, max_tokens: int, count_tokens: Callable[[str], int]) -> ContextSource:
+def load_context(kind: str, path: str, max_tokens: int, count_tokens: Callable[[str], int],
+                 placeholders: dict[str, str] | None = None) -> ContextSource:
     """Read the context file(s) at `path` and check or truncate them against `max_tokens`.
 
     Experience texts are truncated to their newest items (`truncate_experience`);
     a system prompt over the budget is an error, since cutting it would change
-    its meaning. `max_tokens <= 0` disables both.
+    its meaning. `max_tokens <= 0` disables both. In a system prompt, each
+    `{name}` of `placeholders` is replaced by its value (`{language}`: the
+    language task's target); experience text is left as written.
     """
     if kind not in CONTEXT_KINDS:
         raise ConfigError(f"context kind must be one of {', '.join(CONTEXT_KINDS)}, got {kind!r}")
@@ -193,7 +196,10 @@ def load_context(kind: str, path: str, max_tokens: int, count_tokens: Callable[[
                 text = truncate_experience(text, count_tokens, max_tokens)
             except ContextError as error:
                 raise ContextError(f"{file}: {error}") from None
-        elif max_tokens > 0 and (tokens := count_tokens(text)) > max_tokens:
+        else:
+            for name, value in (placeholders or {}).items():
+                text = text.replace("{" + name + "}", value)
+        if kind == "system_prompt" and max_tokens > 0 and (tokens := count_tokens(text)) > max_tokens:
             raise ContextError(f"system prompt {file} has {tokens} tokens, over experience_max_length={max_tokens}")
         texts.append(text)
     return ContextSource(kind=kind, texts=tuple(texts))  # type: ignore[arg-type]

@@ -152,7 +152,8 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
 
 
 def check_same_tokenizer(student_tok, teacher_tok, student_path: str, teacher_path: str) -> None:
-    """Refuse a teacher whose token ids mean different strings: the KL compares distributions id by id."""
+    """Refuse a teacher whose tokens mean something else: the KL compares distributions id by id, so the
+    vocabulary, the special tokens and the token that ends an assistant turn must be the same."""
     s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
     if len(s_vocab) != len(t_vocab):
         raise ModelError(f"teacher {teacher_path} has a tokenizer of {len(t_vocab)} tokens but student "
@@ -164,9 +165,51 @@ def check_same_tokenizer(student_tok, teacher_tok, student_path: str, teacher_pa
     if student_tok.eos_token_id != teacher_tok.eos_token_id:
         raise ModelError(f"teacher {teacher_path} EOS id {teacher_tok.eos_token_id} != student "
                          f"{student_path} EOS id {student_tok.eos_token_id}")
+    # pad is left out: opcd sets it to EOS where a tokenizer has none (load_tokenizer)
+    s_special, t_special = (_special_tokens(tok) for tok in (student_tok, teacher_tok))
+    if s_special != t_special:
+        name = next(k for k in sorted(s_special.keys() | t_special.keys()) if s_special.get(k) != t_special.get(k))
+        raise ModelError(f"teacher {teacher_path} {name} is {t_special.get(name)!r} but student {student_path} "
+                         f"{name} is {s_special.get(name)!r}: they must share one tokenizer")
+    s_stop, t_stop = _chat_stop_token(student_tok), _chat_stop_token(teacher_tok)
+    if s_stop is not None and t_stop is not None and s_stop != t_stop:
+        raise ModelError(f"teacher {teacher_path} chat template ends an assistant turn with {t_stop!r} but student "
+                         f"{student_path} with {s_stop!r}: they must share one chat format")
 
 
-def check_same_vocab_size(student_config, teacher_config, student_path: str, teacher_path: str) -> None:
-    if student_config.vocab_size != teacher_config.vocab_size:
-        raise ModelError(f"teacher {teacher_path} has vocab_size {teacher_config.vocab_size} but student "
-                         f"{student_path} has {student_config.vocab_size}: logits must index the same tokens")
+def _special_tokens(tokenizer) -> dict:
+    return {k: v for k, v in tokenizer.special_tokens_map.items() if k != "pad_token"}
+
+
+def _chat_stop_token(tokenizer) -> str | None:
+    """The first token the chat template writes after an assistant message (e.g. <|im_end|>); None without a
+    template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "opcd-stop-probe"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "ping"},
+                                          {"role": "assistant", "content": marker}], tokenize=False)
+    tail = tokenizer(text[text.rindex(marker) + len(marker):], add_special_tokens=False)["input_ids"]
+    return tokenizer.convert_ids_to_tokens(tail[0]) if tail else None
+
+
+def vocab_rows(config) -> int:
+    """Rows of a model's output embedding (its config's vocab_size; padded past the tokenizer in many models)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size)
+
+
+def load_vocab_rows(path: str, trust_remote_code: bool = False) -> int:
+    from transformers import AutoConfig
+
+    return vocab_rows(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+
+
+def check_teacher_covers_student(student_config, teacher_config, student_path: str, teacher_path: str) -> None:
+    """Every id the student can emit must be a row of the teacher's embedding. The row counts may differ:
+    Qwen2.5-7B has 152,064 rows and Qwen2.5-3B 151,936 for one tokenizer; the teacher's softmax is then
+    taken over the student's rows (TeacherWorker's vocab_size)."""
+    student_rows, teacher_rows = vocab_rows(student_config), vocab_rows(teacher_config)
+    if teacher_rows < student_rows:
+        raise ModelError(f"teacher {teacher_path} has {teacher_rows} embedding rows but student {student_path} "
+                         f"can emit ids up to {student_rows - 1}: the teacher must cover every student id")

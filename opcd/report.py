@@ -12,6 +12,7 @@ side by side compare e.g. OPCD, the off-policy baseline and the base model.
 
 from __future__ import annotations
 
+import csv
 import html
 import json
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ class RunData:
     best: dict | None = None  # best-k summary
     baselines: dict[str, float] = field(default_factory=dict)
     ood: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # name -> lm-eval task -> metric
+    # items behind each score (eval.json's who, evaluation's step_<k> / base_*): scores over 8 items and
+    # over 40 are not the same evidence
+    items: dict[str, int] = field(default_factory=dict)
 
     def last(self, key: str) -> float | None:
         values = [row[key] for row in self.metrics if row.get(key) is not None]
@@ -57,6 +61,13 @@ def load_run(folder: str | Path) -> RunData:
                 continue  # a line cut short by a crash
     if (folder / "eval.json").is_file():
         run.evals = json.loads((folder / "eval.json").read_text())
+        run.items.update({who: v["num_items"] for who, v in run.evals.items()
+                          if isinstance(v, dict) and "num_items" in v})
+    table_csv = folder / "evaluation" / "results.csv"
+    if table_csv.is_file():
+        with open(table_csv, newline="") as fh:
+            run.items.update({row["name"]: int(row["num_items"]) for row in csv.DictReader(fh)
+                              if (row.get("num_items") or "").isdigit()})
     results = folder / "evaluation" / "results.json"
     if results.is_file():
         table = json.loads(results.read_text())
@@ -114,24 +125,33 @@ def _fmt(value) -> str:
     return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _count(n: int | None) -> str:
+    return "" if n is None else f" (n={n})"
+
+
 def summary_tables(runs: list[RunData]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(title, header, rows) tables shared by the Markdown and HTML reports."""
+    """(title, header, rows) tables shared by the Markdown and HTML reports. A score is followed by the
+    number of items behind it, "(n=40)", where the run's files record it."""
     overview = []
     for run in runs:
         best = run.best or {}
         evals = {k: v.get("score") for k, v in run.evals.items() if isinstance(v, dict)}
-        overview.append([run.name, _fmt(run.metrics[-1]["step"] if run.metrics else None),
-                         _fmt(run.last(M.LOSS_KL)), _fmt(evals.get("student_before")),
-                         _fmt(evals.get("teacher_with_context")), _fmt(evals.get("student_after")),
-                         _fmt(best.get("mean")) + (f" ± {best['std']:.3g} (steps {best['steps']})" if best else ""),
-                         _fmt(run.baselines.get("base_without_context")),
-                         _fmt(run.baselines.get("base_with_context"))])
+        best_items = {run.items.get(f"step_{s}") for s in best.get("steps", [])}
+        overview.append([run.name, _fmt(run.metrics[-1]["step"] if run.metrics else None), _fmt(run.last(M.LOSS_KL))]
+                        + [_fmt(evals.get(who)) + _count(run.items.get(who) if who in evals else None)
+                           for who in ("student_before", "teacher_with_context", "student_after")]
+                        + [_fmt(best.get("mean")) + (f" ± {best['std']:.3g} (steps {best['steps']})" if best else "")
+                           + _count(best_items.pop() if best and len(best_items) == 1 else None)]
+                        + [_fmt(run.baselines.get(name))
+                           + _count(run.items.get(name) if name in run.baselines else None)
+                           for name in ("base_without_context", "base_with_context")])
     tables = [("Runs", ["run", "last step", "last KL", "student before", "teacher with context", "student after",
                         "best-k mean of checkpoints", "base without context", "base with context"], overview)]
     for run in runs:
         if run.checkpoints:
-            tables.append((f"{run.name}: checkpoints", ["step", "score"],
-                           [[str(s), _fmt(run.checkpoints[s])] for s in sorted(run.checkpoints)]))
+            tables.append((f"{run.name}: checkpoints", ["step", "score", "items"],
+                           [[str(s), _fmt(run.checkpoints[s]), _fmt(run.items.get(f"step_{s}"))]
+                            for s in sorted(run.checkpoints)]))
         if run.ood:
             rows = [[name, task, metric, _fmt(value)] for name, tasks in run.ood.items()
                     for task, metrics in tasks.items() for metric, value in metrics.items()

@@ -16,13 +16,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
-def _tiny_model(base: Path, out: Path, layers: int, seed: int) -> Path:
+def _tiny_model(base: Path, out: Path, layers: int, seed: int, vocab_size: int | None = None) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(base)
     config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": layers,
                    "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 64,
-                   "max_position_embeddings": 1024})
+                   "max_position_embeddings": 1024, "vocab_size": vocab_size or config.vocab_size})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out)
@@ -46,6 +46,13 @@ def tiny_model(smollm2_dir, tmp_path_factory) -> Path:
 def tiny_deeper_model(smollm2_dir, tmp_path_factory) -> Path:
     """A different, deeper model with the same tokenizer: a larger-teacher stand-in."""
     return _tiny_model(smollm2_dir, tmp_path_factory.mktemp("tiny-teacher"), layers=3, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_padded_teacher(smollm2_dir, tmp_path_factory) -> Path:
+    """Same tokenizer, 64 more embedding rows than the student (like Qwen2.5-7B's 152,064 vs 3B's 151,936)."""
+    return _tiny_model(smollm2_dir, tmp_path_factory.mktemp("tiny-padded-teacher"), layers=3, seed=2,
+                       vocab_size=49152 + 64)
 
 
 @pytest.fixture(scope="session")

@@ -67,8 +67,8 @@ def test_missing_model_path(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("trainer.foo=1", "trainer.foo"),
-    ("+trainer.foo=1", "config trainer.foo: unknown key"),
+    ("trainer.foo=1", "config: unknown key trainer.foo (known keys in trainer: "),
+    ("+trainer.foo=1", "config: unknown key trainer.foo (known keys in trainer: "),
     ("loss.kl_topk=abc", "config loss.kl_topk='abc': expected an integer"),
     ("rollout.temperature=0", "config rollout.temperature=0.0: expected a float > 0"),
 ])

@@ -13,7 +13,7 @@ from opcd.models import (
     BUILTIN_SMOLLM2,
     check_answers_paris,
     check_same_tokenizer,
-    check_same_vocab_size,
+    check_teacher_covers_student,
     check_tokenizer,
     load_causal_lm,
     load_tokenizer,
@@ -189,14 +189,40 @@ def test_same_tokenizer_refuses_different_eos(smollm2_tokenizer):
         check_same_tokenizer(student, teacher, "S", "T")
 
 
-def test_same_vocab_size(tiny_model, tiny_deeper_model):
-    student = AutoConfig.from_pretrained(tiny_model)
-    teacher = AutoConfig.from_pretrained(tiny_deeper_model)
-    check_same_vocab_size(student, teacher, "S", "T")
-    teacher.vocab_size = student.vocab_size + 64  # a padded embedding table: logits index different tokens
-    with pytest.raises(ModelError, match=f"teacher T has vocab_size {student.vocab_size + 64} but student S has "
-                                         f"{student.vocab_size}"):
-        check_same_vocab_size(student, teacher, "S", "T")
+def test_teacher_with_more_embedding_rows_is_accepted(tiny_model, tiny_padded_teacher):
+    """Regression: equal embedding sizes were demanded, refusing Qwen2.5-7B (152,064 rows) -> 3B (151,936)."""
+    student, teacher = AutoConfig.from_pretrained(tiny_model), AutoConfig.from_pretrained(tiny_padded_teacher)
+    assert teacher.vocab_size == student.vocab_size + 64
+    check_teacher_covers_student(student, teacher, "S", "T")
+    check_same_tokenizer(load_tokenizer(str(tiny_model)), load_tokenizer(str(tiny_padded_teacher)), "S", "T")
+    with pytest.raises(ModelError, match=f"^teacher S has {student.vocab_size} embedding rows but student T can "
+                                         f"emit ids up to {teacher.vocab_size - 1}: "):
+        check_teacher_covers_student(teacher, student, "T", "S")
+
+
+def test_same_tokenizer_refuses_different_special_tokens(smollm2_tokenizer):
+    teacher = copy.deepcopy(smollm2_tokenizer)
+    teacher.bos_token = "<|im_end|>"
+    with pytest.raises(ModelError, match=r"^teacher T bos_token is '<\|im_end\|>' but student S bos_token is "):
+        check_same_tokenizer(smollm2_tokenizer, teacher, "S", "T")
+
+
+def test_same_tokenizer_refuses_a_chat_template_with_another_stop_token(smollm2_tokenizer):
+    teacher = copy.deepcopy(smollm2_tokenizer)
+    teacher.chat_template = teacher.chat_template.replace("<|im_end|>", "<|endoftext|>")
+    with pytest.raises(ModelError, match=r"^teacher T chat template ends an assistant turn with '<\|endoftext\|>' "
+                                         r"but student S with '<\|im_end\|>'"):
+        check_same_tokenizer(smollm2_tokenizer, teacher, "S", "T")
+
+
+def test_prepare_accepts_a_padded_teacher(tiny_model, tiny_padded_teacher, tmp_path):
+    from opcd.config import load_config
+    from opcd.pipelines.distill import prepare
+
+    cfg = load_config([f"model.path={tiny_model}", f"model.teacher_path={tiny_padded_teacher}",
+                       f"trainer.runs_dir={tmp_path}"])
+    assert prepare(cfg).teacher_path == str(tiny_padded_teacher)
+
 
 
 def test_load_causal_lm_dtype(tiny_model):

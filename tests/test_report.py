@@ -63,3 +63,19 @@ def test_best_k_mean_known_numbers():
     summary = best_k_mean({2: 0.5, 4: 0.7, 6: 0.6, 8: 0.2, 10: 0.7}, 3)
     assert summary["steps"] == [4, 10, 6] and summary["mean"] == pytest.approx(2.0 / 3)
     assert summary["std"] == pytest.approx(((0.7 - 2 / 3) ** 2 * 2 + (0.6 - 2 / 3) ** 2) ** 0.5 / 3 ** 0.5)
+
+
+def test_scores_show_how_many_items_they_are_over(tmp_path):
+    """Regression: a score over 40 items sat beside one over 8 with nothing to tell them apart."""
+    run = _run(tmp_path / "r", [0.4], {2: 0.5, 4: 0.75, 6: 0.25}, {"base_without_context": 0.1})
+    (run / "eval.json").write_text(json.dumps({"student_before": {"score": 0.1, "num_items": 40},
+                                               "teacher_with_context": {"score": 0.85, "num_items": 40},
+                                               "student_after": {"score": 0.6, "num_items": 40}}))
+    (run / "evaluation" / "results.csv").write_text(
+        "name,step,score,num_items\nstep_2,2,0.5000,8\nstep_4,4,0.7500,8\nstep_6,6,0.2500,8\n"
+        "base_without_context,,0.1000,8\n")
+    overview, checkpoints = summary_tables([load_run(run)])
+    assert overview[2][0][3:] == ["0.1 (n=40)", "0.85 (n=40)", "0.6 (n=40)",
+                                  "0.5 ± 0.01 (steps [2, 4, 6]) (n=8)", "0.1 (n=8)", ""]
+    assert checkpoints[1] == ["step", "score", "items"]
+    assert checkpoints[2] == [["2", "0.5", "8"], ["4", "0.75", "8"], ["6", "0.25", "8"]]

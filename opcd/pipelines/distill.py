@@ -26,12 +26,13 @@ from opcd.games.play import GamePlayer
 from opcd.games.registry import make_game
 from opcd.games.seeds import heldout_seeds
 from opcd.games.states import MoveFormat, read_states, state_examples
-from opcd.models import check_same_tokenizer, check_same_vocab_size, load_tokenizer, resolve_model
+from opcd.models import (check_same_tokenizer, check_teacher_covers_student, load_tokenizer, load_vocab_rows,
+                         resolve_model)
 from opcd import metrics as M
 from opcd.prompts import encode_chat, token_counter
 from opcd.report import write_report
 from opcd.protocol import SamplingParams
-from opcd.tasks import get_task
+from opcd.tasks import context_placeholders, get_task
 from opcd.sources import Example, GameSource, PromptSource
 from opcd.tracking import Tracker
 from opcd.trainer import Trainer
@@ -146,7 +147,8 @@ def prepare(cfg: DistillConfig) -> Prepared:
     if teacher_path != student_path:
         _check_teacher(cfg, tokenizer, student_path, teacher_path)
     context = load_context(cfg.task.context_kind, resolve_user_path(cfg.task.context_path),
-                           cfg.task.experience_max_length, token_counter(tokenizer))
+                           cfg.task.experience_max_length, token_counter(tokenizer),
+                           context_placeholders(cfg.task.language))
     setup = _game_setup if cfg.task.name == "textgame" else _prompt_setup
     source, run_eval = setup(cfg, tokenizer, context)
     return Prepared(student_path, teacher_path, tokenizer, context, source, run_eval)
@@ -172,7 +174,10 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source=Non
             "activation_checkpointing": cfg.model.activation_checkpointing, "cpu_offload": cfg.model.cpu_offload},
             world_size=cfg.ray.ranks_per_group, pool=pools["student"], collective_timeout_s=cfg.ray.collective_timeout_s)
         teacher = WorkerGroup("teacher", TeacherWorker, {**worker_kwargs(cfg, teacher_path),
-                                                         "cpu_offload": cfg.model.cpu_offload},
+                                                         "cpu_offload": cfg.model.cpu_offload,
+                                                         # a padded teacher scores over the student's ids
+                                                         "vocab_size": load_vocab_rows(student_path,
+                                                                                       cfg.model.trust_remote_code)},
                               world_size=teacher_ranks(cfg), pool=pools["teacher"],
                               collective_timeout_s=cfg.ray.collective_timeout_s)
         trainer = Trainer(cfg.trainer, cfg.loss, sampling(cfg, evaluation=False), source, student,
@@ -186,6 +191,8 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source=Non
         results = _load_results(run_dir) if start_step else {}
         try:
             if cfg.trainer.eval_before and "student_before" not in results:
+                tracker.message("evaluating the student (no context) and the teacher (context) on the held-out "
+                                "set before training (trainer.eval_before=false skips it)")
                 for who, group, side in (("student_before", student, "student"), ("teacher_with_context", teacher, "teacher")):
                     results[who] = _record_eval(run_eval(who, group, side), run_dir, results, tracker)
                     tracker.message(_describe(results[who]))
@@ -204,11 +211,12 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source=Non
             tracker.close()
             student.shutdown()
             teacher.shutdown()
+    report = None
     try:  # the report is a convenience: a plotting problem must not fail a finished run
-        write_report([run_dir])
+        report = write_report([run_dir])["out"]
     except Exception as exc:  # noqa: BLE001
         log.warning("could not write the report of %s: %s", run_dir, exc)
-    summary = {"run_dir": str(run_dir), "final_step": final_step, "eval": results,
+    summary = {"run_dir": str(run_dir), "final_step": final_step, "eval": results, "report": report,
                "checkpoint": str(latest_checkpoint(run_dir)[1]) if latest_checkpoint(run_dir) else None}
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
@@ -219,14 +227,15 @@ def _check_teacher(cfg: DistillConfig, student_tok, student_path: str, teacher_p
 
     teacher_tok = load_tokenizer(teacher_path, cfg.model.trust_remote_code)
     check_same_tokenizer(student_tok, teacher_tok, student_path, teacher_path)
-    check_same_vocab_size(AutoConfig.from_pretrained(student_path, trust_remote_code=cfg.model.trust_remote_code),
-                          AutoConfig.from_pretrained(teacher_path, trust_remote_code=cfg.model.trust_remote_code),
-                          student_path, teacher_path)
+    remote = cfg.model.trust_remote_code
+    check_teacher_covers_student(AutoConfig.from_pretrained(student_path, trust_remote_code=remote),
+                                 AutoConfig.from_pretrained(teacher_path, trust_remote_code=remote),
+                                 student_path, teacher_path)
 
 
 def _prompt_setup(cfg: DistillConfig, tokenizer, context: ContextSource):
     """Dataset tasks: the training source over the train rows, and held-out evaluation on the test rows."""
-    task = get_task(cfg.task.name)
+    task = get_task(cfg.task.name, cfg.task.language)
     train_rows = load_rows(resolve_user_path(cfg.task.train_data), cfg.task.train_split)
     test_rows = load_rows(resolve_user_path(cfg.task.test_data), cfg.task.test_split,
                           cfg.trainer.eval_limit if cfg.trainer.eval_limit > 0 else None)

@@ -34,7 +34,7 @@ from opcd.games.seeds import heldout_seeds
 from opcd.models import load_tokenizer, resolve_model
 from opcd.pipelines.distill import build_examples, build_player, resolve_user_path, sampling, worker_kwargs
 from opcd.prompts import token_counter
-from opcd.tasks import get_task
+from opcd.tasks import context_placeholders, get_task
 from opcd.workers.group import WorkerGroup, init_ray
 from opcd.workers.teacher import TeacherWorker
 
@@ -79,7 +79,8 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig, base_only: bool = False) -> 
     base_path = resolve_model(cfg.model.path)
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
     context = load_context(cfg.task.context_kind, resolve_user_path(cfg.task.context_path),
-                           cfg.task.experience_max_length, token_counter(tokenizer))
+                           cfg.task.experience_max_length, token_counter(tokenizer),
+                           context_placeholders(cfg.task.language))
     run_one, num_items = _evaluator(cfg, tokenizer, context)
     key = _settings_key(cfg, num_items)
     jobs = _jobs(run_dir, steps, base_path, cfg.evaluate.baselines, cfg.evaluate.with_context, base_only)
@@ -165,7 +166,7 @@ def _evaluator(cfg: DistillConfig, tokenizer, context):
         player, seeds = build_player(cfg, tokenizer), heldout_seeds(cfg.game.eval_episodes)
         return (lambda name, group, side: evaluate_games(
             name, group, player, seeds, params, seed, context.texts[0] if side == "teacher" else None)), len(seeds)
-    task = get_task(cfg.task.name)
+    task = get_task(cfg.task.name, cfg.task.language)
     limit = cfg.evaluate.limit if cfg.evaluate.limit > 0 else None
     rows = load_rows(resolve_user_path(cfg.task.test_data), cfg.task.test_split, limit)
     examples = build_examples(rows, task, context, tokenizer, cfg.task.max_prompt_length, cfg.trainer.seed,

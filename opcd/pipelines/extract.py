@@ -48,7 +48,7 @@ class Extraction:
 
     def __init__(self, cfg: DistillConfig, tokenizer, solver, writer, train_rows, heldout_rows):
         self.cfg, self.tokenizer, self.solver, self.writer = cfg, tokenizer, solver, writer
-        self.task = None if cfg.task.name == "textgame" else get_task(cfg.task.name)  # games score episodes
+        self.task = None if cfg.task.name == "textgame" else get_task(cfg.task.name, cfg.task.language)  # games score episodes
         self.train_rows, self.heldout_rows = train_rows, heldout_rows
         self.count_tokens = token_counter(tokenizer)
         r = cfg.rollout

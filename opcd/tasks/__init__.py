@@ -2,13 +2,14 @@
 
 A task is a small object with a `name`, `student_messages(row)` (the messages
 the student sees, without the teacher's context) and `score(response, row)`
-(a task metric in [0, 1]). `get_task` maps a config name to a task.
+(a task metric in [0, 1]). `get_task` maps a config name (and the language task's target
+language) to a task.
 """
 
 from typing import Protocol
 
 from opcd.errors import ConfigError
-from opcd.tasks.language import LanguageTask
+from opcd.tasks.language import LanguageTask, language_name
 from opcd.tasks.math import MathTask
 from opcd.tasks.sysprompt import MedMCQATask, SafetyTask
 
@@ -33,12 +34,19 @@ TASKS: dict[str, Task] = {
 }
 
 
-def get_task(name: str) -> Task:
-    """The task registered under `name`."""
+def get_task(name: str, language: str = "fr") -> Task:
+    """The task registered under `name`; the language task answers in `language` (task.language)."""
+    if name == "language":
+        return LanguageTask(language)
     task = TASKS.get(name)
     if task is None:
         raise ConfigError(f"unknown task {name!r}; expected one of: {', '.join(sorted(TASKS))}")
     return task
 
 
-__all__ = ["Task", "TASKS", "get_task", "LanguageTask", "MathTask", "MedMCQATask", "SafetyTask"]
+def context_placeholders(language: str) -> dict[str, str]:
+    """What a system prompt file's placeholders become: `{language}` -> e.g. "French" for task.language=fr."""
+    return {"language": language_name(language)}
+
+
+__all__ = ["Task", "TASKS", "get_task", "context_placeholders", "LanguageTask", "MathTask", "MedMCQATask", "SafetyTask"]

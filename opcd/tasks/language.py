@@ -1,105 +1,78 @@
-"""The CPU demo task: answer in a target language (French) that the student is not told about.
+"""The CPU demo task: answer in a target language that the student is not told about.
 
-The teacher sees a system prompt asking for French; the student sees only the
-question. A response scores 1.0 when it is written mainly in French, judged by
-`french_score`, a transparent word-count heuristic rather than a model, so the
-metric is cheap, deterministic and easy to audit. It separates French from
-English only: other Romance languages share words such as "la" and "se" and
-may be scored as French.
+The teacher sees a system prompt asking for the language (`task.language`, an ISO 639-1 code; the
+bundled demo is French); the student sees only the question. A response scores 1.0 when a language
+identifier names the target language as the most likely one. The identifier is `langdetect` (a port
+of Google's language-detection, 55 languages, character n-grams; installed with lm-eval's ifeval
+extra and pinned in pyproject.toml), seeded so a text always gets the same decision. It is reliable on
+a sentence or more and unreliable on two or three words ("Très bien, merci !" reads as Catalan).
+
+The system prompt file may contain `{language}`: it is replaced by the target language's English
+name (system_prompts/language.txt; with `fr` it reads exactly as system_prompts/french.txt).
 """
 
-import re
+from __future__ import annotations
+
+import threading
 from dataclasses import dataclass
-from typing import Callable
 
-# Short, frequent French words that are NOT also common English words
-# ("a", "on", "son", "car", "plus", "me" are left out for that reason).
-FRENCH_WORDS = frozenset(
-    """
-    le la les un une des du au aux de et est sont ou où mais donc ni
-    pour dans par sur sous avec sans chez vers entre que qui quoi dont
-    ne pas rien jamais toujours très bien aussi peu beaucoup trop encore
-    il elle ils elles je tu nous vous lui leur leurs eux se
-    ce cet cette ces cela ça ceci mon ma mes ton ta tes sa ses notre votre nos vos
-    être avoir fait faire peut peuvent suis es sommes êtes ont ai avez était sera
-    comme quand comment pourquoi parce alors puis ainsi si tout tous toute toutes
-    même autre autres chaque quelque quelques
-    """.split()
-)
+# langdetect's languages (the profiles it ships) and their English names, for the teacher's prompt
+LANGUAGE_NAMES = {
+    "af": "Afrikaans", "ar": "Arabic", "bg": "Bulgarian", "bn": "Bengali", "ca": "Catalan", "cs": "Czech",
+    "cy": "Welsh", "da": "Danish", "de": "German", "el": "Greek", "en": "English", "es": "Spanish",
+    "et": "Estonian", "fa": "Persian", "fi": "Finnish", "fr": "French", "gu": "Gujarati", "he": "Hebrew",
+    "hi": "Hindi", "hr": "Croatian", "hu": "Hungarian", "id": "Indonesian", "it": "Italian", "ja": "Japanese",
+    "kn": "Kannada", "ko": "Korean", "lt": "Lithuanian", "lv": "Latvian", "mk": "Macedonian",
+    "ml": "Malayalam", "mr": "Marathi", "ne": "Nepali", "nl": "Dutch", "no": "Norwegian", "pa": "Punjabi",
+    "pl": "Polish", "pt": "Portuguese", "ro": "Romanian", "ru": "Russian", "sk": "Slovak", "sl": "Slovenian",
+    "so": "Somali", "sq": "Albanian", "sv": "Swedish", "sw": "Swahili", "ta": "Tamil", "te": "Telugu",
+    "th": "Thai", "tl": "Tagalog", "tr": "Turkish", "uk": "Ukrainian", "ur": "Urdu", "vi": "Vietnamese",
+    "zh-cn": "Simplified Chinese", "zh-tw": "Traditional Chinese",
+}
 
-ENGLISH_WORDS = frozenset(
-    """
-    the is are was were be been being and of to in it its you your for with
-    that this these those on at as by from have has had not but or they them
-    their we our he she his her i my me can will would should could there
-    what which when how why who an do does did if so than then also just
-    about into because very more some any all
-    """.split()
-)
-
-# Elided French articles and pronouns: the "l" of "l'eau", "qu" of "qu'il".
-# Only the part BEFORE an apostrophe is checked against this list, so English
-# contractions ("don't", "it's", "I'd") do not count as French.
-FRENCH_ELISIONS = frozenset({"l", "d", "j", "qu", "n", "c", "s", "m", "t", "jusqu", "lorsqu", "puisqu"})
-
-FRENCH_ACCENTS = frozenset("éèêëàâçùûüîïôœ")
-
-# A word is a run of letters (accented ones included), optionally joined by
-# straight or curly apostrophes: "l'eau", "aujourd’hui", "don't".
-_WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*")
-_APOSTROPHE = re.compile(r"['’]")
+_LOCK = threading.Lock()  # langdetect's factory is a module-level singleton
 
 
-def words(text: str) -> list[str]:
-    """Lower-case words of `text`, accented letters kept, apostrophes kept inside words."""
-    return _WORD.findall(text.lower())
+def language_name(code: str) -> str:
+    """English name of a supported language code; ValueError naming the choices otherwise."""
+    if code not in LANGUAGE_NAMES:
+        raise ValueError(f"unsupported language code {code!r}; expected one of {', '.join(LANGUAGE_NAMES)}")
+    return LANGUAGE_NAMES[code]
 
 
-def language_hits(text: str) -> tuple[int, int]:
-    """(french_hits, english_hits) for `text`.
+def detect_language(text: str) -> str | None:
+    """The most likely language code of `text`, or None when it has nothing to judge (no letters)."""
+    from langdetect import DetectorFactory, LangDetectException, detect
 
-    French hits: French function words, elided prefixes ("l'", "qu'", ...) and
-    one bonus per word containing a French accented letter. "c'est" therefore
-    counts twice (the elision "c'" and "est").
-    """
-    french = english = 0
-    for word in words(text):
-        parts = _APOSTROPHE.split(word)
-        if len(parts) > 1 and parts[0] in FRENCH_ELISIONS:
-            french += 1
-            parts = parts[1:]
-        for part in parts:
-            french += part in FRENCH_WORDS
-            english += part in ENGLISH_WORDS
-        if any(char in FRENCH_ACCENTS for char in word):
-            french += 1
-    return french, english
+    with _LOCK:
+        DetectorFactory.seed = 0  # langdetect samples n-grams at random: seeded, a text gets one answer
+        try:
+            return detect(text)
+        except LangDetectException:
+            return None
 
 
-def french_score(text: str) -> float:
-    """1.0 if `text` is written mainly in French (>= 2 French hits, more than English hits), else 0.0."""
-    french, english = language_hits(text)
-    return 1.0 if french >= 2 and french > english else 0.0
-
-
-LANGUAGE_SCORERS: dict[str, Callable[[str], float]] = {"fr": french_score}
+def language_score(text: str, code: str) -> float:
+    """1.0 if `text` is written in the language `code` (langdetect's first choice), else 0.0."""
+    return 1.0 if detect_language(text) == code else 0.0
 
 
 @dataclass(frozen=True)
 class LanguageTask:
-    """Answer in the row's target language (`answer` holds its code, e.g. "fr")."""
+    """Answer in `language`. A row's `answer` is null (the task's language) or that same code."""
 
+    language: str = "fr"
     name: str = "language"
+
+    def __post_init__(self):
+        language_name(self.language)
 
     def student_messages(self, row: dict) -> list[dict]:
         return [dict(message) for message in row["content"]]
 
     def score(self, response: str, row: dict) -> float:
         target = row.get("answer")
-        scorer = LANGUAGE_SCORERS.get(target)  # type: ignore[arg-type]
-        if scorer is None:
-            raise ValueError(
-                "language task: row 'answer' must be a target language code, "
-                f"one of {sorted(LANGUAGE_SCORERS)}, got {target!r}"
-            )
-        return scorer(response)
+        if target is not None and target != self.language:
+            raise ValueError(f"language task: row 'answer' must be null or task.language={self.language!r}, "
+                             f"got {target!r}")
+        return language_score(response, self.language)

@@ -2,6 +2,13 @@
 its prompt. It returns log-probs (softmax over the full vocabulary of logits / temperature) at the
 requested support ids, optionally merged with its own top-k, and its entropy per token. It can also
 generate, for the "teacher with context" evaluation baseline.
+
+A teacher whose embedding has more rows than the student's (same tokenizer, padded differently:
+Qwen2.5-7B 152,064 rows, Qwen2.5-3B 151,936) is given the student's row count as `vocab_size`: its
+softmax is taken over those rows only, i.e. renormalised over the ids the student can emit. The extra
+rows are padding no tokenizer id maps to; without them both distributions live on the same ids, so
+the full-vocabulary KL (loss.kl_topk <= 0) stays exact and the teacher's own top-k never names an id
+the student lacks.
 """
 
 from __future__ import annotations
@@ -23,8 +30,8 @@ class TeacherWorker:
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
                  attn_implementation: str | None = None, temperature: float = 1.0, micro_batch_size: int = 8,
                  num_threads: int = 0, cpu_offload: bool = False, lm_head_chunk_size: int = 512,
-                 padding_free: bool | None = None, micro_batch_tokens: int = 0, rank: int = 0, world_size: int = 1,
-                 rendezvous=None):
+                 padding_free: bool | None = None, micro_batch_tokens: int = 0, vocab_size: int | None = None,
+                 rank: int = 0, world_size: int = 1, rendezvous=None):
         torch.set_num_threads(num_threads or os.cpu_count() or 1)
         self.rank, self.world_size = rank, world_size
         if world_size > 1:
@@ -45,6 +52,10 @@ class TeacherWorker:
         self.lm_head_chunk_size, self.padding_free = lm_head.head_settings(self.model, lm_head_chunk_size,
                                                                            padding_free)
         self.micro_batch_tokens = micro_batch_tokens
+        rows = self.model.get_output_embeddings().weight.shape[0]
+        if vocab_size is not None and not 0 < vocab_size <= rows:
+            raise ValueError(f"vocab_size {vocab_size} must be in [1, {rows}] (the rows of {model_path}'s lm_head)")
+        self.vocab_size = vocab_size or rows  # scoring softmax over ids [0, vocab_size)
 
     def gpu_memory(self) -> dict[str, float]:
         """Peak GPU memory since the previous call (opcd/gpu_memory.py); {} on CPU."""
@@ -74,7 +85,7 @@ class TeacherWorker:
             inputs = prompt_response_inputs(rows_prompts, rows_ids, rows_mask, self.pad_id)
             width = response_ids.shape[1]
             logits = self.model(**{k: v.to(self.device) for k, v in inputs.items()}, logits_to_keep=width + 1,
-                                use_cache=False).logits[:, :-1].float()
+                                use_cache=False).logits[:, :-1, :self.vocab_size].float()
             if not rows:
                 continue  # a padding pass: this rank had no sequences left
             ids, mask = self._support(logits, None if rows_support is None else rows_support.to(self.device),
@@ -95,15 +106,18 @@ class TeacherWorker:
         lm_head applied at the response tokens only. Past a response's end: the uniform distribution's
         log-prob (finite, never used) and entropy 0."""
         head = self.model.get_output_embeddings()
-        vocab = head.weight.shape[0]
+        vocab = self.vocab_size
+        weight, bias = head.weight, head.bias
+        if vocab < weight.shape[0]:  # a padded teacher: only the student's rows (module docstring)
+            weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
         real = response_mask.bool()
         if support_ids is None:  # the whole vocabulary: exact KL
             ids = torch.arange(vocab).expand(*response_mask.shape, vocab)
         else:
             ids = support_ids
         logprobs, entropy, top = (None if t is None else t.cpu() for t in loss_chunked.support_logprobs_no_grad(
-            hidden[real.to(hidden.device)], head.weight, ids[real].to(hidden.device), self.temperature,
-            self.lm_head_chunk_size, head.bias, topk=merge_topk if support_ids is not None else 0))
+            hidden[real.to(hidden.device)], weight, ids[real].to(hidden.device), self.temperature,
+            self.lm_head_chunk_size, bias, topk=merge_topk if support_ids is not None else 0))
         mask = None
         if top is not None:
             all_top = torch.zeros(*response_mask.shape, merge_topk, dtype=torch.long)

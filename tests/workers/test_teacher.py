@@ -4,8 +4,10 @@ forward of each row alone, merged supports, full-vocabulary scoring, chunked hea
 import pytest
 import torch
 
+from opcd.protocol import SamplingParams, UpdateBatch
+
 from tests.workers.common import (  # noqa: F401 (fixtures are registered by importing them)
-    _logprobs_alone, _random_responses, _teacher, one_thread, prompts, teacher_prompts, tiny_lm, tokenizer)
+    _logprobs_alone, _random_responses, _student, _teacher, one_thread, prompts, teacher_prompts, tiny_lm, tokenizer)
 
 
 def test_teacher_scores_equal_brute_force(sharp_tiny_deeper_model, teacher_prompts):
@@ -101,3 +103,52 @@ def test_packed_teacher_scores_equal_padded(sharp_tiny_deeper_model, teacher_pro
     torch.testing.assert_close(a.logprobs[response_mask], b.logprobs[response_mask], atol=1e-5, rtol=0)
     torch.testing.assert_close(a.entropy[response_mask], b.entropy[response_mask], atol=5e-5, rtol=0)
     assert torch.isfinite(a.logprobs).all()  # past the responses' ends too: the trainer checks them
+
+
+# -- a teacher with more embedding rows than the student (same tokenizer) ----------------------------
+
+STUDENT_ROWS = 49152
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+@pytest.mark.parametrize("support,merge_topk", [("student", 0), ("student", 4), (None, 0)])
+def test_padded_teacher_scores_are_renormalised_over_the_students_rows(tiny_padded_teacher, teacher_prompts, chunk,
+                                                                       support, merge_topk):
+    """Regression: a teacher of 49,216 rows scored over all its rows (and was refused at start-up); its
+    softmax is now over the student's 49,152 ids, so full-vocabulary and merged supports fit the student."""
+    teacher = _teacher(tiny_padded_teacher, temperature=0.8, lm_head_chunk_size=chunk, vocab_size=STUDENT_ROWS)
+    assert teacher.model.get_output_embeddings().weight.shape[0] == STUDENT_ROWS + 64
+    lengths = [3, 1]
+    response_ids, response_mask = _random_responses(lengths, 3, teacher.pad_id, seed=5)
+    generator = torch.Generator().manual_seed(6)
+    ids = None if support is None else torch.randint(0, STUDENT_ROWS, (2, 3, 5), generator=generator)
+    scores = teacher.score(teacher_prompts[:2], response_ids, response_mask, ids, merge_topk)
+    assert int(scores.support_ids[response_mask].max()) < STUDENT_ROWS
+    if support is None:
+        assert scores.logprobs.shape == (2, 3, STUDENT_ROWS)
+    for row, n in enumerate(lengths):
+        with torch.no_grad():
+            prompt = teacher_prompts[row]
+            logits = teacher.model(input_ids=torch.tensor([prompt + response_ids[row, :n].tolist()])).logits[0].double()
+        logp = torch.log_softmax(logits[len(prompt) - 1:len(prompt) - 1 + n, :STUDENT_ROWS] / 0.8, dim=-1)
+        torch.testing.assert_close(scores.logprobs[row, :n].double(), logp.gather(-1, scores.support_ids[row, :n]),
+                                   atol=1e-5, rtol=0)
+
+
+def test_padded_teacher_trains_a_student_in_full_vocabulary_mode(tiny_model, tiny_padded_teacher, prompts,
+                                                                  teacher_prompts):
+    """The exact-KL mode (loss.kl_topk <= 0): the student reads the teacher's log-probs at all its own ids."""
+    student = _student(tiny_model, micro_batch_size=4)
+    teacher = _teacher(tiny_padded_teacher, vocab_size=STUDENT_ROWS)
+    gen = student.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=3), 0)
+    scores = teacher.score(teacher_prompts, gen.response_ids, gen.response_mask, None)
+    stats = student.update(UpdateBatch(
+        prompt_ids=prompts, response_ids=gen.response_ids, response_mask=gen.response_mask,
+        support_ids=scores.support_ids, support_mask=scores.support_mask, teacher_logprobs=scores.logprobs,
+        num_tokens=int(gen.response_mask.sum()), num_sequences=len(prompts)))
+    assert stats["loss"] > 0 and torch.isfinite(torch.tensor(stats["loss"]))
+
+
+def test_teacher_refuses_a_vocab_size_beyond_its_rows(tiny_model):
+    with pytest.raises(ValueError, match=r"vocab_size 50000 must be in \[1, 49152\]"):
+        _teacher(tiny_model, vocab_size=50000)
