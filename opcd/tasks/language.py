@@ -94,6 +94,9 @@ class LanguageTask:
     def student_messages(self, row: dict) -> list[dict]:
         return [dict(message) for message in row["content"]]
 
+    def answer_problem(self, answer: str | None) -> str | None:
+        return None if answer in LANGUAGE_SCORERS else f"a target language code, one of {sorted(LANGUAGE_SCORERS)}"
+
     def score(self, response: str, row: dict) -> float:
         target = row.get("answer")
         scorer = LANGUAGE_SCORERS.get(target)  # type: ignore[arg-type]
