@@ -28,6 +28,7 @@ from opcd.config import LossConfig, TrainerConfig
 from opcd.errors import TrainingError
 from opcd.objective import uses_sampled_token
 from opcd.protocol import Generation, SamplingParams, TeacherScores, UpdateBatch
+from opcd.runfolder import disk_full_as_enospc
 from opcd.sources import RolloutBatch
 from opcd.tracking import Tracker
 
@@ -162,7 +163,10 @@ class Trainer:
     def save(self, step: int) -> Path:
         state = {"step": step, "sampler": self.source.state_dict(), "consecutive_skipped": self.consecutive_skipped,
                  "seed": self.cfg.seed}
-        return save_checkpoint(self.run_dir, step, lambda tmp: self.student.call_rank0("save", str(tmp)), state)
+        def write(tmp: Path) -> None:
+            with disk_full_as_enospc(tmp):  # torch.save on a full disk says "enforce fail", not ENOSPC
+                self.student.call_rank0("save", str(tmp))
+        return save_checkpoint(self.run_dir, step, write, state)
 
     def resume(self) -> int:
         """Load the newest complete checkpoint of the run folder; returns the step to continue after."""

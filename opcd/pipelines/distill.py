@@ -31,6 +31,7 @@ from opcd.models import (check_same_tokenizer, check_same_vocab_size, load_model
 from opcd import metrics as M
 from opcd.prompts import encode_chat, token_counter
 from opcd.report import write_report
+from opcd.runfolder import claims_run_folder
 from opcd.protocol import SamplingParams
 from opcd.tasks import check_answer, get_task
 from opcd.sources import Example, GameSource, PromptSource
@@ -163,6 +164,7 @@ def prepare(cfg: DistillConfig) -> Prepared:
     return Prepared(student_path, teacher_path, tokenizer, context, source, run_eval)
 
 
+@claims_run_folder  # lock, resume=never history, changed-settings check, complete-run detection
 def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source=None, objective: str | None = None,
                 teacher_scores_needed: bool = True) -> dict:
     """On-policy distillation; the off-policy baseline (opcd/pipelines/offpolicy.py) reuses it with a

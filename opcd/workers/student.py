@@ -204,16 +204,21 @@ class StudentWorker:
             for shard in sorted((folder / "model").glob("*.safetensors")):
                 state.update(load_file(shard))
             optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
+        configured = [(group["lr"], group["weight_decay"]) for group in self.optimizer.param_groups]
         if self.world_size > 1:
             D.load_full_state(self.model, self.optimizer, _with_tied(self.model, state), optimizer)
-            return
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        # tied embeddings are saved once; anything else missing means a broken checkpoint
-        missing = [k for k in missing if k not in _tied_keys(self.model)]
-        if missing or unexpected:
-            raise RuntimeError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]}")
-        self.optimizer.load_state_dict(optimizer)
+        else:
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            # tied embeddings are saved once; anything else missing means a broken checkpoint
+            missing = [k for k in missing if k not in _tied_keys(self.model)]
+            if missing or unexpected:
+                raise RuntimeError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, "
+                                   f"unexpected {unexpected[:3]}")
+            self.optimizer.load_state_dict(optimizer)
+        # The saved optimiser state carries the saved run's lr and weight decay; the configured ones win
+        # (a resume refuses a changed value unless trainer.resume_override names it: opcd/runfolder.py).
+        for group, (lr, weight_decay) in zip(self.optimizer.param_groups, configured):
+            group["lr"], group["weight_decay"] = lr, weight_decay
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.world_size > 1:
