@@ -225,3 +225,14 @@ def test_non_utf8_run_config_for_evaluate(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == (f"opcd: error: {tmp_path}/run/config.yaml: not UTF-8 text (byte 0xe9 at offset 24): "
                                  f"expected a UTF-8 file")
+
+
+def test_an_os_error_on_a_users_path_is_one_line(tmp_path, capsys):
+    """The CLI's last net for OS errors (no permission, a full disk, a file where a folder should be):
+    one line naming the path instead of a traceback."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("trainer: {}\n")
+    (tmp_path / "file").write_text("x")
+    code = main(["report", str(tmp_path / "run"), "--out", f"{tmp_path}/file/report"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"opcd: error: {tmp_path}/file/report: Not a directory"
