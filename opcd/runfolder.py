@@ -14,7 +14,7 @@ train, each OEL consolidation). Before the pipeline loads anything it
   A setting that changes the run (weights, data stream, what is compared) must be equal, else one
   line names each key with its old and new value; `trainer.resume_override=[trainer.lr]` accepts
   the listed changes on purpose. Settings in `FREE` (where output goes, how often it is saved or
-  evaluated, how far the run goes, how fast it computes) may change freely;
+  evaluated, how far the run goes, how fast it computes; `game.*` outside text games) may change freely;
 * a run whose last step is saved and whose summary is written is complete: the pipeline does not
   run again; the stored summary is returned and the report's path is logged.
 """
@@ -196,7 +196,10 @@ def check_resume(cfg: DistillConfig, run_dir: Path) -> dict | None:
     if not saved_path.is_file():
         raise ConfigError(f"{run_dir} has checkpoints but no config.yaml, so a resume cannot be checked: "
                           f"set trainer.resume=never to start afresh (the old files are moved aside)")
-    changed = config_changes(_load_yaml(saved_path), _flatten(_plain(cfg)))
+    saved = _load_yaml(saved_path)
+    changed = config_changes(saved, _flatten(_plain(cfg)))
+    if "textgame" not in (saved.get("task.name"), cfg.task.name):  # game settings only matter to games
+        changed = [c for c in changed if not c[0].startswith("game.")]
     refused = [c for c in changed if not _free(c[0]) and c[0] not in cfg.trainer.resume_override]
     if refused:
         listing = "; ".join(f"{key} was {old!r}, now {new!r}" for key, old, new in refused)

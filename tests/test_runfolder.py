@@ -114,7 +114,7 @@ def test_resume_refuses_changed_settings_naming_each_key_old_and_new(tmp_path, t
 def test_resume_accepts_named_overrides_and_settings_that_do_not_change_the_run(tmp_path, tiny_model, caplog):
     _saved_run(tmp_path, tiny_model, 2)
     free = ["trainer.total_training_steps=10", "trainer.loggers=[console]", "trainer.eval_freq=2",
-            "trainer.save_freq=1", "trainer.num_threads=1", "ray.num_cpus=4"]
+            "trainer.save_freq=1", "trainer.num_threads=1", "ray.num_cpus=4", "game.max_steps=9"]
     with claimed(load_config(_overrides(tmp_path, tiny_model, *free))) as finished:
         assert finished is None
     cfg = load_config(_overrides(tmp_path, tiny_model, "trainer.lr=1e-4", "trainer.resume_override=[trainer.lr]"))
