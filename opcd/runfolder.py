@@ -29,7 +29,6 @@ import os
 import socket
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 from opcd.checkpoint import latest_checkpoint
@@ -274,11 +273,6 @@ def _flatten(data: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
-
-
-def known_keys() -> set[str]:
-    """Every dotted key of the schema (what trainer.resume_override may name)."""
-    return set(_flatten(asdict(DistillConfig())))
 
 
 # -- a full disk ---------------------------------------------------------------------------------------

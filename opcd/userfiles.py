@@ -3,13 +3,13 @@
 Python's own failures here are tracebacks that do not name the file: a non-UTF-8 byte is a
 `UnicodeDecodeError` from deep in `codecs`, a JSON array nested a few thousand deep is a
 `RecursionError`, and a JSON string may hold a lone surrogate (`"\\ud800"`) that only fails later
-inside the tokenizer. These helpers turn each into the caller's error type (DataError, ContextError,
-ConfigError) with the path, and the position where there is one.
+inside the tokenizer. These helpers turn the first and the last into the caller's error type (DataError,
+ContextError, ConfigError) with the path and the position; readers catch RecursionError themselves
+next to their JSON errors.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +25,6 @@ def read_text(path: str | Path, error: type[Exception] = DataError) -> str:
                     f"expected a UTF-8 file") from None
     except OSError as exc:
         raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
-
-
-def parse_json(text: str, where: str, error: type[Exception] = DataError) -> Any:
-    """`json.loads`, with bad JSON, absurd nesting and lone surrogates refused in one line."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise error(f"{where}: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    except RecursionError:
-        raise error(f"{where}: JSON nested too deeply to read") from None
-    check_unicode(value, where, error)
-    return value
 
 
 def check_unicode(value: Any, where: str, error: type[Exception] = DataError) -> None:
