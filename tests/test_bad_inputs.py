@@ -236,3 +236,12 @@ def test_an_os_error_on_a_users_path_is_one_line(tmp_path, capsys):
     code = main(["report", str(tmp_path / "run"), "--out", f"{tmp_path}/file/report"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == f"opcd: error: {tmp_path}/file/report: Not a directory"
+
+
+def test_offpolicy_manifest_nested_too_deeply(tmp_path, tiny_model, capsys):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    code = main(["offpolicy", "train", *_base(tmp_path, tiny_model), f"offpolicy.save_dir={tmp_path}/d"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"opcd: error: {tmp_path}/d/manifest.json: not a JSON manifest (maximum "
+                                        f"recursion depth exceeded") and len(err.splitlines()) == 1
