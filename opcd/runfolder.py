@@ -28,7 +28,7 @@ import logging
 import os
 import socket
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from opcd.checkpoint import latest_checkpoint
@@ -79,8 +79,9 @@ def claimed(cfg: DistillConfig):
             yield check_resume(cfg, run_dir)
     finally:
         release_lock(lock)
-        if created and not any(run_dir.iterdir()):  # a run refused before writing anything leaves no folder
-            run_dir.rmdir()
+        if created:  # a run refused before writing anything leaves no folder behind
+            with suppress(OSError):
+                run_dir.rmdir()  # only if empty
 
 
 # -- the lock ------------------------------------------------------------------------------------------
