@@ -22,6 +22,7 @@ import os
 import sys
 
 from opcd.errors import ConfigError, OpcdError
+from opcd.interrupt import Terminated, handle_sigterm
 from opcd.quiet import quiet_third_party_logs
 
 
@@ -106,16 +107,26 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     quiet_third_party_logs()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    handle_sigterm()
     try:
         return _run(args)
     except OpcdError as exc:
         _stop_ray()  # Ray's own shutdown chatter must not follow our one-line error
         print(f"opcd: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("opcd: interrupted (the last complete checkpoint is kept; run the same command to resume)",
+    except OSError as exc:  # a folder or file of the user's (a full disk, no permission): name it, no traceback
+        if exc.filename is None:
+            raise
+        _stop_ray()
+        print(f"opcd: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Terminated):
+            _stop_ray()  # before exit: Ray's atexit clean-up after a signal is where its C++ side aborted
+        why = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"opcd: {why} (the last complete checkpoint is kept; run the same command to resume)",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
 
 
 def _print_run_end(summary: dict) -> None:

@@ -11,6 +11,7 @@ Run `opcd distill --cfg` to print the resolved config without running.
 from __future__ import annotations
 
 import importlib.util
+import math
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
@@ -26,6 +27,16 @@ CONF_DIR = Path(__file__).parent / "conf"
 def _check(ok: bool, key: str, value, expected: str) -> None:
     if not ok:
         raise ConfigError(f"config {key}={value!r}: expected {expected}")
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
+
+
+# Hard ceilings on sizes with no model-specific bound (the model's own limits are checked against its
+# config in `check_model_limits`): past these a run does not fail, it hangs or exhausts memory.
+MAX_RESPONSE_TOKENS = 1 << 20
+MAX_RAY_CPUS = 1 << 16
 
 
 @dataclass
@@ -130,13 +141,16 @@ class RolloutConfig:
         _check(not (self.hf_compile and self.hf_cache != "static"), "rollout.hf_compile", self.hf_compile,
                "false or null unless rollout.hf_cache=static (only a static cache compiles)")
         _check(self.vllm_cpu_kv_cache_gb > 0, "rollout.vllm_cpu_kv_cache_gb", self.vllm_cpu_kv_cache_gb, "a float > 0")
-        _check(self.temperature > 0, "rollout.temperature", self.temperature, "a float > 0")
-        _check(self.eval_temperature >= 0, "rollout.eval_temperature", self.eval_temperature, "a float >= 0 (0 = greedy)")
+        _check(self.temperature > 0 and _finite(self.temperature), "rollout.temperature", self.temperature,
+               "a finite float > 0")
+        _check(self.eval_temperature >= 0 and _finite(self.eval_temperature), "rollout.eval_temperature",
+               self.eval_temperature, "a finite float >= 0 (0 = greedy)")
         _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "a float in (0, 1]")
         _check(0 < self.eval_top_p <= 1, "rollout.eval_top_p", self.eval_top_p, "a float in (0, 1]")
-        _check(self.top_k >= 0, "rollout.top_k", self.top_k, "an integer >= 0")
-        _check(self.max_response_length >= 1, "rollout.max_response_length", self.max_response_length,
-               "an integer >= 1")
+        _check(self.top_k >= 0, "rollout.top_k", self.top_k, "an integer >= 0 (0 = off)")
+        _check(self.eval_top_k >= 0, "rollout.eval_top_k", self.eval_top_k, "an integer >= 0 (0 = off)")
+        _check(1 <= self.max_response_length <= MAX_RESPONSE_TOKENS, "rollout.max_response_length",
+               self.max_response_length, f"an integer in [1, {MAX_RESPONSE_TOKENS}]")
 
 
 @dataclass
@@ -177,7 +191,10 @@ class TrainerConfig:
     # (`opcd export RUN_DIR STEP` writes one later); one rank's checkpoints are Hugging Face folders anyway
     hf_export: Literal["last", "every", "none"] = "last"
     seed: int = 0
-    resume: Literal["auto", "never"] = "auto"  # auto: continue from the run folder's latest checkpoint
+    # auto: continue from the run folder's latest checkpoint, refusing changed settings that change the run;
+    # never: start afresh (the folder's previous run is moved to <exp_name>.old-<time>). See opcd/runfolder.py.
+    resume: Literal["auto", "never"] = "auto"
+    resume_override: list[str] = field(default_factory=list)  # dotted keys a resume may change, e.g. [trainer.lr]
     eval_before: bool = True  # evaluate student (no context) and teacher (context) on the test set first
     eval_after: bool = True  # evaluate the trained student (no context) at the end
     eval_limit: int = 40  # test items used by evaluation; <= 0 = all
@@ -187,17 +204,20 @@ class TrainerConfig:
     num_threads: int = 0  # torch threads per worker; 0 = all cores of the machine
 
     def __post_init__(self):
-        _check(bool(self.exp_name) and "/" not in self.exp_name, "trainer.exp_name", self.exp_name,
-               "a non-empty name without '/'")
+        _check(_plain_name(self.exp_name), "trainer.exp_name", self.exp_name,
+               "a folder name inside trainer.runs_dir (not '.' or '..', no '/' or '\\', no leading '.', "
+               "no control characters)")
         _check(self.total_training_steps >= 1, "trainer.total_training_steps", self.total_training_steps,
                "an integer >= 1")
         _check(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "an integer >= 1")
         _check(self.micro_batch_size >= 1, "trainer.micro_batch_size", self.micro_batch_size, "an integer >= 1")
         _check(self.micro_batch_tokens >= 0, "trainer.micro_batch_tokens", self.micro_batch_tokens,
                "an integer >= 0 (0 = micro-batches of trainer.micro_batch_size sequences)")
-        _check(self.lr > 0, "trainer.lr", self.lr, "a float > 0")
-        _check(self.weight_decay >= 0, "trainer.weight_decay", self.weight_decay, "a float >= 0")
-        _check(self.grad_clip > 0, "trainer.grad_clip", self.grad_clip, "a float > 0")
+        _check(self.lr > 0 and _finite(self.lr), "trainer.lr", self.lr, "a finite float > 0")
+        _check(self.weight_decay >= 0 and _finite(self.weight_decay), "trainer.weight_decay", self.weight_decay,
+               "a finite float >= 0")
+        _check(self.grad_clip > 0 and _finite(self.grad_clip), "trainer.grad_clip", self.grad_clip,
+               "a finite float > 0")
         _check(0 <= self.seed < 2**28, "trainer.seed", self.seed, "an integer in [0, 2**28)")
         _check(self.keep_last_n >= 0, "trainer.keep_last_n", self.keep_last_n, "an integer >= 0 (0 = keep all)")
         _check(self.max_consecutive_nonfinite >= 1, "trainer.max_consecutive_nonfinite",
@@ -225,6 +245,9 @@ class RayConfig:
     collective_timeout_s: float | None = None
 
     def __post_init__(self):
+        _check(self.num_cpus is None or (0 < self.num_cpus <= MAX_RAY_CPUS), "ray.num_cpus", self.num_cpus,
+               f"null (automatic) or a number in (0, {MAX_RAY_CPUS}]")
+        _check(self.gpus_per_node >= 0, "ray.gpus_per_node", self.gpus_per_node, "an integer >= 0 (0 = CPU)")
         _check(self.nnodes >= 1, "ray.nnodes", self.nnodes, "an integer >= 1")
         _check(self.ranks_per_group >= 0, "ray.ranks_per_group", self.ranks_per_group,
                "an integer >= 0 (0 = every GPU: ray.nnodes x ray.gpus_per_node)")
@@ -336,6 +359,10 @@ class DistillConfig:
     oel: OELConfig = field(default_factory=OELConfig)
 
     def __post_init__(self):
+        known = _dotted_keys(DistillConfig)
+        for key in self.trainer.resume_override:
+            _check(key in known, "trainer.resume_override", list(self.trainer.resume_override),
+                   f"dotted config keys such as trainer.lr ({key!r} is not one)")
         self._resolve_auto()
         _check(self.trainer.micro_batch_size <= self.trainer.batch_size * self.rollout.n,
                "trainer.micro_batch_size", self.trainer.micro_batch_size,
@@ -387,6 +414,38 @@ def schema_defaults(cls) -> dict:
         else:
             values[f.name] = f.default
     return values
+
+
+def _dotted_keys(cls, prefix: str = "") -> set[str]:
+    hints = typing.get_type_hints(cls)
+    keys = set()
+    for f in fields(cls):
+        hint = hints[f.name]
+        keys |= _dotted_keys(hint, f"{prefix}{f.name}.") if is_dataclass(hint) else {f"{prefix}{f.name}"}
+    return keys
+
+
+def _plain_name(name: str) -> bool:
+    """A single path component that stays inside its parent folder and is visible there."""
+    return (bool(name) and name not in (".", "..") and not name.startswith(".") and "/" not in name
+            and "\\" not in name and name.isprintable() and name == name.strip())
+
+
+def check_model_limits(cfg: DistillConfig, model_config, where: str) -> int:
+    """Bounds that come from the student's model config (`where`: its path, for the message): the
+    response must fit the model's positions, top-k sizes the vocabulary. Returns the number of
+    positions (0 when the config does not say), which prompts plus responses must fit in."""
+    vocab = int(getattr(model_config, "vocab_size", 0) or 0)
+    positions = int(getattr(model_config, "max_position_embeddings", 0) or 0)
+    if positions:
+        _check(cfg.rollout.max_response_length < positions, "rollout.max_response_length",
+               cfg.rollout.max_response_length, f"fewer tokens than the model's max_position_embeddings={positions} "
+               f"({where})")
+    if vocab:
+        for key, value in (("loss.kl_topk", cfg.loss.kl_topk), ("rollout.top_k", cfg.rollout.top_k),
+                           ("rollout.eval_top_k", cfg.rollout.eval_top_k)):
+            _check(value <= vocab, key, value, f"at most the model's vocab_size={vocab} ({where})")
+    return positions
 
 
 def compose(overrides: list[str], config_name: str = "distill"):

@@ -22,6 +22,7 @@ from typing import Callable, Literal
 import numpy as np
 
 from opcd.errors import ConfigError, ContextError
+from opcd.userfiles import read_text
 
 ContextKind = Literal["system_prompt", "experience"]
 CONTEXT_KINDS: tuple[str, ...] = ("system_prompt", "experience")
@@ -43,7 +44,7 @@ def read_context_file(path: str | Path) -> str:
     file = Path(path)
     if not file.is_file():
         raise ContextError(f"context file not found: {path} (expected a system-prompt or experience text file)")
-    text = file.read_text(encoding="utf-8").strip()
+    text = read_text(file, ContextError).strip()
     if not text:
         raise ContextError(f"context file is empty: {path}")
     return text
@@ -169,7 +170,7 @@ def context_paths(path: str | Path) -> list[Path]:
         return [file]
     if not file.is_file():
         raise ContextError(f"context list file not found: {path} (expected one context file path per line)")
-    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in read_text(file, ContextError).splitlines()]
     names = [line for line in lines if line and not line.startswith("#")]
     if not names:
         raise ContextError(f"context list file names no files: {path}")

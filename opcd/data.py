@@ -27,6 +27,7 @@ import numpy as np
 
 from opcd.errors import ConfigError, DataError
 from opcd.tasks.sysprompt import CHOICE_LETTERS, medmcqa_user_message
+from opcd.userfiles import check_unicode, read_text
 
 ROLES = ("system", "user", "assistant")
 BUNDLED_PREFIX = "bundled:"
@@ -126,22 +127,29 @@ def check_rows(rows: Iterable[Any], label: str) -> list[dict]:
 
 def read_json_rows(path: Path) -> list[Any]:
     """Rows of a JSON-lines file (blank lines skipped), or of a .json file holding one array."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}: invalid JSON ({error.msg} at line {error.lineno})") from None
+        rows = _loads(text, f"{path}")
+        for number, row in enumerate(rows if isinstance(rows, list) else [], start=1):
+            check_unicode(row, f"{path} row {number}")
         return rows
     rows = []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path} line {line_number}: invalid JSON ({error.msg})") from None
+        rows.append(_loads(line, f"{path} line {line_number}"))
+        check_unicode(rows[-1], f"{path} line {line_number}")
     return rows
+
+
+def _loads(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        at = f" at line {error.lineno}" if " line " not in where else ""
+        raise DataError(f"{where}: invalid JSON ({error.msg}{at})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read") from None
 
 
 def read_parquet_rows(path: Path) -> list[Any]:

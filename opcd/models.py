@@ -134,6 +134,18 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def load_model_config(path: str, trust_remote_code: bool = False):
+    """The model's config (architecture, vocabulary, positions), read on the driver before any worker
+    starts, so an unknown or broken model fails in one line instead of inside a Ray actor."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, RecursionError) as exc:  # ValueError: unknown model_type, bad JSON
+        reason = " ".join(str(exc).split(". ")[0].split()) or type(exc).__name__
+        raise ModelError(f"cannot read the model config of {path}: {reason}") from exc
+
+
 def compute_device() -> torch.device:
     """Where a worker computes: its GPU when it has one (Ray makes an actor's GPUs visible as cuda:0...),
     else the CPU."""

@@ -29,6 +29,7 @@ from opcd.config import LossConfig, TrainerConfig
 from opcd.errors import TrainingError
 from opcd.objective import uses_sampled_token
 from opcd.protocol import Generation, SamplingParams, TeacherScores, UpdateBatch
+from opcd.runfolder import disk_full_as_enospc
 from opcd.sources import RolloutBatch
 from opcd.tracking import Tracker
 
@@ -78,7 +79,6 @@ class Trainer:
         with timer("step"):
             with timer("rollout"):
                 batch: RolloutBatch = self.source.rollout(step, self._generate, self.sampling, self._seed(step))
-            generation = batch.generation
             with timer("teacher"):
                 scores = self._teacher_scores(batch)
             with timer("update"):
@@ -175,8 +175,11 @@ class Trainer:
         state = {"step": step, "sampler": self.source.state_dict(), "consecutive_skipped": self.consecutive_skipped,
                  "seed": self.cfg.seed}
         export = self.cfg.hf_export == "every" or (self.cfg.hf_export == "last" and step == self.cfg.total_training_steps)
-        folder = save_checkpoint(self.run_dir, step, lambda tmp: _merged(self.student.call("save", str(tmp), export)),
-                                 state)
+
+        def write(tmp: Path) -> None:
+            with disk_full_as_enospc(tmp):  # torch.save on a full disk says "enforce fail", not ENOSPC
+                _merged(self.student.call("save", str(tmp), export))
+        folder = save_checkpoint(self.run_dir, step, write, state)
         retain(self.run_dir, step, self.cfg.keep_last_n)
         return folder
 

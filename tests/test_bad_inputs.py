@@ -70,7 +70,7 @@ def test_missing_model_path(tmp_path, capsys):
     ("trainer.foo=1", "config: unknown key trainer.foo (known keys in trainer: "),
     ("+trainer.foo=1", "config: unknown key trainer.foo (known keys in trainer: "),
     ("loss.kl_topk=abc", "config loss.kl_topk='abc': expected an integer"),
-    ("rollout.temperature=0", "config rollout.temperature=0.0: expected a float > 0"),
+    ("rollout.temperature=0", "config rollout.temperature=0.0: expected a finite float > 0"),
 ])
 def test_bad_config_values(capsys, override, expected):
     code, err = _run(capsys, override)
@@ -133,3 +133,115 @@ def test_offpolicy_needs_a_topk(tmp_path, tiny_model, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("opcd: error: config loss.kl_topk=0: expected an integer > 0 for the "
                                         "off-policy baseline")
+
+
+# -- values that pass a type check and then do harm; names that escape runs_dir (issue 17) -------------
+@pytest.mark.parametrize("override, expected", [
+    ("rollout.temperature=inf", "config rollout.temperature=inf: expected a finite float > 0"),
+    ("trainer.lr=inf", "config trainer.lr=inf: expected a finite float > 0"),
+    ("trainer.lr=nan", "config trainer.lr=nan: expected a finite float > 0"),
+    ("rollout.max_response_length=100000000",
+     "config rollout.max_response_length=100000000: expected an integer in [1, 1048576]"),
+    ("rollout.eval_top_k=-5", "config rollout.eval_top_k=-5: expected an integer >= 0 (0 = off)"),
+    ("ray.num_cpus=-1", "config ray.num_cpus=-1.0: expected null (automatic) or a number in (0, 65536]"),
+    ("ray.gpus_per_node=-1", "config ray.gpus_per_node=-1: expected an integer >= 0 (0 = CPU)"),
+    ("trainer.exp_name=..", "config trainer.exp_name='..': expected a folder name inside trainer.runs_dir"),
+    ("trainer.exp_name=.", "config trainer.exp_name='.': expected a folder name inside trainer.runs_dir"),
+    ("trainer.exp_name='a/b'", "config trainer.exp_name='a/b': expected a folder name inside trainer.runs_dir"),
+])
+def test_harmful_values_are_refused_at_start_up(tmp_path, capsys, override, expected):
+    """Each of these used to pass: temperature inf trained nothing (KL 0, rc 0), lr inf failed at step
+    2, a 1e8-token response hung, eval_top_k -5 failed after training, '..' wrote into runs_dir's parent."""
+    code, err = _run(capsys, f"trainer.runs_dir={tmp_path}/runs", override)
+    assert code == 2 and err.startswith(f"opcd: error: {expected}") and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["loss.kl_topk=60000"], "config loss.kl_topk=60000: expected at most the model's vocab_size=49152 ({model})"),
+    (["rollout.max_response_length=1024"], "config rollout.max_response_length=1024: expected fewer tokens than "
+                                           "the model's max_position_embeddings=1024 ({model})"),
+    (["rollout.max_response_length=1000", "task.max_prompt_length=2000"],
+     "bundled:questions_train row 1: a prompt of 40 tokens plus rollout.max_response_length does not fit the "
+     "model's positions (24 tokens left for the prompt): lower task.max_prompt_length to drop such rows, or "
+     "rollout.max_response_length"),
+    (["task.train_data=bundled:medmcqa_train"], "bundled:medmcqa_train row 1: field 'answer'='B' does not fit "
+                                                "task=language: expected a target language code, one of ['fr']"),
+])
+def test_limits_of_the_model_and_the_task_are_checked_before_models_load(tmp_path, tiny_model, capsys,
+                                                                         overrides, expected):
+    """kl_topk above the vocabulary and MedMCQA rows under task=language used to fail only after
+    both models loaded (or at the first evaluation); prompts longer than the positions trained silently."""
+    code, err = _run(capsys, *_base(tmp_path, tiny_model), *overrides)
+    assert code == 2 and err == "opcd: error: " + expected.format(model=tiny_model)
+
+
+def test_unknown_model_type_is_one_line(tmp_path, tiny_model, capsys):
+    """Used to be 27 lines of Ray traceback from inside the worker's constructor."""
+    model = tmp_path / "odd-model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "llamaXX"}))
+    code, err = _run(capsys, *_base(tmp_path, tiny_model), f"model.path={model}")
+    assert code == 2 and err.startswith(f"opcd: error: cannot read the model config of {model}: The checkpoint "
+                                        f"you are trying to load has model type `llamaXX`")
+    assert len(err.splitlines()) == 1
+
+
+# -- files that are not UTF-8, not valid Unicode, or nested too deeply: one line naming the path -------
+def test_non_utf8_context_file(tmp_path, tiny_model, capsys):
+    (tmp_path / "latin1.txt").write_bytes("Réponds en français.".encode("latin-1"))
+    code, err = _run(capsys, *_base(tmp_path, tiny_model), f"task.context_path={tmp_path}/latin1.txt")
+    assert code == 2 and err == (f"opcd: error: {tmp_path}/latin1.txt: not UTF-8 text (byte 0xe9 at offset 1): "
+                                 f"expected a UTF-8 file")
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b'{"content": [{"role": "user", "content": "caf\xe9"}], "answer": "fr"}\n',
+     "{path}: not UTF-8 text (byte 0xe9 at offset 45): expected a UTF-8 file"),
+    (b'{"content": [{"role": "user", "content": "a\\ud800b"}], "answer": "fr"}\n',
+     "{path} line 1: text holds a lone surrogate '\\ud800' at character 1 (expected valid Unicode text)"),
+    (b"[" * 100_000 + b"]" * 100_000 + b"\n", "{path} line 1: JSON nested too deeply to read"),
+])
+def test_unreadable_dataset_text(tmp_path, tiny_model, capsys, content, expected):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(content)
+    code, err = _run(capsys, *_base(tmp_path, tiny_model), f"task.train_data={path}")
+    assert code == 2 and err == "opcd: error: " + expected.format(path=path)
+
+
+def test_non_utf8_game_states_file(tmp_path, tiny_model, capsys):
+    states = tmp_path / "states.jsonl"
+    states.write_bytes(b'{"observation": "\xff", "remaining": 2, "history": []}\n')
+    code, err = _run(capsys, *_game(tmp_path, tiny_model), f"game.states_path={states}")
+    assert code == 2 and err == (f"opcd: error: {states}: not UTF-8 text (byte 0xff at offset 17): "
+                                 f"expected a UTF-8 file")
+
+
+def test_non_utf8_run_config_for_evaluate(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_bytes(b"trainer:\n  exp_name: caf\xe9\n")
+    code = main(["evaluate", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == (f"opcd: error: {tmp_path}/run/config.yaml: not UTF-8 text (byte 0xe9 at offset 24): "
+                                 f"expected a UTF-8 file")
+
+
+def test_an_os_error_on_a_users_path_is_one_line(tmp_path, capsys):
+    """The CLI's last net for OS errors (no permission, a full disk, a file where a folder should be):
+    one line naming the path instead of a traceback."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("trainer: {}\n")
+    (tmp_path / "file").write_text("x")
+    code = main(["report", str(tmp_path / "run"), "--out", f"{tmp_path}/file/report"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"opcd: error: {tmp_path}/file/report: Not a directory"
+
+
+def test_offpolicy_manifest_nested_too_deeply(tmp_path, tiny_model, capsys):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    code = main(["offpolicy", "train", *_base(tmp_path, tiny_model), f"offpolicy.save_dir={tmp_path}/d"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"opcd: error: {tmp_path}/d/manifest.json: not a JSON manifest (maximum "
+                                        f"recursion depth exceeded") and len(err.splitlines()) == 1

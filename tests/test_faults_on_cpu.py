@@ -1,9 +1,10 @@
 """Faults: a run SIGKILLed at a random moment resumes exactly; a worker that dies ends the run with
-one line and the last checkpoint still resumes; too many non-finite steps in a row stop the run.
+one line and the last checkpoint still resumes; SIGTERM is one line and SIGKILL of the driver alone
+leaves no Ray process; too many non-finite steps in a row stop the run.
 
-The first two drive `python -m opcd.cli distill` in a subprocess that leads its own session, so the
+The first three drive `python -m opcd.cli distill` in a subprocess that leads its own session, so the
 driver, Ray's daemons and the workers it starts can all be found (by session id) and killed
-together, without touching any other Ray instance on the machine. The third runs the trainer's
+together, without touching any other Ray instance on the machine. The last runs the trainer's
 loop on fake worker groups, no Ray.
 """
 
@@ -200,7 +201,34 @@ def test_dead_student_worker_ends_the_run_with_one_line_and_the_checkpoint_resum
     assert [row["step"] for row in _metrics(run_dir)] == list(range(1, STEPS + 1))
 
 
-# -- 3. non-finite steps (controller logic, fake worker groups) ------------------------------------
+# -- 3. SIGTERM, and SIGKILL of the driver alone ---------------------------------------------------
+
+def test_sigterm_is_one_line_and_a_killed_driver_leaves_no_ray_process(tmp_path, tiny_model, launch):
+    """Guards two ways a run ends from outside. SIGTERM (a scheduler, `timeout`, `kill`) used to end
+    with rc -6 and a Ray C++ stack dump: it must give exit 143, one line, no stack, a resumable
+    checkpoint and no Ray process left. SIGKILL of the driver process alone (not its whole session)
+    used to leave Ray's dashboard and runtime-env agents running forever."""
+    termed = launch(_command(tmp_path / "termed", tiny_model, save_freq=1), "termed")
+    killed = launch(_command(tmp_path / "killed", tiny_model, save_freq=1), "killed")
+    for proc, name in ((termed, "termed"), (killed, "killed")):
+        _wait_for(tmp_path / name / "run" / "global_step_1" / "COMPLETE", proc)
+    assert any(cmd.startswith("ray::RuntimeEnvAgent") for cmd in _session(killed.pid).values())
+    os.kill(termed.pid, signal.SIGTERM)
+    os.kill(killed.pid, signal.SIGKILL)
+
+    assert _finish(termed) == 143
+    err = termed.err.read_text()
+    assert err.strip().splitlines()[-1] == ("opcd: terminated (SIGTERM) (the last complete checkpoint is kept; "
+                                            "run the same command to resume)")
+    assert "Traceback" not in err and "*** SIG" not in err and "stack trace" not in err.lower()
+    assert latest_checkpoint(tmp_path / "termed" / "run")[0] >= 1
+    assert not (tmp_path / "termed" / "run" / "opcd.lock").exists()
+    assert _wait_session_gone(termed.pid) == {}, "Ray processes of the terminated run outlived it"
+    killed.wait()
+    assert _wait_session_gone(killed.pid) == {}, "Ray processes of the SIGKILLed driver outlived it"
+
+
+# -- 4. non-finite steps (controller logic, fake worker groups) ------------------------------------
 
 class _FakeStudent:
     """Answers the trainer's calls like the student group, with `skipped` flags scripted per step."""

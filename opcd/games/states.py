@@ -17,6 +17,7 @@ from opcd.games.actions import parse_action
 from opcd.games.play import Episode, GamePlayer
 from opcd.games.prompts import PastTurn
 from opcd.sources import Example
+from opcd.userfiles import check_unicode, read_text
 
 _PAST_FIELDS = {f.name for f in fields(PastTurn)}
 
@@ -47,13 +48,16 @@ def read_states(path: str | Path) -> list[dict]:
     if not file.is_file():
         raise DataError(f"game states file not found: {path} (expected the states.jsonl written by a deploy phase)")
     rows = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text(file).splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{number}: JSON nested too deeply to read") from None
+        check_unicode(row, f"{path}:{number}")
         for key, kind in (("observation", str), ("remaining", int), ("history", list)):
             if not isinstance(row.get(key) if isinstance(row, dict) else None, kind):
                 raise DataError(f"{path}:{number}: field {key!r} missing or not a {kind.__name__}")

@@ -192,7 +192,7 @@ def _read_manifest(folder: Path) -> dict:
         raise DataError(f"{folder}: no off-policy shards (no {MANIFEST}); run 'opcd offpolicy generate' first")
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: absurd nesting
         raise DataError(f"{path}: not a JSON manifest ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from opcd.checkpoint import latest_checkpoint, write_text_atomic
-from opcd.config import DistillConfig, to_yaml
+from opcd.config import DistillConfig, check_model_limits, to_yaml
 from opcd.contexts import ContextSource, load_context
 from opcd.data import load_rows
 from opcd.errors import DataError
@@ -26,13 +26,14 @@ from opcd.games.play import GamePlayer
 from opcd.games.registry import make_game
 from opcd.games.seeds import heldout_seeds
 from opcd.games.states import MoveFormat, read_states, state_examples
-from opcd.models import (check_same_tokenizer, check_teacher_covers_student, load_tokenizer, load_vocab_rows,
-                         resolve_model)
+from opcd.models import (check_same_tokenizer, check_teacher_covers_student, load_model_config, load_tokenizer,
+                         load_vocab_rows, resolve_model)
 from opcd import metrics as M
 from opcd.prompts import encode_chat, token_counter
 from opcd.report import write_report
+from opcd.runfolder import claims_run_folder
 from opcd.protocol import SamplingParams
-from opcd.tasks import context_placeholders, get_task
+from opcd.tasks import check_answer, context_placeholders, get_task
 from opcd.sources import Example, GameSource, PromptSource
 from opcd.tracking import Tracker
 from opcd.trainer import Trainer
@@ -55,12 +56,21 @@ def resolve_user_path(path: str) -> str:
 
 
 def build_examples(rows: list[dict], task, context: ContextSource, tokenizer, max_prompt_length: int,
-                   seed: int, enable_thinking: bool | None, label: str) -> list[Example]:
+                   seed: int, enable_thinking: bool | None, label: str,
+                   max_total_length: int | None = None) -> list[Example]:
+    """Encoded prompts of the rows; rows over task.max_prompt_length are dropped (and counted), a row
+    kept whose prompt leaves no room for the response in the model's positions is an error."""
     examples, dropped = [], 0
     for index, row in enumerate(rows):
+        check_answer(task, row, f"{label} row {index + 1}")
         student_messages = task.student_messages(row)
         student = encode_chat(tokenizer, student_messages, enable_thinking)
         teacher = encode_chat(tokenizer, context.teacher_messages(student_messages, index, seed), enable_thinking)
+        longest = max(len(student), len(teacher))
+        if max_total_length is not None and max_prompt_length >= longest > max_total_length:
+            raise DataError(f"{label} row {index + 1}: a prompt of {longest} tokens plus rollout.max_response_length "
+                            f"does not fit the model's positions ({max_total_length} tokens left for the prompt): "
+                            f"lower task.max_prompt_length to drop such rows, or rollout.max_response_length")
         if max(len(student), len(teacher)) > max_prompt_length:
             dropped += 1
             continue
@@ -143,6 +153,7 @@ class Prepared:
 def prepare(cfg: DistillConfig) -> Prepared:
     student_path = resolve_model(cfg.model.path)
     teacher_path = resolve_model(cfg.model.teacher_path) if cfg.model.teacher_path else student_path
+    positions = check_model_limits(cfg, load_model_config(student_path, cfg.model.trust_remote_code), student_path)
     tokenizer = load_tokenizer(student_path, cfg.model.trust_remote_code)
     if teacher_path != student_path:
         _check_teacher(cfg, tokenizer, student_path, teacher_path)
@@ -150,10 +161,11 @@ def prepare(cfg: DistillConfig) -> Prepared:
                            cfg.task.experience_max_length, token_counter(tokenizer),
                            context_placeholders(cfg.task.language))
     setup = _game_setup if cfg.task.name == "textgame" else _prompt_setup
-    source, run_eval = setup(cfg, tokenizer, context)
+    source, run_eval = setup(cfg, tokenizer, context, positions)
     return Prepared(student_path, teacher_path, tokenizer, context, source, run_eval)
 
 
+@claims_run_folder  # lock, resume=never history, changed-settings check, complete-run detection
 def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source=None, objective: str | None = None,
                 teacher_scores_needed: bool = True) -> dict:
     """On-policy distillation; the off-policy baseline (opcd/pipelines/offpolicy.py) reuses it with a
@@ -233,14 +245,15 @@ def _check_teacher(cfg: DistillConfig, student_tok, student_path: str, teacher_p
                                  student_path, teacher_path)
 
 
-def _prompt_setup(cfg: DistillConfig, tokenizer, context: ContextSource):
+def _prompt_setup(cfg: DistillConfig, tokenizer, context: ContextSource, positions: int):
     """Dataset tasks: the training source over the train rows, and held-out evaluation on the test rows."""
     task = get_task(cfg.task.name, cfg.task.language)
     train_rows = load_rows(resolve_user_path(cfg.task.train_data), cfg.task.train_split)
     test_rows = load_rows(resolve_user_path(cfg.task.test_data), cfg.task.test_split,
                           cfg.trainer.eval_limit if cfg.trainer.eval_limit > 0 else None)
     build = dict(task=task, context=context, tokenizer=tokenizer, max_prompt_length=cfg.task.max_prompt_length,
-                 seed=cfg.trainer.seed, enable_thinking=cfg.task.enable_thinking)
+                 seed=cfg.trainer.seed, enable_thinking=cfg.task.enable_thinking,
+                 max_total_length=positions - cfg.rollout.max_response_length if positions else None)
     examples = build_examples(train_rows, label=cfg.task.train_data, **build)
     test_examples = build_examples(test_rows, label=cfg.task.test_data, **build)
     source = PromptSource(examples, cfg.trainer.batch_size, cfg.rollout.n, cfg.trainer.seed, task, tokenizer)
@@ -252,7 +265,7 @@ def _prompt_setup(cfg: DistillConfig, tokenizer, context: ContextSource):
     return source, run_eval
 
 
-def _game_setup(cfg: DistillConfig, tokenizer, context: ContextSource):
+def _game_setup(cfg: DistillConfig, tokenizer, context: ContextSource, positions: int):
     """Text games: episodes from training seeds (or stored states), pass rates on the fixed held-out
     seeds (the teacher plays with the first experience file)."""
     player = build_player(cfg, tokenizer)

@@ -34,6 +34,7 @@ from opcd.games.seeds import heldout_seeds
 from opcd.models import load_tokenizer, resolve_model
 from opcd.pipelines.distill import build_examples, build_player, resolve_user_path, sampling, worker_kwargs
 from opcd.prompts import token_counter
+from opcd.runfolder import read_saved_config
 from opcd.tasks import context_placeholders, get_task
 from opcd.workers.group import WorkerGroup, init_ray
 from opcd.workers.teacher import TeacherWorker
@@ -51,7 +52,7 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> DistillConfig:
     bad = [o for o in overrides if "=" not in o or o.split("=", 1)[0] in ("task", "model", "rollout", "trainer")]
     if bad:
         raise ConfigError(f"evaluate overrides must be dotted key=value pairs (e.g. evaluate.limit=100), got {bad}")
-    config = OmegaConf.load(saved)
+    config = OmegaConf.create(read_saved_config(saved))
     if overrides:
         config = OmegaConf.merge(config, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
     return validate(config)

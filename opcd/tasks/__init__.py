@@ -8,7 +8,7 @@ language) to a task.
 
 from typing import Protocol
 
-from opcd.errors import ConfigError
+from opcd.errors import ConfigError, DataError
 from opcd.tasks.language import LanguageTask, language_name
 from opcd.tasks.math import MathTask
 from opcd.tasks.sysprompt import MedMCQATask, SafetyTask
@@ -23,6 +23,10 @@ class Task(Protocol):
 
     def score(self, response: str, row: dict) -> float:
         """Task metric for one response, in [0, 1] (accuracy-like)."""
+        ...
+
+    def answer_problem(self, answer: str | None) -> str | None:
+        """None when `answer` is a ground truth this task can score, else what it expects instead."""
         ...
 
 
@@ -49,4 +53,13 @@ def context_placeholders(language: str) -> dict[str, str]:
     return {"language": language_name(language)}
 
 
-__all__ = ["Task", "TASKS", "get_task", "context_placeholders", "LanguageTask", "MathTask", "MedMCQATask", "SafetyTask"]
+def check_answer(task: Task, row: dict, where: str) -> None:
+    """Refuse, before any model loads, a row whose `answer` the task cannot score (e.g. MedMCQA rows
+    under task=language would only fail at the first evaluation, after training started)."""
+    expected = task.answer_problem(row.get("answer"))
+    if expected is not None:
+        raise DataError(f"{where}: field 'answer'={row.get('answer')!r} does not fit task={task.name}: "
+                        f"expected {expected}")
+
+
+__all__ = ["check_answer", "Task", "TASKS", "get_task", "context_placeholders", "LanguageTask", "MathTask", "MedMCQATask", "SafetyTask"]

@@ -70,6 +70,9 @@ class LanguageTask:
     def student_messages(self, row: dict) -> list[dict]:
         return [dict(message) for message in row["content"]]
 
+    def answer_problem(self, answer: str | None) -> str | None:
+        return None if answer in (None, self.language) else f"null or task.language={self.language!r}"
+
     def score(self, response: str, row: dict) -> float:
         target = row.get("answer")
         if target is not None and target != self.language:

@@ -90,6 +90,9 @@ class MathTask:
     def student_messages(self, row: dict) -> list[dict]:
         return [dict(message) for message in row["content"]]
 
+    def answer_problem(self, answer: str | None) -> str | None:
+        return None if isinstance(answer, str) and answer.strip() else "the ground-truth answer as a non-empty string"
+
     def score(self, response: str, row: dict) -> float:
         if row.get("answer") is None:
             raise DataError(f"math row {row.get('id', '?')}: missing ground truth 'answer'")

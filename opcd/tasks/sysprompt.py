@@ -94,6 +94,10 @@ class MedMCQATask:
     def student_messages(self, row: dict) -> list[dict]:
         return [dict(message) for message in row["content"]]
 
+    def answer_problem(self, answer: str | None) -> str | None:
+        ok = isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().upper() in CHOICE_LETTERS
+        return None if ok else "an option letter such as 'B'"
+
     def score(self, response: str, row: dict) -> float:
         letter = parse_choice_letter(parse_answer_tag(response))
         return 1.0 if letter is not None and letter == _expected(row, self.name).upper() else 0.0
@@ -107,6 +111,9 @@ class SafetyTask:
 
     def student_messages(self, row: dict) -> list[dict]:
         return [dict(message) for message in row["content"]]
+
+    def answer_problem(self, answer: str | None) -> str | None:
+        return None if isinstance(answer, str) and answer.strip().lower() in ("yes", "no") else "'yes' or 'no'"
 
     def score(self, response: str, row: dict) -> float:
         verdict = parse_yes_no(parse_answer_tag(response))

@@ -13,7 +13,9 @@ import re
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from opcd import raywatch
 from opcd.errors import OpcdError, WorkerError
+from opcd.interrupt import handle_sigterm
 from opcd.protocol import TeacherScores
 
 
@@ -32,8 +34,10 @@ def init_ray(address: str | None, num_cpus: float | None) -> None:
         # 2-core machine, and our workers take turns anyway.
         ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 8), include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
+        raywatch.watch(raywatch.local_raylet_pid())  # Ray's agents outlive a SIGKILLed driver
     else:
         ray.init(address=address, log_to_driver=True)
+    handle_sigterm()  # ray.init replaced our SIGTERM handler with one that aborts the driver
 
 
 class WorkerGroup:

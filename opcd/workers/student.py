@@ -189,7 +189,12 @@ class StudentWorker:
                                   export)
 
     def load(self, folder: str, optimizer: bool = True) -> None:
+        configured = [(group["lr"], group["weight_decay"]) for group in self.optimizer.param_groups]
         checkpoint_io.load(self.model, self.optimizer, folder, self.world_size, optimizer)
+        # The saved optimiser state carries the saved run's lr and weight decay; the configured ones win
+        # (a resume refuses a changed value unless trainer.resume_override names it: opcd/runfolder.py).
+        for group, (lr, weight_decay) in zip(self.optimizer.param_groups, configured):
+            group["lr"], group["weight_decay"] = lr, weight_decay
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.world_size > 1:

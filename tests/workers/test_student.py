@@ -90,6 +90,21 @@ def test_save_load_restores_weights_and_optimizer_state(sharp_tiny_model, sharp_
     assert restored.optimizer.state_dict()["state"][0]["step"].item() == 2
 
 
+def test_load_keeps_the_configured_lr_not_the_saved_one(sharp_tiny_model, sharp_tiny_deeper_model, prompts,
+                                                        teacher_prompts, tmp_path):
+    """Guards a resume with trainer.resume_override=[trainer.lr]: the optimiser state saved at lr 3e-3
+    used to bring its lr back, so the run logged and used 3e-3 while config.yaml said 1e-4."""
+    original = _student(sharp_tiny_model, lr=3e-3, weight_decay=0.0, micro_batch_size=2)
+    original.update(_update_batch(original, _teacher(sharp_tiny_deeper_model), prompts, teacher_prompts))
+    original.save(str(tmp_path))
+    resumed = _student(sharp_tiny_model, lr=1e-4, weight_decay=0.1, micro_batch_size=2)
+    resumed.load(str(tmp_path))
+    assert [(g["lr"], g["weight_decay"]) for g in resumed.optimizer.param_groups] == [(1e-4, 0.1)]
+    assert resumed.optimizer.state_dict()["state"][0]["step"].item() == 1  # the moments did come back
+    stats = resumed.update(_update_batch(resumed, _teacher(sharp_tiny_deeper_model), prompts, teacher_prompts))
+    assert stats["lr"] == 1e-4
+
+
 def test_load_refuses_a_checkpoint_of_another_model(sharp_tiny_model, sharp_tiny_deeper_model, tmp_path):
     _student(sharp_tiny_deeper_model).save(str(tmp_path))
     with pytest.raises(RuntimeError, match="does not match the model"):
