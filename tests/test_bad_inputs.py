@@ -166,7 +166,7 @@ def test_harmful_values_are_refused_at_start_up(tmp_path, capsys, override, expe
      "model's positions (24 tokens left for the prompt): lower task.max_prompt_length to drop such rows, or "
      "rollout.max_response_length"),
     (["task.train_data=bundled:medmcqa_train"], "bundled:medmcqa_train row 1: field 'answer'='B' does not fit "
-                                                "task=language: expected a target language code, one of ['fr']"),
+                                                "task=language: expected null or task.language='fr'"),
 ])
 def test_limits_of_the_model_and_the_task_are_checked_before_models_load(tmp_path, tiny_model, capsys,
                                                                          overrides, expected):
