@@ -193,7 +193,7 @@ def test_vllm_tensor_parallel_size_is_checked_against_the_ranks(overrides, expec
 
 
 def test_vllm_tensor_parallel_engines_split_the_ranks():
-    from opcd.pipelines.groups import engine_ranks
+    from opcd.pipelines.distill import engine_ranks
 
     cfg = load_config(["rollout.backend=vllm", "ray.gpus_per_node=8", "ray.ranks_per_group=8",
                        "rollout.vllm_tensor_parallel_size=2"])

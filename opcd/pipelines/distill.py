@@ -104,6 +104,11 @@ def rollout_kwargs(cfg: DistillConfig) -> dict:
         "enforce_eager": r.vllm_enforce_eager if r.vllm_enforce_eager is not None else cfg.ray.gpus_per_node == 0}}
 
 
+def engine_ranks(cfg: DistillConfig) -> int:
+    """Ranks per rollout engine: vLLM's tensor-parallel size, else 1 (every rank its own engine)."""
+    return cfg.rollout.vllm_tensor_parallel_size if cfg.rollout.backend == "vllm" else 1
+
+
 def teacher_ranks(cfg: DistillConfig) -> int:
     return cfg.ray.teacher_ranks or cfg.ray.ranks_per_group
 
@@ -170,12 +175,10 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source=Non
             "grad_clip": cfg.trainer.grad_clip, "kl_loss_type": objective or cfg.loss.kl_loss_type,
             "support_mode": cfg.loss.support_mode, "aggregation": cfg.loss.aggregation,
             "activation_checkpointing": cfg.model.activation_checkpointing, "cpu_offload": cfg.model.cpu_offload},
-            world_size=cfg.ray.ranks_per_group, pool=pools["student"],
-            ranks_per_engine=cfg.rollout.vllm_tensor_parallel_size if cfg.rollout.backend == "vllm" else 1)
+            world_size=cfg.ray.ranks_per_group, pool=pools["student"], ranks_per_engine=engine_ranks(cfg))
         teacher = WorkerGroup("teacher", TeacherWorker, {**worker_kwargs(cfg, teacher_path),
                                                          "cpu_offload": cfg.model.cpu_offload},
-                              world_size=cfg.ray.ranks_per_group, pool=pools["student"],
-            ranks_per_engine=cfg.rollout.vllm_tensor_parallel_size if cfg.rollout.backend == "vllm" else 1)
+                              world_size=cfg.ray.ranks_per_group, pool=pools["student"])
         trainer = Trainer(cfg.trainer, cfg.loss, sampling(cfg, evaluation=False), source, student,
                           teacher if teacher_scores_needed else None, run_dir, objective)
         start_step = trainer.resume()

@@ -5,14 +5,9 @@ per-prompt seeds: the same outputs as one rank), with the configured rollout bac
 from __future__ import annotations
 
 from opcd.config import DistillConfig
-from opcd.pipelines.distill import rollout_kwargs, worker_kwargs
+from opcd.pipelines.distill import engine_ranks, rollout_kwargs, worker_kwargs
 from opcd.workers.group import WorkerGroup
 from opcd.workers.teacher import TeacherWorker
-
-
-def engine_ranks(cfg: DistillConfig) -> int:
-    """Ranks per rollout engine: vLLM's tensor-parallel size, else 1 (every rank its own engine)."""
-    return cfg.rollout.vllm_tensor_parallel_size if cfg.rollout.backend == "vllm" else 1
 
 
 def frozen_group(cfg: DistillConfig, name: str, model_path: str, pool=None) -> WorkerGroup:
