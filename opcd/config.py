@@ -133,6 +133,9 @@ class RolloutConfig:
     # hf engine's KV cache: dynamic (grows) or static (preallocated, compilable); None: static on GPU, dynamic on CPU
     hf_cache: Literal["dynamic", "static"] | None = None
     hf_compile: bool | None = None  # compile the hf engine's decoding step (CUDA graphs); None: with a static cache on GPU
+    # GPUs per vLLM engine (tensor parallelism, for a model that does not fit one GPU): consecutive
+    # ranks of a group form one engine; ray.ranks_per_group / this many engines split each rollout
+    vllm_tensor_parallel_size: int = 1
 
     def __post_init__(self):
         _check(self.n >= 1, "rollout.n", self.n, "an integer >= 1")
@@ -141,6 +144,8 @@ class RolloutConfig:
         _check(not (self.hf_compile and self.hf_cache != "static"), "rollout.hf_compile", self.hf_compile,
                "false or null unless rollout.hf_cache=static (only a static cache compiles)")
         _check(self.vllm_cpu_kv_cache_gb > 0, "rollout.vllm_cpu_kv_cache_gb", self.vllm_cpu_kv_cache_gb, "a float > 0")
+        _check(self.vllm_tensor_parallel_size >= 1, "rollout.vllm_tensor_parallel_size", self.vllm_tensor_parallel_size,
+               "an integer >= 1")
         _check(self.temperature > 0 and _finite(self.temperature), "rollout.temperature", self.temperature,
                "a finite float > 0")
         _check(self.eval_temperature >= 0 and _finite(self.eval_temperature), "rollout.eval_temperature",
@@ -364,6 +369,16 @@ class DistillConfig:
             _check(key in known, "trainer.resume_override", list(self.trainer.resume_override),
                    f"dotted config keys such as trainer.lr ({key!r} is not one)")
         self._resolve_auto()
+        tp = self.rollout.vllm_tensor_parallel_size
+        if tp > 1:
+            _check(self.rollout.backend == "vllm", "rollout.vllm_tensor_parallel_size", tp,
+                   "1 unless rollout.backend=vllm")
+            _check(self.ray.gpus_per_node > 0, "rollout.vllm_tensor_parallel_size", tp,
+                   "1 on CPU (tensor parallelism splits a model over GPUs; set ray.gpus_per_node)")
+            _check(self.ray.ranks_per_group % tp == 0 and tp <= self.ray.gpus_per_node,
+                   "rollout.vllm_tensor_parallel_size", tp,
+                   f"a divisor of ray.ranks_per_group={self.ray.ranks_per_group} and at most "
+                   f"ray.gpus_per_node={self.ray.gpus_per_node} (an engine's GPUs are on one node)")
         _check(self.trainer.micro_batch_size <= self.trainer.batch_size * self.rollout.n,
                "trainer.micro_batch_size", self.trainer.micro_batch_size,
                f"<= trainer.batch_size * rollout.n = {self.trainer.batch_size * self.rollout.n}")

@@ -101,7 +101,7 @@ class Trainer:
                                        generation.response_mask, self._support(generation), self._merge_topk())
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
-        return self.student.call_rank0("generate", prompts, params, seed)
+        return self.student.generate(prompts, params, seed)
 
     def _seed(self, step: int) -> int:
         return self.cfg.seed * 1_000_003 + step

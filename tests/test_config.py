@@ -186,3 +186,27 @@ def test_cli_cfg_prints_the_resolved_config_as_yaml(capsys):
 def test_cli_cfg_of_the_defaults(capsys):
     assert main(["distill", "--cfg"]) == 0
     assert yaml.safe_load(capsys.readouterr().out) == asdict(load_config([]))
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["rollout.vllm_tensor_parallel_size=0"], "an integer >= 1"),
+    (["rollout.vllm_tensor_parallel_size=2"], "1 unless rollout.backend=vllm"),
+    (["rollout.backend=vllm", "rollout.vllm_tensor_parallel_size=2"], "1 on CPU"),
+    (["rollout.backend=vllm", "ray.gpus_per_node=8", "ray.ranks_per_group=6", "rollout.vllm_tensor_parallel_size=4"],
+     "a divisor of ray.ranks_per_group=6"),
+    (["rollout.backend=vllm", "ray.nnodes=2", "ray.address=auto", "ray.gpus_per_node=2", "ray.ranks_per_group=4",
+      "rollout.vllm_tensor_parallel_size=4"], "at most ray.gpus_per_node=2"),
+])
+def test_vllm_tensor_parallel_size_is_checked_against_the_ranks(overrides, expected):
+    with pytest.raises(ConfigError, match=r"^config rollout\.vllm_tensor_parallel_size=\d+: expected ") as err:
+        load_config(overrides)
+    assert expected in str(err.value)
+
+
+def test_vllm_tensor_parallel_engines_split_the_ranks():
+    from opcd.pipelines.distill import engine_ranks
+
+    cfg = load_config(["rollout.backend=vllm", "ray.gpus_per_node=8", "ray.ranks_per_group=8",
+                       "rollout.vllm_tensor_parallel_size=2"])
+    assert engine_ranks(cfg) == 2
+    assert engine_ranks(load_config(["ray.gpus_per_node=8", "ray.ranks_per_group=8"])) == 1

@@ -240,13 +240,13 @@ class _FakeStudent:
         self.saved = []
         self.loaded = []
 
+    def generate(self, prompts, params, seed):
+        ids = torch.full((len(prompts), 3), 5)
+        return Generation(ids, torch.ones(len(prompts), 3, dtype=torch.bool),
+                          torch.zeros(len(prompts), 3, params.record_topk, dtype=torch.long))
+
     def call_rank0(self, method: str, *args):
         match method:
-            case "generate":
-                prompts, params = args[0], args[1]
-                ids = torch.full((len(prompts), 3), 5)
-                return Generation(ids, torch.ones(len(prompts), 3, dtype=torch.bool),
-                                  torch.zeros(len(prompts), 3, params.record_topk, dtype=torch.long))
             case "update":
                 self.updates += 1
                 skipped = float(self.skipped[self.updates - 1])

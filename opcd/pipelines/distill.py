@@ -111,8 +111,13 @@ def rollout_kwargs(cfg: DistillConfig) -> dict:
         "max_model_len": length, "seed": cfg.trainer.seed, "gpu_memory_utilization": r.vllm_gpu_memory_utilization,
         "cpu_kv_cache_gb": r.vllm_cpu_kv_cache_gb,
         # vLLM refuses more log-probs per token than this (default 20); the support is the policy's top-k
-        "max_logprobs": max(cfg.loss.kl_topk, 20),
+        "max_logprobs": max(cfg.loss.kl_topk, 20), "tensor_parallel_size": r.vllm_tensor_parallel_size,
         "enforce_eager": r.vllm_enforce_eager if r.vllm_enforce_eager is not None else cfg.ray.gpus_per_node == 0}}
+
+
+def engine_ranks(cfg: DistillConfig) -> int:
+    """Ranks per rollout engine: vLLM's tensor-parallel size, else 1 (every rank its own engine)."""
+    return cfg.rollout.vllm_tensor_parallel_size if cfg.rollout.backend == "vllm" else 1
 
 
 def teacher_ranks(cfg: DistillConfig) -> int:
@@ -184,7 +189,8 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source=Non
             "grad_clip": cfg.trainer.grad_clip, "kl_loss_type": objective or cfg.loss.kl_loss_type,
             "support_mode": cfg.loss.support_mode, "aggregation": cfg.loss.aggregation,
             "activation_checkpointing": cfg.model.activation_checkpointing, "cpu_offload": cfg.model.cpu_offload},
-            world_size=cfg.ray.ranks_per_group, pool=pools["student"], collective_timeout_s=cfg.ray.collective_timeout_s)
+            world_size=cfg.ray.ranks_per_group, pool=pools["student"], collective_timeout_s=cfg.ray.collective_timeout_s,
+            ranks_per_engine=engine_ranks(cfg))
         teacher = WorkerGroup("teacher", TeacherWorker, {**worker_kwargs(cfg, teacher_path),
                                                          "cpu_offload": cfg.model.cpu_offload,
                                                          # a padded teacher scores over the student's ids

@@ -32,12 +32,12 @@ from opcd.evaluation import best_k_mean, evaluate, evaluate_games
 from opcd.export import model_folder
 from opcd.games.seeds import heldout_seeds
 from opcd.models import load_tokenizer, resolve_model
-from opcd.pipelines.distill import build_examples, build_player, resolve_user_path, sampling, worker_kwargs
+from opcd.pipelines.distill import build_examples, build_player, resolve_user_path, sampling
+from opcd.pipelines.groups import frozen_group
 from opcd.prompts import token_counter
 from opcd.runfolder import read_saved_config
 from opcd.tasks import context_placeholders, get_task
-from opcd.workers.group import WorkerGroup, init_ray
-from opcd.workers.teacher import TeacherWorker
+from opcd.workers.group import init_ray
 
 log = logging.getLogger("opcd.evaluate")
 
@@ -94,8 +94,7 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig, base_only: bool = False) -> 
         if not _ray_started():
             init_ray(cfg.ray.address, cfg.ray.num_cpus)
         with model_folder(model_path, out) as path:
-            group = WorkerGroup(f"eval-{name}", TeacherWorker, worker_kwargs(cfg, path),
-                                num_gpus=1 if cfg.ray.gpus_per_node > 0 else 0)
+            group = frozen_group(cfg, f"eval-{name}", path)
             try:
                 result = run_one(name, group, side)
             finally:

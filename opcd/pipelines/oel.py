@@ -32,10 +32,10 @@ from opcd.errors import ConfigError, DataError
 from opcd.games.play import episode_metrics
 from opcd.games.seeds import training_seeds
 from opcd.games.states import state_rows
-from opcd.pipelines.distill import build_player, prepare, run_distill, sampling, worker_kwargs
+from opcd.pipelines.distill import build_player, prepare, run_distill, sampling
+from opcd.pipelines.groups import frozen_group
 from opcd.pipelines.extract import run_extract
-from opcd.workers.group import WorkerGroup, init_ray
-from opcd.workers.teacher import TeacherWorker
+from opcd.workers.group import init_ray
 
 log = logging.getLogger("opcd.oel")
 DEPLOY_SEED = 7_919  # deploy episodes of round r come from run seed DEPLOY_SEED + r: unseen in extraction
@@ -100,12 +100,11 @@ class OnlineExperientialLearning:
         prepared = prepare(cfg)
         player = build_player(cfg, prepared.tokenizer)
         init_ray(cfg.ray.address, cfg.ray.num_cpus)
-        group = WorkerGroup("deploy", TeacherWorker, worker_kwargs(cfg, prepared.student_path),
-                            num_gpus=1 if cfg.ray.gpus_per_node > 0 else 0)
+        group = frozen_group(cfg, "deploy", prepared.student_path)
         try:
             seeds = training_seeds(DEPLOY_SEED + r, 1, self.cfg.oel.deploy_episodes)
-            episodes = player.play(lambda p, s, sd: group.call_rank0("generate", p, s, sd), seeds,
-                                   sampling(cfg, evaluation=False), cfg.trainer.seed * 1_000_003 + r)
+            episodes = player.play(group.generate, seeds, sampling(cfg, evaluation=False),
+                                   cfg.trainer.seed * 1_000_003 + r)
         finally:
             group.shutdown()
         rows = state_rows(episodes)

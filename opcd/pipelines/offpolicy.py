@@ -29,11 +29,11 @@ import torch
 from opcd.config import DistillConfig
 from opcd.errors import ConfigError, DataError
 from opcd.offpolicy.shards import Shard, ShardReader, ShardWriter, tokenizer_fingerprint
-from opcd.pipelines.distill import Prepared, prepare, run_distill, worker_kwargs
+from opcd.pipelines.distill import Prepared, prepare, run_distill
+from opcd.pipelines.groups import frozen_group
 from opcd.protocol import Generation, SamplingParams, TeacherScores
 from opcd.sources import PromptSource, RolloutBatch
-from opcd.workers.group import WorkerGroup, init_ray
-from opcd.workers.teacher import TeacherWorker
+from opcd.workers.group import init_ray
 
 log = logging.getLogger("opcd.offpolicy")
 MATCHED = ("tokenizer", "task", "train_data", "train_split", "enable_thinking", "game")  # must equal at train time
@@ -76,16 +76,15 @@ def run_offpolicy_generate(cfg: DistillConfig) -> dict:
     r = cfg.rollout
     params = SamplingParams(r.temperature, r.top_p, r.top_k, r.max_response_length, record_topk=cfg.loss.kl_topk)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    teacher = WorkerGroup("teacher", TeacherWorker, worker_kwargs(cfg, prepared.teacher_path),
-                          num_gpus=1 if cfg.ray.gpus_per_node > 0 else 0)
+    teacher = frozen_group(cfg, "teacher", prepared.teacher_path)
     source, generated = prepared.source, 0
     try:
         for step in range(1, total + 1):
             if step in done:
                 source.skip(step)  # keep the data stream where an uninterrupted run would be
                 continue
-            batch = source.rollout(step, lambda p, s, sd: teacher.call_rank0("generate", p, s, sd), params,
-                                   cfg.trainer.seed * 1_000_003 + step, teacher_side=True)
+            batch = source.rollout(step, teacher.generate, params, cfg.trainer.seed * 1_000_003 + step,
+                                   teacher_side=True)
             writer.write(_shard(step, batch, _teacher_logprobs(teacher, batch)))
             generated += 1
             log.info("off-policy data: step %d/%d, %d sequences, %d tokens -> %s", step, total,

@@ -2,16 +2,51 @@
 
 `hf` (transformers generate, batched with a KV cache) shares the policy's nn.Module, so a weight
 sync is free; a `vllm` engine holds its own copy and receives the full state dict after each update.
+
+Seeds are per prompt: prompt i of a call with seed s samples with `prompt_seed(s, i)`, whatever else
+is in the batch. So a call split over ranks (rank r taking prompts [a, b) with seed
+`prompt_seed(s, a)`, opcd/workers/group.py) samples the same tokens as one rank taking them all.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+import torch
+
 from opcd.protocol import Generation, SamplingParams
+
+# Prompt i's seed is `seed + i * PROMPT_SEED_STRIDE`: linear, so a share starting at prompt a is
+# called with `prompt_seed(seed, a)`; the stride is far above the seeds' spacing (steps, extraction
+# rounds), so two calls' prompts do not share a random stream.
+PROMPT_SEED_STRIDE = 2**32 + 15
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    return seed + index * PROMPT_SEED_STRIDE
 
 
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation: ...
 
     def sync_weights(self, named_tensors) -> None: ...
+
+
+def concat_generations(parts: list[Generation], pad_id: int) -> Generation:
+    """Generations of consecutive prompt lists -> one, right-padded to the widest (empty parts allowed)."""
+    width = max(p.response_ids.shape[1] for p in parts)
+
+    def pad(t: torch.Tensor, value) -> torch.Tensor:
+        extra = width - t.shape[1]
+        if extra == 0:
+            return t
+        filler = torch.full((t.shape[0], extra, *t.shape[2:]), value, dtype=t.dtype)
+        return torch.cat([t, filler], dim=1)
+
+    def cat(tensors: list[torch.Tensor | None], value) -> torch.Tensor | None:
+        if all(t is None for t in tensors):
+            return None
+        return torch.cat([pad(t, value) for t in tensors])
+
+    return Generation(cat([p.response_ids for p in parts], pad_id), cat([p.response_mask for p in parts], False),
+                      cat([p.topk_ids for p in parts], 0), cat([p.loss_mask for p in parts], False))

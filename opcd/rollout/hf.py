@@ -19,6 +19,12 @@ recorded top-k are the same code:
            through the update): its tensors keep their addresses, which the captured CUDA graphs read, so
            a later call replays the graphs instead of recording them again.
 The first call at a new shape pays the compile and the graph capture (README, "GPU rollout").
+
+Sampling draws each prompt's tokens from its own random stream (`opcd.rollout.prompt_seed`), by
+inverse-CDF sampling in a logits processor, so a prompt's response does not depend on the other
+prompts of the batch, nor on how the batch is split over ranks. With several FSDP ranks (the model is
+sharded: every forward is a collective) each rank generates its own prompts; the ranks run the same
+number of `generate` calls, and `synced_gpus` keeps their decoding steps in step.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList, StaticCache
 
 from opcd.batching import left_pad, strip_after_eos
 from opcd.models import compute_device
 from opcd.protocol import Generation, SamplingParams
+from opcd.rollout import concat_generations, prompt_seed
 
 CACHE_LEN_STEP = 256  # static cache slots are rounded up to this: one compiled shape per 256 tokens of length
 
@@ -58,6 +66,38 @@ def resolve_cache(cache: str | None, compile: bool | None, device: torch.device,
     return cache, compile
 
 
+class _SeededSampler(LogitsProcessor):
+    """Samples every row from its own generator (temperature, then top-k, then top-p, as transformers
+    does) and leaves only the chosen token finite, so greedy decoding picks it."""
+
+    def __init__(self, seeds: list[int], params: SamplingParams):
+        self.generators = [torch.Generator().manual_seed(seed % 2**63) for seed in seeds]
+        self.params = params
+
+    def __call__(self, input_ids, scores):  # scores [B, V], raw logits
+        probs = torch.softmax(warp(scores.float(), self.params), dim=-1).double()
+        cdf = probs.cumsum(-1)
+        cdf = cdf / cdf[:, -1:]
+        draws = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.generators])
+        token = torch.searchsorted(cdf, draws.to(cdf.device).unsqueeze(-1), right=True).clamp(max=cdf.shape[-1] - 1)
+        return torch.full_like(scores, -float("inf")).scatter_(-1, token, 0.0)
+
+
+def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[B, V] logits -> logits / temperature with tokens outside top-k and top-p set to -inf."""
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if params.top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)  # mass of the better tokens
+        drop = before >= params.top_p
+        drop[:, 0] = False  # the best token always stays
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+    return logits
+
+
 class HFRollout:
     def __init__(self, model, tokenizer, batch_size: int = 64, autocast=contextlib.nullcontext,
                  cache: str | None = "dynamic", compile: bool | None = False):
@@ -76,12 +116,23 @@ class HFRollout:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
-        torch.manual_seed(seed)  # one seed per call: a resumed run samples the same tokens
-        chunks = [self._generate_chunk(prompts[i:i + self.batch_size], params)
-                  for i in range(0, len(prompts), self.batch_size)]
-        return _concat(chunks, self.pad_id)
+        """Prompt i samples with `prompt_seed(seed, i)`: a resumed run samples the same tokens."""
+        starts = list(range(0, len(prompts), self.batch_size))
+        calls = _same_on_every_rank(len(starts))
+        chunks = []
+        for index in range(calls):
+            if index < len(starts):
+                start = starts[index]
+                chunks.append(self._generate_chunk(prompts[start:start + self.batch_size], params, seed, start))
+            else:  # this rank has fewer prompts than another: a throw-away call keeps the collectives matched
+                self._generate_chunk(prompts[:1] or [[self.pad_id]], params, seed, 0)
+        if not chunks:
+            width = (0, 0, params.record_topk) if params.record_topk else None
+            return Generation(torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.bool),
+                              torch.zeros(width, dtype=torch.long) if width else None)
+        return concat_generations(chunks, self.pad_id)
 
-    def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams) -> Generation:
+    def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams, seed: int, first: int) -> Generation:
         rows = len(prompts)
         if self.compile:  # a few compiled batch shapes: pad with copies of the first prompt
             prompts = prompts + [prompts[0]] * (_batch_bucket(rows, self.batch_size) - rows)
@@ -89,15 +140,18 @@ class HFRollout:
         device = compute_device()
         recorder = _RecordTopK(params.record_topk) if params.record_topk > 0 else None
         greedy = params.temperature == 0
+        processors = [recorder] if recorder else []
+        if not greedy:  # after the recorder: it records the raw distribution
+            processors.append(_SeededSampler([prompt_seed(seed, first + i) for i in range(len(prompts))], params))
         was_training = self.model.training
         self.model.eval()
         with self.autocast():
             out = self.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.long().to(device), max_new_tokens=params.max_new_tokens,
-                do_sample=not greedy, temperature=None if greedy else params.temperature,
-                top_p=None if greedy else params.top_p, top_k=None if greedy else (params.top_k or None),
+                do_sample=False, temperature=None, top_p=None, top_k=None,
                 eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
-                logits_processor=LogitsProcessorList([recorder]) if recorder else None,
+                logits_processor=LogitsProcessorList(processors) if processors else None,
+                synced_gpus=_distributed(),
                 **self._cache_kwargs(ids.shape[0], ids.shape[1] + params.max_new_tokens),
             )
         self.model.train(was_training)
@@ -129,23 +183,21 @@ def _batch_bucket(rows: int, cap: int) -> int:
     return min(1 << (rows - 1).bit_length(), max(cap, rows))
 
 
+def _distributed() -> bool:
+    """A worker with a process group holds an FSDP-sharded model: its forwards are collectives."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _same_on_every_rank(calls: int) -> int:
+    """The most `generate` calls any rank makes (each rank's own count without a process group)."""
+    if not _distributed():
+        return calls
+    count = torch.tensor([calls], device=compute_device())
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
+
+
 def _as_list(value) -> list[int]:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _concat(chunks: list[Generation], pad_id: int) -> Generation:
-    width = max(c.response_ids.shape[1] for c in chunks)
-
-    def pad(t: torch.Tensor, value) -> torch.Tensor:
-        extra = width - t.shape[1]
-        if extra == 0:
-            return t
-        filler = torch.full((t.shape[0], extra, *t.shape[2:]), value, dtype=t.dtype)
-        return torch.cat([t, filler], dim=1)
-
-    ids = torch.cat([pad(c.response_ids, pad_id) for c in chunks])
-    mask = torch.cat([pad(c.response_mask, False) for c in chunks])
-    topk = None if chunks[0].topk_ids is None else torch.cat([pad(c.topk_ids, 0) for c in chunks])
-    return Generation(ids, mask, topk)

@@ -4,8 +4,14 @@ of the policy. After every update the student sends its FULL state dict through
 rollout samples from the new weights.
 
 Sampling semantics match the `hf` engine: temperature (0 = greedy), top-p, top-k (0 = off), max new
-tokens, stop at EOS (the EOS is part of the response), one seed per request (`seed + i`), and the
-policy's top-k ids at every position from vLLM's raw (pre-temperature) log-probs.
+tokens, stop at EOS (the EOS is part of the response), one seed per request
+(`opcd.rollout.prompt_seed(seed, i)`, so a batch split over engines samples the same tokens), and
+the policy's top-k ids at every position from vLLM's raw (pre-temperature) log-probs.
+
+With several student ranks every rank holds an engine and generates its share of the prompts
+(opcd/workers/group.py). `tensor_parallel_size` > 1 (GPU only) makes consecutive ranks one engine:
+vLLM's `external_launcher` executor runs a tensor-parallel shard in each rank's process, over the
+ranks' own process group, and every rank of the engine is given the same prompts.
 
 On GPU the engine is colocated with the trainable model: it sleeps (weights offloaded, KV cache
 freed) while the teacher scores and the student updates, and wakes before syncing weights and
@@ -22,12 +28,13 @@ import torch
 from opcd.batching import right_pad
 from opcd.errors import ConfigError
 from opcd.protocol import Generation, SamplingParams
+from opcd.rollout import prompt_seed
 
 
 class VLLMRollout:
     def __init__(self, model_path: str, tokenizer, dtype: str = "float32", max_model_len: int = 4096, seed: int = 0,
                  gpu_memory_utilization: float = 0.5, cpu_kv_cache_gb: float = 1.0, enforce_eager: bool = True,
-                 trust_remote_code: bool = False, max_logprobs: int = 20):
+                 trust_remote_code: bool = False, max_logprobs: int = 20, tensor_parallel_size: int = 1):
         # The in-process engine: weights can be handed over as tensors (a separate engine process
         # cannot receive them), and the engine shares the worker's devices.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -42,7 +49,8 @@ class VLLMRollout:
             else {"kv_cache_memory_bytes": int(cpu_kv_cache_gb * 2**30)}
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed, enforce_eager=enforce_eager,
                        enable_prefix_caching=False, max_model_len=max_model_len,
-                       trust_remote_code=trust_remote_code, max_logprobs=max_logprobs, **memory)
+                       trust_remote_code=trust_remote_code, max_logprobs=max_logprobs,
+                       **memory, **_parallel(tensor_parallel_size))
         torch.set_num_threads(threads)
         self.pad_id = tokenizer.pad_token_id
         generation_eos = getattr(self.llm.llm_engine.model_config.hf_config, "eos_token_id", None)
@@ -54,11 +62,15 @@ class VLLMRollout:
         from vllm import SamplingParams as VLLMSampling
 
         self.wake()
+        if not prompts:  # a rank whose share is empty
+            return Generation(torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.bool),
+                              torch.zeros(0, 0, params.record_topk, dtype=torch.long) if params.record_topk else None)
         greedy = params.temperature == 0
         requests = [VLLMSampling(temperature=0.0 if greedy else params.temperature,
                                  top_p=1.0 if greedy else params.top_p, top_k=0 if greedy else params.top_k,
-                                 max_tokens=params.max_new_tokens, seed=seed + i, stop_token_ids=self.eos_ids,
-                                 logprobs=params.record_topk or None, skip_special_tokens=False,
+                                 max_tokens=params.max_new_tokens, seed=prompt_seed(seed, i) % 2**63,
+                                 stop_token_ids=self.eos_ids, logprobs=params.record_topk or None,
+                                 skip_special_tokens=False,
                                  ignore_eos=self.ignore_eos,
                                  # ids only: the callers decode; flat log-probs are a few lists per request
                                  detokenize=False, flat_logprobs=True)
@@ -79,10 +91,14 @@ class VLLMRollout:
         return Generation(ids, mask, topk)
 
     def sync_weights(self, named_tensors) -> None:
-        """Load the policy's full state dict (name, tensor) pairs; a partial one would corrupt the model."""
+        """Load the policy's full state dict, (name, tensor) pairs, possibly a generator that gathers one
+        tensor at a time (opcd.workers.distributed.full_tensors): vLLM's loader consumes it once, in
+        order. A partial state dict would corrupt the model."""
         self.wake()
-        weights = [(name, tensor.detach()) for name, tensor in named_tensors]
+        weights = ((name, tensor.detach()) for name, tensor in named_tensors)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        for _ in weights:  # anything the loader left unread: gathering it keeps the ranks' collectives matched
+            pass
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
@@ -116,6 +132,23 @@ def topk_ids(flat, positions: int, k: int) -> torch.Tensor:
     out[position[ranked], ranks[ranked] - 1] = ids[ranked]
     filled[position[ranked], ranks[ranked] - 1] = True
     return torch.where(filled, out, out[:, :1].expand(-1, k))
+
+
+def _parallel(tensor_parallel_size: int) -> dict:
+    """Engine options for a tensor-parallel shard in this rank's process (the ranks' process group
+    is already up: vLLM joins it through the torchrun-style variables)."""
+    if tensor_parallel_size == 1:
+        return {}
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % tensor_parallel_size:
+        raise ConfigError(f"config rollout.vllm_tensor_parallel_size={tensor_parallel_size}: expected a divisor "
+                          f"of the student's {world} ranks")
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_RANK": str(rank % max(torch.cuda.device_count(), 1))})
+    return {"tensor_parallel_size": tensor_parallel_size, "data_parallel_size": world // tensor_parallel_size,
+            "distributed_executor_backend": "external_launcher"}
 
 
 def _as_list(value) -> list[int]:

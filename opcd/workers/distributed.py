@@ -3,9 +3,10 @@ GPU) and FSDP2 (`fully_shard`) over the model's decoder layers.
 
 How the work is split, so that every rank runs the same sequence of collectives:
 
-* generation (`hf` engine): every rank generates the WHOLE batch with the same seed from the same
-  gathered weights, so all ranks produce the same tokens and run the same number of forward steps
-  (rank 0's result is used). On GPU the `vllm` engine does the generating instead (rank 0 only).
+* generation: data parallel. Rank r generates a contiguous share of the prompts with per-prompt
+  seeds (opcd/workers/group.py), so the union does not depend on the number of ranks. The `hf`
+  engine's forwards are FSDP collectives: the ranks run the same number of `generate` calls in step
+  (`synced_gpus`); each `vllm` engine runs on its own, after `full_tensors` handed it the weights.
 * teacher scoring and the student update: data parallel. Rank r takes sequences r, r + N, ... and
   every rank runs the same number of micro-batches (a rank short of data runs a zero-weight one).
   The loss is already normalised by the whole step's token count, so gradients must be SUMMED over
@@ -154,4 +155,18 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_tensors(model, dtype: torch.dtype | None = None):
+    """Every rank: (name, full tensor) for each entry of the sharded model's state dict, gathered one at
+    a time (`DTensor.full_tensor`, an all-gather) on the compute device and cast to `dtype`. A generator:
+    a consumer that loads each tensor before taking the next (vLLM's weight loader) never holds more
+    than one gathered tensor beyond its own copy of the model. Every rank must consume it whole, in
+    order."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    release(model)  # the state dict must hold the sharded parameters, not a forward's gathered root
+    for name, value in model.state_dict().items():
+        if hasattr(value, "full_tensor"):
+            value = value.to(device).full_tensor()  # CPU-offloaded shards: NCCL gathers device tensors
+        yield name, value.detach().to(dtype or value.dtype)
 

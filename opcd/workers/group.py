@@ -1,6 +1,7 @@
 """Worker groups: a plain worker class wrapped as Ray actors, one actor per rank.
 
-The driver calls `group.call("method", ...)` and gets every rank's result; failures come back as
+The driver calls `group.call("method", ...)` and gets every rank's result, or `group.generate(prompts,
+...)` to have the ranks split a list of prompts and get one `Generation` back in order; failures come back as
 one-line errors naming the group, rank and cause (a user error raised inside a worker keeps its
 type, so the CLI prints it the same way as on the driver).
 """
@@ -16,7 +17,8 @@ from ray.exceptions import RayActorError, RayTaskError
 from opcd import raywatch
 from opcd.errors import OpcdError, WorkerError
 from opcd.interrupt import handle_sigterm
-from opcd.protocol import TeacherScores
+from opcd.protocol import Generation, SamplingParams, TeacherScores
+from opcd.rollout import concat_generations, prompt_seed
 
 
 # Weight-loading progress bars from every worker would bury the driver's own progress bar. (Not
@@ -42,11 +44,16 @@ def init_ray(address: str | None, num_cpus: float | None) -> None:
 
 class WorkerGroup:
     def __init__(self, name: str, worker_cls: type, kwargs: dict, world_size: int = 1,
-                 num_cpus: float = 1, num_gpus: float = 0, pool=None, collective_timeout_s: float | None = None):
+                 num_cpus: float = 1, num_gpus: float = 0, pool=None, collective_timeout_s: float | None = None,
+                 ranks_per_engine: int = 1):
         """`pool` (opcd.workers.placement.Pool): rank r runs on the pool's bundle r; else anywhere with
-        `num_cpus`/`num_gpus` free. `collective_timeout_s`: see distributed.collective_timeout_s."""
+        `num_cpus`/`num_gpus` free. `collective_timeout_s`: see distributed.collective_timeout_s.
+        `ranks_per_engine`: consecutive ranks that form one rollout engine (vLLM tensor parallelism) and
+        so take the same share of a `generate`."""
         self.name = name
         self.world_size = world_size
+        self.ranks_per_engine = ranks_per_engine
+        self._pad_id = None
         actor_cls = ray.remote(worker_cls)
         extra = {}
         if world_size > 1:  # the ranks meet at a store hosted here, on the driver
@@ -77,6 +84,23 @@ class WorkerGroup:
             return _interleave([r for r in results if r is not None])
         return results[0]
 
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
+        """Every engine generates a contiguous share of `prompts` (its first prompt's seed shifts the
+        call's seed, so prompt i samples with `prompt_seed(seed, i)` however the prompts are split);
+        the shares come back concatenated in the prompts' order. Every rank is called, also those with
+        an empty share: an FSDP-sharded `hf` engine's forwards are collectives."""
+        engines = self.world_size // self.ranks_per_engine
+        bounds = shares(len(prompts), engines)
+        refs = []
+        for rank, worker in enumerate(self.workers):
+            start, end = bounds[rank // self.ranks_per_engine]
+            refs.append(worker.generate.remote(prompts[start:end], params, prompt_seed(seed, start)))
+        results = [self._get(ref, rank, "generate") for rank, ref in enumerate(refs)]
+        parts = [results[engine * self.ranks_per_engine] for engine in range(engines)]
+        if self._pad_id is None:  # the workers' tokenizer's, asked once
+            self._pad_id = self._get(self.workers[0].__ray_call__.remote(lambda worker: worker.pad_id), 0, "pad_id")
+        return concat_generations(parts, self._pad_id)
+
     def _get(self, ref, rank: int, method: str):
         try:
             return ray.get(ref)
@@ -93,6 +117,18 @@ class WorkerGroup:
         for worker in self.workers:
             ray.kill(worker)
         self.workers = []
+
+
+def shares(count: int, parts: int) -> list[tuple[int, int]]:
+    """[start, end) of each of `parts` contiguous shares of `count` items, sizes differing by at most one
+    (the first ones larger)."""
+    size, extra = divmod(count, parts)
+    bounds, start = [], 0
+    for part in range(parts):
+        end = start + size + (part < extra)
+        bounds.append((start, end))
+        start = end
+    return bounds
 
 
 def _interleave(parts: list[TeacherScores]) -> TeacherScores:

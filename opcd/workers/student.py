@@ -61,12 +61,11 @@ class StudentWorker:
         fused = not (world_size > 1 and cpu_offload)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
         self.rollout = None
-        if rollout_backend == "vllm":
-            if rank == 0:  # one engine, on rank 0; the others hand it their shards at each sync
-                from opcd.rollout.vllm import VLLMRollout
+        if rollout_backend == "vllm":  # an engine on every rank, each generating its share of the prompts
+            from opcd.rollout.vllm import VLLMRollout
 
-                self.rollout = VLLMRollout(model_path, self.tokenizer, dtype=dtype,
-                                           trust_remote_code=trust_remote_code, **(vllm or {}))
+            self.rollout = VLLMRollout(model_path, self.tokenizer, dtype=dtype, trust_remote_code=trust_remote_code,
+                                       **(vllm or {}))
         else:
             self.rollout = HFRollout(self.model, self.tokenizer, autocast=self._autocast, **(hf or {}))
         self.grad_clip = grad_clip
@@ -82,20 +81,16 @@ class StudentWorker:
         self.micro_batch_tokens = micro_batch_tokens
 
     # -- rollout ---------------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation | None:
-        """With several ranks and the `hf` engine every rank generates the whole batch (identical
-        results, matching collectives); with `vllm` only rank 0 has an engine."""
-        if self.rollout is None:
-            return None
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
+        """This rank's share of a rollout (WorkerGroup.generate splits the prompts)."""
         return self.rollout.generate(prompts, params, seed)
 
     def sync_rollout(self) -> None:
         """Hand the updated weights to the rollout engine (free for `hf`: it is the training module)."""
         if isinstance(self.rollout, HFRollout):
             return
-        state = D.full_state_dict(self.model) if self.world_size > 1 else self.model.state_dict()
-        if self.rollout is not None:
-            self.rollout.sync_weights(state.items())
+        # every rank's engine gets the full weights, gathered tensor by tensor on every rank
+        self.rollout.sync_weights(D.full_tensors(self.model) if self.world_size > 1 else self.model.state_dict().items())
 
     def gpu_memory(self) -> dict[str, float]:
         """Peak GPU memory since the previous call (opcd/gpu_memory.py); {} on CPU."""

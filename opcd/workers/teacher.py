@@ -31,7 +31,8 @@ class TeacherWorker:
                  attn_implementation: str | None = None, temperature: float = 1.0, micro_batch_size: int = 8,
                  num_threads: int = 0, cpu_offload: bool = False, lm_head_chunk_size: int = 512,
                  padding_free: bool | None = None, micro_batch_tokens: int = 0, vocab_size: int | None = None,
-                 rank: int = 0, world_size: int = 1, rendezvous=None):
+                 rollout_backend: str = "hf", vllm: dict | None = None, rank: int = 0, world_size: int = 1,
+                 rendezvous=None):
         torch.set_num_threads(num_threads or os.cpu_count() or 1)
         self.rank, self.world_size = rank, world_size
         if world_size > 1:
@@ -45,6 +46,11 @@ class TeacherWorker:
         else:
             self.model.to(self.device)
         self.rollout = HFRollout(self.model, self.tokenizer)
+        if rollout_backend == "vllm":  # generation-heavy stages (extraction, evaluation, off-policy data)
+            from opcd.rollout.vllm import VLLMRollout
+
+            self.rollout = VLLMRollout(model_path, self.tokenizer, dtype=dtype, trust_remote_code=trust_remote_code,
+                                       **(vllm or {}))
         self.temperature = temperature
         self.micro_batch_size = micro_batch_size
         self.pad_id = self.tokenizer.pad_token_id

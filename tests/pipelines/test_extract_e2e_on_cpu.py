@@ -15,11 +15,12 @@ from opcd.pipelines.extract import run_extract
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
 
-def _extract(runs: Path, model: Path, exp_name: str) -> dict:
+def _extract(runs: Path, model: Path, exp_name: str, ranks: int = 1) -> dict:
     return run_extract(load_config([
         "task=math", f"model.path={model}", f"trainer.runs_dir={runs}", f"trainer.exp_name={exp_name}",
         "extract.stream_items=2", "extract.heldout_size=3", "extract.seeds=[0,1]", "extract.writer_max_tokens=12",
-        "rollout.max_response_length=8", "task.experience_max_length=200"]))
+        "rollout.max_response_length=8", "task.experience_max_length=200", f"ray.ranks_per_group={ranks}",
+        "trainer.num_threads=1"]))
 
 
 def test_extraction_writes_every_file_and_is_deterministic(tmp_path, tiny_model):
@@ -36,12 +37,12 @@ def test_extraction_writes_every_file_and_is_deterministic(tmp_path, tiny_model)
     assert (run / "best_experience.txt").read_text() == best.read_text() != ""
     assert (run / "best_experience.txt").read_text().startswith("[exp] ")
     assert (run / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the same seeds give the same files
-    _extract(tmp_path, tiny_model, "b")
+    # the same seeds give the same files, also with the held-out problems split over 2 ranks
+    _extract(tmp_path, tiny_model, "b", ranks=2)
     for seed in (0, 1):
-        for step in range(3):
-            name = f"seed_{seed}/experience_{step}.txt"
+        for name in [f"seed_{seed}/experience_{step}.txt" for step in range(3)] + [f"seed_{seed}/writer_log.jsonl"]:
             assert (run / name).read_text() == (tmp_path / "b" / name).read_text()
+    assert (run / "scores.csv").read_text().replace("/a/", "/b/") == (tmp_path / "b" / "scores.csv").read_text()
 
 
 def test_consolidation_from_an_experience_list(tmp_path, tiny_model):

@@ -173,3 +173,52 @@ def test_compiled_static_rollout_on_gpu_keeps_the_contract(sharp_tiny_model, tok
                        fast.generate(prompts, sampled, seed=4).response_ids)
     three = fast.generate(prompts[:3], params, seed=0)
     assert torch.equal(three.response_ids, compiled.response_ids[:3, :three.response_ids.shape[1]])
+def test_sampled_responses_do_not_depend_on_the_rest_of_the_batch(tiny_lm, tokenizer, prompts):
+    """Per-prompt seeds: a share of the prompts called with the seed of its first prompt samples the same
+    tokens as the whole batch (what lets several ranks split a rollout); so do smaller chunks."""
+    from opcd.rollout import concat_generations, prompt_seed
+
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=8, record_topk=4)
+    whole = HFRollout(tiny_lm, tokenizer).generate(prompts, params, seed=11)
+    parts = [HFRollout(tiny_lm, tokenizer).generate(prompts[a:b], params, prompt_seed(11, a))
+             for a, b in ((0, 1), (1, 3), (3, 4))]
+    split = concat_generations(parts, tokenizer.pad_token_id)
+    chunked = HFRollout(tiny_lm, tokenizer, batch_size=3).generate(prompts, params, seed=11)
+    for other in (split, chunked):
+        assert torch.equal(other.response_mask, whole.response_mask)
+        assert torch.equal(other.response_ids, whole.response_ids)
+        assert torch.equal(other.topk_ids[whole.response_mask], whole.topk_ids[whole.response_mask])
+
+
+def test_warp_keeps_the_tokens_transformers_warpers_keep():
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    from opcd.rollout.hf import warp
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 10, 0.6)):
+        expected = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k:
+            expected = TopKLogitsWarper(top_k)(None, expected)
+        if top_p < 1.0:
+            expected = TopPLogitsWarper(top_p)(None, expected)
+        got = warp(logits.clone(), SamplingParams(temperature, top_p, top_k))
+        assert torch.equal(torch.isfinite(got), torch.isfinite(expected))
+        torch.testing.assert_close(got[torch.isfinite(got)], expected[torch.isfinite(expected)])
+
+
+def test_seeded_sampler_draws_from_the_warped_distribution():
+    """Inverse-CDF sampling, one generator per row: the frequencies match the softmax, and a token
+    that top-k removed is never drawn."""
+    from opcd.rollout.hf import _SeededSampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -5.0]]).expand(20_000, 5)
+    params = SamplingParams(temperature=1.0, top_k=4)
+    scores = _SeededSampler(list(range(20_000)), params)(None, logits.clone())
+    chosen = scores.argmax(-1)
+    assert torch.isfinite(scores).sum(-1).eq(1).all()
+    frequencies = torch.bincount(chosen, minlength=5).float() / 20_000
+    expected = torch.softmax(torch.tensor([2.0, 1.0, 0.0, -1.0]), -1)
+    torch.testing.assert_close(frequencies[:4], expected, atol=0.015, rtol=0)
+    assert frequencies[4] == 0
