@@ -33,8 +33,9 @@ def init_ray(address: str | None, num_cpus: float | None) -> None:
         return
     if address is None:
         # Logical CPUs, not cores: actors that each hold a whole CPU can starve later tasks on a
-        # 2-core machine, and our workers take turns anyway.
-        ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 8), include_dashboard=False,
+        # 2-core machine, and our workers take turns anyway. address="local": a new instance even when a
+        # `ray start` on this machine left its address behind (ray.init() would join that cluster).
+        ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 8), include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
         raywatch.watch(raywatch.local_raylet_pid())  # Ray's agents outlive a SIGKILLed driver
     else:

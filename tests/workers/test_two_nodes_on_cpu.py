@@ -42,3 +42,13 @@ def test_a_two_rank_run_spans_two_nodes(tmp_path, tiny_model, two_nodes, monkeyp
     step, folder = latest_checkpoint(tmp_path / "run")
     assert step == 1 and len(list((folder / "weights").glob("*.distcp"))) == 2
     assert distill.run_distill(load_config(one_step_overrides(tiny_model, tmp_path, 2, 4) + cluster))["final_step"] == 2
+
+
+def test_a_local_run_does_not_join_a_cluster_it_finds(two_nodes, monkeypatch):
+    """ray.address=null means a Ray of our own, even when the environment names another cluster
+    (RAY_ADDRESS, or the address file a `ray start` leaves in /tmp/ray): plain ray.init() would join it."""
+    from opcd.workers.group import init_ray
+
+    monkeypatch.setenv("RAY_ADDRESS", two_nodes.address)
+    init_ray(None, 2)
+    assert len([node for node in ray.nodes() if node["Alive"]]) == 1
