@@ -61,6 +61,27 @@ class TeacherScores:
     support_mask: torch.Tensor | None = None  # [B, T, K] bool
 
 
+@dataclass(frozen=True)
+class Example:
+    """One training prompt, tokenised for both sides (a dataset row, or a stored game state)."""
+
+    row: dict
+    student_prompt: list[int]  # chat-templated prompt without the context
+    teacher_prompt: list[int]  # the same prompt with the context
+
+
+@dataclass
+class RolloutBatch:
+    """What a rollout source hands the trainer for one step (opcd/sources.py)."""
+
+    student_prompts: list[list[int]]  # what the student was conditioned on (no context)
+    teacher_prompts: list[list[int]]  # the same with the context
+    generation: Generation  # the sequences both models score
+    metrics: dict[str, float]  # task metrics of these rollouts (logged only)
+    keys: list[str] | None = None  # one id per sequence ("row:17", "game:<seed>:turn:<i>"), for stored data
+    teacher_scores: TeacherScores | None = None  # already known (off-policy shards with stored log-probs)
+
+
 @dataclass
 class UpdateBatch:
     """Everything the student needs for one optimiser step."""

@@ -27,8 +27,8 @@ from opcd.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoi
 from opcd.config import LossConfig, TrainerConfig
 from opcd.errors import TrainingError
 from opcd.objective import uses_sampled_token
-from opcd.protocol import Generation, SamplingParams, TeacherScores, UpdateBatch
-from opcd.sources import RolloutBatch
+from opcd.protocol import Generation, RolloutBatch, SamplingParams, TeacherScores, UpdateBatch
+from opcd.seeds import step_seed
 from opcd.tracking import Tracker
 
 
@@ -48,9 +48,9 @@ class Trainer:
                  teacher, run_dir: Path, objective: str | None = None):
         self.cfg = cfg
         self.loss_cfg = loss_cfg
-        self.objective = objective or loss_cfg.kl_loss_type  # off-policy: forward | seqkd
+        self.objective = objective or loss_cfg.kl_loss_type  # off-policy: forward_kl | seqkd
         self.sampling = sampling
-        self.source = source  # PromptSource or GameSource (opcd/sources.py): what each step learns from
+        self.source = source  # a RolloutSource (opcd/sources.py): what each step learns from
         self.student = student  # worker group: rollout engine colocated with the trainable model
         self.teacher = teacher
         self.run_dir = Path(run_dir)
@@ -101,7 +101,7 @@ class Trainer:
         return self.student.call_rank0("generate", prompts, params, seed)
 
     def _seed(self, step: int) -> int:
-        return self.cfg.seed * 1_000_003 + step
+        return step_seed(self.cfg.seed, step)
 
     def _support(self, generation: Generation) -> torch.Tensor | None:
         """The ids the teacher scores: sampled tokens, the student's top-k, or None (whole vocabulary)."""

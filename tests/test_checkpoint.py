@@ -15,7 +15,7 @@ from opcd.checkpoint import (
     step_dir,
 )
 from opcd.errors import OpcdError
-from opcd.data import shuffled_order as epoch_order
+from opcd.rows import shuffled_order as epoch_order
 from opcd.sampler import BatchSampler
 
 

@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 from opcd.checkpoint import latest_checkpoint
 from opcd.config import LossConfig, TrainerConfig
 from opcd.errors import TrainingError
-from opcd.protocol import Generation, SamplingParams, TeacherScores
-from opcd.sources import Example, PromptSource
+from opcd.protocol import Example, Generation, SamplingParams, TeacherScores
+from opcd.sources import PromptSource
 from opcd.trainer import Trainer
 
 pytestmark = pytest.mark.slow

@@ -192,7 +192,7 @@ def _teacher_logprobs(ids, v=V, seed=7, dtype=F64):
     return gather_logprobs(logits, ids)
 
 
-CASES = [("full", "tail"), ("full", "partial"), ("full", "renorm"), ("forward", "tail"), ("k3", "tail"),
+CASES = [("full", "tail"), ("full", "partial"), ("full", "renorm"), ("forward_kl", "tail"), ("k3", "tail"),
          ("seqkd", "tail")]
 
 

@@ -17,14 +17,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from opcd.data import load_rows
+from opcd.tasks.loading import load_rows
 from opcd.errors import OpcdError
 
 
 @dataclass(frozen=True)
 class Source:
     name: str  # output file prefix: <name>_<split>.parquet
-    dataset: str  # hf:<id> (converted by opcd.data when it has no `content` column)
+    dataset: str  # hf:<id> (converted by opcd/tasks/loading.py when it has no `content` column)
     splits: dict[str, str]  # our split name -> the hub's split name
 
 

@@ -22,17 +22,12 @@ from pathlib import Path
 
 from opcd.checkpoint import COMPLETE, step_dir, write_text_atomic
 from opcd.config import DistillConfig, validate
-from opcd.contexts import load_context
-from opcd.data import load_rows
 from opcd.errors import ConfigError
-from opcd.evaluation import best_k_mean, evaluate, evaluate_games
-from opcd.games.seeds import heldout_seeds
+from opcd.evaluation import best_k_mean
 from opcd.models import load_tokenizer, resolve_model
-from opcd.pipelines.distill import build_examples, build_player, resolve_user_path, sampling, worker_kwargs
-from opcd.prompts import token_counter
-from opcd.tasks import get_task
-from opcd.workers.group import WorkerGroup, init_ray
-from opcd.workers.teacher import TeacherWorker
+from opcd.pipelines.run_setup import frozen_model_group, load_run_context, make_domain, resolve_user_path, sampling
+from opcd.seeds import eval_seed
+from opcd.workers.group import init_ray
 
 log = logging.getLogger("opcd.evaluate")
 
@@ -72,10 +67,9 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig) -> dict:
     steps = checkpoints(run_dir, cfg.evaluate.steps)
     base_path = resolve_model(cfg.model.path)
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
-    context = load_context(cfg.task.context_kind, resolve_user_path(cfg.task.context_path),
-                           cfg.task.experience_max_length, token_counter(tokenizer))
-    run_one, num_items = _evaluator(cfg, tokenizer, context)
-    key = _settings_key(cfg, num_items)
+    domain = make_domain(cfg, tokenizer, load_run_context(cfg, tokenizer), "evaluate")
+    params, seed = sampling(cfg, evaluation=True), eval_seed(cfg.trainer.seed)
+    key = _settings_key(cfg, domain.num_eval_items, domain.settings)
     jobs = [(f"step_{s}", str(step_dir(run_dir, s) / "model"), "student") for s in steps]
     if cfg.evaluate.baselines:
         jobs += [("base_without_context", base_path, "student"), ("base_with_context", base_path, "teacher")]
@@ -87,12 +81,8 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig) -> dict:
             continue
         if not _ray_started():
             init_ray(cfg.ray.address, cfg.ray.num_cpus)
-        group = WorkerGroup(f"eval-{name}", TeacherWorker, worker_kwargs(cfg, model_path),
-                            num_gpus=1 if cfg.ray.gpus_per_node > 0 else 0)
-        try:
-            result = run_one(name, group, side)
-        finally:
-            group.shutdown()
+        with frozen_model_group(f"eval-{name}", cfg, model_path) as group:
+            result = domain.evaluate(name, group, side, params, seed)
         results[name] = {**result.summary(), "settings": key}
         write_text_atomic(cached, json.dumps({**results[name], "samples": result.samples}, ensure_ascii=False,
                                              indent=1))
@@ -135,32 +125,11 @@ def _out_of_distribution(cfg: DistillConfig, out: Path, jobs: list[tuple[str, st
     return results
 
 
-def _evaluator(cfg: DistillConfig, tokenizer, context):
-    """(run_one(name, group, side) -> EvalResult, number of items) for the run's task: the test rows
-    (evaluate.limit of them) or, for text games, the fixed held-out episodes (game.eval_episodes)."""
-    params, seed = sampling(cfg, evaluation=True), cfg.trainer.seed + 7919
-    if cfg.task.name == "textgame":
-        player, seeds = build_player(cfg, tokenizer), heldout_seeds(cfg.game.eval_episodes)
-        return (lambda name, group, side: evaluate_games(
-            name, group, player, seeds, params, seed, context.texts[0] if side == "teacher" else None)), len(seeds)
-    task = get_task(cfg.task.name)
-    limit = cfg.evaluate.limit if cfg.evaluate.limit > 0 else None
-    rows = load_rows(resolve_user_path(cfg.task.test_data), cfg.task.test_split, limit)
-    examples = build_examples(rows, task, context, tokenizer, cfg.task.max_prompt_length, cfg.trainer.seed,
-                              cfg.task.enable_thinking, cfg.task.test_data)
-
-    def run_one(name: str, group, side: str):
-        prompts = [e.student_prompt if side == "student" else e.teacher_prompt for e in examples]
-        return evaluate(name, group, prompts, [e.row for e in examples], task, tokenizer, params, seed)
-    return run_one, len(examples)
-
-
-def _settings_key(cfg: DistillConfig, num_items: int) -> str:
-    """What changes a score: data, context, sampling, length, seed. Cached results must match it."""
+def _settings_key(cfg: DistillConfig, num_items: int, domain_settings: dict) -> str:
+    """What changes a score: data (and the game), context, sampling, length, seed. Cached results must
+    match it."""
     relevant = {"task": asdict(cfg.task), "rollout": asdict(cfg.rollout), "seed": cfg.trainer.seed,
-                "items": num_items}
-    if cfg.task.name == "textgame":
-        relevant["game"] = asdict(cfg.game)
+                "items": num_items, **domain_settings}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

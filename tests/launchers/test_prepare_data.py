@@ -6,7 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from opcd.data import load_rows
+from opcd.tasks.loading import load_rows
 from opcd.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[2]
