@@ -29,6 +29,7 @@ from opcd.protocol import Example, SamplingParams
 from opcd.rows import shuffled_order
 from opcd.seeds import training_seeds
 from opcd.sources import GameSource, PromptSource, RolloutSource
+from opcd.tasks import Task
 
 
 class Domain(Protocol):
@@ -74,7 +75,7 @@ class DatasetDomain:
     task.max_prompt_length dropped); extraction uses the rows themselves, its experience placed in
     the prompt. A pipeline fills only the lists it needs."""
 
-    task: object  # opcd.tasks.Task
+    task: Task
     tokenizer: object
     enable_thinking: bool | None
     seed: int

@@ -33,8 +33,7 @@ from opcd.games.play import episode_metrics
 from opcd.games.states import state_rows
 from opcd.pipelines.distill import run_distill
 from opcd.pipelines.extract import run_extract
-from opcd.pipelines.run_setup import (build_player, frozen_model_group, prepare, require_games,
-                                      sampling)
+from opcd.pipelines.run_setup import build_player, frozen_model_group, prepare, require_games, sampling
 from opcd.seeds import deploy_run_seed, step_seed, training_seeds
 from opcd.workers.group import init_ray
 
