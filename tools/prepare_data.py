@@ -17,8 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from opcd.tasks.loading import load_rows
 from opcd.errors import OpcdError
+from opcd.tasks.loading import load_rows
 
 
 @dataclass(frozen=True)
