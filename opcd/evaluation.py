@@ -26,7 +26,7 @@ class EvalResult:
 
 def evaluate(who: str, group, prompts: list[list[int]], rows: list[dict], task, tokenizer,
              params: SamplingParams, seed: int) -> EvalResult:
-    generation = group.call_rank0("generate", prompts, params, seed)
+    generation = group.gather("generate", prompts, params, seed)
     mask = generation.response_mask
     texts = tokenizer.batch_decode(generation.response_ids.masked_fill(~mask, tokenizer.pad_token_id),
                                    skip_special_tokens=True)
@@ -53,7 +53,7 @@ def evaluate_games(who: str, group, player, seeds: list[int], params: SamplingPa
     """Pass rate over one episode per seed, played by `group` (with `experience` in every prompt when given)."""
     from opcd.games.play import episode_metrics
 
-    episodes = player.play(lambda prompts, p, s: group.call_rank0("generate", prompts, p, s), seeds, params, seed,
+    episodes = player.play(lambda prompts, p, s: group.gather("generate", prompts, p, s), seeds, params, seed,
                            experience)
     figures = episode_metrics(episodes, params.max_new_tokens)
     extra = {k: figures[k] for k in ("turns_per_episode", "invalid_moves_per_episode", "clipped_turn_rate")}

@@ -37,8 +37,9 @@ from opcd.tracking import Tracker
 from opcd.trainer import Trainer
 from opcd.workers.group import WorkerGroup, init_ray
 from opcd.workers.placement import make_pools, remove_pools
+from opcd.workers.spec import TrainSpec, WorkerSpec
 from opcd.workers.student import StudentWorker
-from opcd.workers.teacher import TeacherWorker
+from opcd.workers.frozen import FrozenModelWorker
 
 log = logging.getLogger("opcd")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -88,20 +89,20 @@ def build_player(cfg: DistillConfig, tokenizer) -> GamePlayer:
                       cfg.task.enable_thinking, cfg.task.max_prompt_length)
 
 
-def rollout_kwargs(cfg: DistillConfig) -> dict:
-    """The student's rollout engine: `hf`, or `vllm` with a context long enough for every prompt."""
+def vllm_kwargs(cfg: DistillConfig) -> dict:
+    """The student's vLLM engine (rollout.backend=vllm): a context long enough for every prompt."""
     r = cfg.rollout
     if r.backend == "hf":
-        return {"rollout_backend": "hf"}
+        return {}
     length = cfg.task.max_prompt_length + r.max_response_length
     if cfg.task.name == "textgame" and cfg.game.mode == "trajectory":
         length = cfg.task.max_prompt_length + cfg.game.max_steps * (r.max_response_length + 256)
-    return {"rollout_backend": "vllm", "vllm": {
+    return {
         "max_model_len": length, "seed": cfg.trainer.seed, "gpu_memory_utilization": r.vllm_gpu_memory_utilization,
         "cpu_kv_cache_gb": r.vllm_cpu_kv_cache_gb,
         # vLLM refuses more log-probs per token than this (default 20); the support is the policy's top-k
         "max_logprobs": max(cfg.loss.kl_topk, 20),
-        "enforce_eager": r.vllm_enforce_eager if r.vllm_enforce_eager is not None else cfg.ray.gpus_per_node == 0}}
+        "enforce_eager": r.vllm_enforce_eager if r.vllm_enforce_eager is not None else cfg.ray.gpus_per_node == 0}
 
 
 def teacher_ranks(cfg: DistillConfig) -> int:
@@ -118,13 +119,23 @@ def reserved_pools(ranks: dict[str, int], ray_cfg):
         remove_pools(pools.values())
 
 
-def worker_kwargs(cfg: DistillConfig, path: str) -> dict:
-    m = cfg.model
-    return {"model_path": path, "dtype": m.dtype, "trust_remote_code": m.trust_remote_code,
-            "attn_implementation": m.attn_implementation, "temperature": cfg.rollout.temperature,
-            "micro_batch_size": cfg.trainer.micro_batch_size, "num_threads": cfg.trainer.num_threads,
-            "lm_head_chunk_size": cfg.loss.lm_head_chunk_size, "padding_free": cfg.trainer.padding_free,
-            "micro_batch_tokens": cfg.trainer.micro_batch_tokens}
+def worker_spec(cfg: DistillConfig, path: str) -> WorkerSpec:
+    """The spec of a worker holding the model at `path` (student or frozen), from the config."""
+    m, t = cfg.model, cfg.trainer
+    return WorkerSpec(model_path=path, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                      attn_implementation=m.attn_implementation, cpu_offload=m.cpu_offload, num_threads=t.num_threads,
+                      temperature=cfg.rollout.temperature, micro_batch_size=t.micro_batch_size,
+                      micro_batch_tokens=t.micro_batch_tokens, lm_head_chunk_size=cfg.loss.lm_head_chunk_size,
+                      padding_free=t.padding_free)
+
+
+def train_spec(cfg: DistillConfig, objective: str | None = None) -> TrainSpec:
+    """The student's training settings; `objective` replaces loss.kl_loss_type (off-policy)."""
+    t = cfg.trainer
+    return TrainSpec(lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+                     kl_loss_type=objective or cfg.loss.kl_loss_type, support_mode=cfg.loss.support_mode,
+                     aggregation=cfg.loss.aggregation, activation_checkpointing=cfg.model.activation_checkpointing,
+                     rollout_backend=cfg.rollout.backend, vllm=vllm_kwargs(cfg))
 
 
 @dataclass
@@ -165,14 +176,10 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source=Non
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     with reserved_pools({"student": cfg.ray.ranks_per_group, "teacher": teacher_ranks(cfg)}, cfg.ray) as pools:
-        student = WorkerGroup("student", StudentWorker, {
-            **worker_kwargs(cfg, student_path), **rollout_kwargs(cfg), "lr": cfg.trainer.lr, "weight_decay": cfg.trainer.weight_decay,
-            "grad_clip": cfg.trainer.grad_clip, "kl_loss_type": objective or cfg.loss.kl_loss_type,
-            "support_mode": cfg.loss.support_mode, "aggregation": cfg.loss.aggregation,
-            "activation_checkpointing": cfg.model.activation_checkpointing, "cpu_offload": cfg.model.cpu_offload},
-            world_size=cfg.ray.ranks_per_group, pool=pools["student"])
-        teacher = WorkerGroup("teacher", TeacherWorker, {**worker_kwargs(cfg, teacher_path),
-                                                         "cpu_offload": cfg.model.cpu_offload},
+        student = WorkerGroup("student", StudentWorker, {"spec": worker_spec(cfg, student_path),
+                                                         "train": train_spec(cfg, objective)},
+                              world_size=cfg.ray.ranks_per_group, pool=pools["student"])
+        teacher = WorkerGroup("teacher", FrozenModelWorker, {"spec": worker_spec(cfg, teacher_path)},
                               world_size=cfg.ray.ranks_per_group, pool=pools["student"])
         trainer = Trainer(cfg.trainer, cfg.loss, sampling(cfg, evaluation=False), source, student,
                           teacher if teacher_scores_needed else None, run_dir, objective)

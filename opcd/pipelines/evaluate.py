@@ -28,11 +28,11 @@ from opcd.errors import ConfigError
 from opcd.evaluation import best_k_mean, evaluate, evaluate_games
 from opcd.games.seeds import heldout_seeds
 from opcd.models import load_tokenizer, resolve_model
-from opcd.pipelines.distill import build_examples, build_player, resolve_user_path, sampling, worker_kwargs
+from opcd.pipelines.distill import build_examples, build_player, resolve_user_path, sampling, worker_spec
 from opcd.prompts import token_counter
 from opcd.tasks import get_task
 from opcd.workers.group import WorkerGroup, init_ray
-from opcd.workers.teacher import TeacherWorker
+from opcd.workers.frozen import FrozenModelWorker
 
 log = logging.getLogger("opcd.evaluate")
 
@@ -87,7 +87,7 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig) -> dict:
             continue
         if not _ray_started():
             init_ray(cfg.ray.address, cfg.ray.num_cpus)
-        group = WorkerGroup(f"eval-{name}", TeacherWorker, worker_kwargs(cfg, model_path),
+        group = WorkerGroup(f"eval-{name}", FrozenModelWorker, {"spec": worker_spec(cfg, model_path)},
                             num_gpus=1 if cfg.ray.gpus_per_node > 0 else 0)
         try:
             result = run_one(name, group, side)

@@ -33,12 +33,12 @@ from opcd.games.prompts import writer_prompt as game_writer_prompt
 from opcd.games.seeds import heldout_seeds, training_seeds
 from opcd.plots import plot_extraction
 from opcd.models import check_same_tokenizer, load_tokenizer, resolve_model
-from opcd.pipelines.distill import build_player, reserved_pools, resolve_user_path, worker_kwargs
+from opcd.pipelines.distill import build_player, reserved_pools, resolve_user_path, worker_spec
 from opcd.prompts import encode_chat, token_counter
 from opcd.protocol import SamplingParams
 from opcd.tasks import get_task
 from opcd.workers.group import WorkerGroup, init_ray
-from opcd.workers.teacher import TeacherWorker
+from opcd.workers.frozen import FrozenModelWorker
 
 log = logging.getLogger("opcd.extract")
 
@@ -62,7 +62,7 @@ class Extraction:
                            self.cfg.task.enable_thinking)
 
     def _generate(self, group, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[str]:
-        generation = group.call_rank0("generate", prompts, params, seed)
+        generation = group.gather("generate", prompts, params, seed)
         ids = generation.response_ids.masked_fill(~generation.response_mask, self.tokenizer.pad_token_id)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
@@ -141,7 +141,7 @@ class GameExtraction(Extraction):
                 "invalid_moves_per_episode": result.extra["invalid_moves_per_episode"]}
 
     def lessons_from(self, game_seed: int, experience: str, seed: int) -> dict:
-        generate = lambda prompts, params, s: self.solver.call_rank0("generate", prompts, params, s)  # noqa: E731
+        generate = lambda prompts, params, s: self.solver.gather("generate", prompts, params, s)  # noqa: E731
         (episode,) = self.player.play(generate, [game_seed], self.solve_params, seed)
         previous = experience if self.cfg.extract.writer_sees_previous else None
         prompt = game_writer_prompt(self.player.rules, [t.past() for t in episode.turns], episode.observation,
@@ -171,9 +171,10 @@ def run_extract(cfg: DistillConfig) -> dict:
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     # the solver and the writer (a second model) share each GPU, as the student and teacher do
     with reserved_pools({"solver": 1, **({"writer": 1} if writer_path else {})}, cfg.ray) as pools:
-        solver = WorkerGroup("solver", TeacherWorker, worker_kwargs(cfg, model_path), pool=pools["solver"])
-        writer = WorkerGroup("writer", TeacherWorker, worker_kwargs(cfg, writer_path), pool=pools["writer"]) \
-            if writer_path else solver
+        solver = WorkerGroup("solver", FrozenModelWorker, {"spec": worker_spec(cfg, model_path)},
+                             pool=pools["solver"])
+        writer = WorkerGroup("writer", FrozenModelWorker, {"spec": worker_spec(cfg, writer_path)},
+                             pool=pools["writer"]) if writer_path else solver
         extraction = GameExtraction(cfg, tokenizer, solver, writer) if games else \
             Extraction(cfg, tokenizer, solver, writer, train_rows, heldout_rows)
         candidates: list[Candidate] = []

@@ -32,10 +32,10 @@ from opcd.errors import ConfigError, DataError
 from opcd.games.play import episode_metrics
 from opcd.games.seeds import training_seeds
 from opcd.games.states import state_rows
-from opcd.pipelines.distill import build_player, prepare, run_distill, sampling, worker_kwargs
+from opcd.pipelines.distill import build_player, prepare, run_distill, sampling, worker_spec
 from opcd.pipelines.extract import run_extract
 from opcd.workers.group import WorkerGroup, init_ray
-from opcd.workers.teacher import TeacherWorker
+from opcd.workers.frozen import FrozenModelWorker
 
 log = logging.getLogger("opcd.oel")
 DEPLOY_SEED = 7_919  # deploy episodes of round r come from run seed DEPLOY_SEED + r: unseen in extraction
@@ -100,11 +100,11 @@ class OnlineExperientialLearning:
         prepared = prepare(cfg)
         player = build_player(cfg, prepared.tokenizer)
         init_ray(cfg.ray.address, cfg.ray.num_cpus)
-        group = WorkerGroup("deploy", TeacherWorker, worker_kwargs(cfg, prepared.student_path),
+        group = WorkerGroup("deploy", FrozenModelWorker, {"spec": worker_spec(cfg, prepared.student_path)},
                             num_gpus=1 if cfg.ray.gpus_per_node > 0 else 0)
         try:
             seeds = training_seeds(DEPLOY_SEED + r, 1, self.cfg.oel.deploy_episodes)
-            episodes = player.play(lambda p, s, sd: group.call_rank0("generate", p, s, sd), seeds,
+            episodes = player.play(lambda p, s, sd: group.gather("generate", p, s, sd), seeds,
                                    sampling(cfg, evaluation=False), cfg.trainer.seed * 1_000_003 + r)
         finally:
             group.shutdown()

@@ -29,11 +29,11 @@ import torch
 from opcd.config import DistillConfig
 from opcd.errors import ConfigError, DataError
 from opcd.offpolicy.shards import Shard, ShardReader, ShardWriter, tokenizer_fingerprint
-from opcd.pipelines.distill import Prepared, prepare, run_distill, worker_kwargs
+from opcd.pipelines.distill import Prepared, prepare, run_distill, worker_spec
 from opcd.protocol import Generation, SamplingParams, TeacherScores
 from opcd.sources import PromptSource, RolloutBatch
 from opcd.workers.group import WorkerGroup, init_ray
-from opcd.workers.teacher import TeacherWorker
+from opcd.workers.frozen import FrozenModelWorker
 
 log = logging.getLogger("opcd.offpolicy")
 MATCHED = ("tokenizer", "task", "train_data", "train_split", "enable_thinking", "game")  # must equal at train time
@@ -76,7 +76,7 @@ def run_offpolicy_generate(cfg: DistillConfig) -> dict:
     r = cfg.rollout
     params = SamplingParams(r.temperature, r.top_p, r.top_k, r.max_response_length, record_topk=cfg.loss.kl_topk)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    teacher = WorkerGroup("teacher", TeacherWorker, worker_kwargs(cfg, prepared.teacher_path),
+    teacher = WorkerGroup("teacher", FrozenModelWorker, {"spec": worker_spec(cfg, prepared.teacher_path)},
                           num_gpus=1 if cfg.ray.gpus_per_node > 0 else 0)
     source, generated = prepared.source, 0
     try:
@@ -84,7 +84,7 @@ def run_offpolicy_generate(cfg: DistillConfig) -> dict:
             if step in done:
                 source.skip(step)  # keep the data stream where an uninterrupted run would be
                 continue
-            batch = source.rollout(step, lambda p, s, sd: teacher.call_rank0("generate", p, s, sd), params,
+            batch = source.rollout(step, lambda p, s, sd: teacher.gather("generate", p, s, sd), params,
                                    cfg.trainer.seed * 1_000_003 + step, teacher_side=True)
             writer.write(_shard(step, batch, _teacher_logprobs(teacher, batch)))
             generated += 1
@@ -97,7 +97,7 @@ def run_offpolicy_generate(cfg: DistillConfig) -> dict:
 
 def _teacher_logprobs(teacher, batch: RolloutBatch) -> TeacherScores:
     g = batch.generation
-    return teacher.call_rank0("score", batch.teacher_prompts, g.response_ids, g.response_mask, g.topk_ids, 0)
+    return teacher.gather("score", batch.teacher_prompts, g.response_ids, g.response_mask, g.topk_ids, 0)
 
 
 def _shard(step: int, batch: RolloutBatch, scores: TeacherScores) -> Shard:
