@@ -66,7 +66,7 @@ def test_sharded_distillation_runs_and_resumes(tmp_path, tiny_model):
 
     def run(steps: int) -> dict:
         return run_distill(load_config([
-            f"model.path={tiny_model}", "ray.ranks_per_group=2", "trainer.num_threads=1",
+            f"model.path={tiny_model}", "ray.ranks_per_group=2", "ray.gpus_per_node=0", "trainer.num_threads=1",
             f"trainer.runs_dir={tmp_path}", "trainer.exp_name=fsdp", f"trainer.total_training_steps={steps}",
             "trainer.save_freq=1", "trainer.batch_size=3", "trainer.micro_batch_size=1", "trainer.eval_before=false",
             "trainer.eval_after=false", "trainer.loggers=[jsonl]", "rollout.max_response_length=5",
