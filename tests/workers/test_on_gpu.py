@@ -35,9 +35,9 @@ def test_frozen_scores_on_gpu_equal_cpu(sharp_tiny_deeper_model, teacher_prompts
     torch.testing.assert_close(a.entropy[mask], b.entropy[mask], atol=1e-3, rtol=0)
 
 
-@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-4), ("bfloat16", 5e-2)])
+@pytest.mark.parametrize("dtype,tolerance,grad_tolerance", [("float32", 1e-4, 1e-4), ("bfloat16", 5e-2, 1e-1)])
 def test_student_update_on_gpu_equals_cpu(sharp_tiny_model, sharp_tiny_deeper_model, prompts, teacher_prompts,
-                                          monkeypatch, dtype, tolerance):
+                                          monkeypatch, dtype, tolerance, grad_tolerance):
     settings = dict(lr=1e-3, grad_clip=1e6, micro_batch_size=3, temperature=0.8)
     gpu = _student(sharp_tiny_model, dtype=dtype, **settings)
     assert gpu.device.type == "cuda"
@@ -52,7 +52,7 @@ def test_student_update_on_gpu_equals_cpu(sharp_tiny_model, sharp_tiny_deeper_mo
         assert a[key] == pytest.approx(b[key], rel=tolerance, abs=1e-5), key
     for (name, p_gpu), p_cpu in zip(gpu.model.named_parameters(), cpu.model.parameters()):
         norm = p_cpu.grad.norm().item()
-        assert (p_gpu.grad.cpu() - p_cpu.grad).norm().item() <= tolerance * norm + 1e-6, name
+        assert (p_gpu.grad.cpu() - p_cpu.grad).norm().item() <= grad_tolerance * norm + 1e-6, name
 
 
 def test_rollout_follows_the_model_device(tiny_model, tiny_lm, tokenizer, prompts):
