@@ -37,6 +37,16 @@ def test_cfg_shows_the_resolved_count(four_gpus):
     assert "gpus_per_node: 0" in to_yaml(load_config(["ray.gpus_per_node=0"]))
 
 
+def test_evaluate_counts_the_gpus_of_its_own_machine(four_gpus, tmp_path):
+    """A run trained on a CPU machine saved gpus_per_node: 0; `opcd evaluate` on this 4-GPU node uses its
+    GPUs unless its own command line says 0."""
+    from opcd.pipelines.evaluate import load_run_config
+
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config(["ray.gpus_per_node=0"])))
+    assert load_run_config(tmp_path, []).ray.gpus_per_node == 4
+    assert load_run_config(tmp_path, ["ray.gpus_per_node=0"]).ray.gpus_per_node == 0
+
+
 def test_negative_gpu_count_is_refused():
     from opcd.errors import ConfigError
 
