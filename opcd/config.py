@@ -181,13 +181,21 @@ class RayConfig:
     address: str | None = None  # None: start a local Ray instance; "auto" or host:port joins a cluster
     num_cpus: float | None = None  # logical CPUs for a local instance (None = max(cores, 8): avoids starving)
     nnodes: int = 1
-    gpus_per_node: int = 0  # 0 on CPU
+    # GPUs per node; null = those visible on the driver's node, resolved at start-up (`--cfg` shows the
+    # number); 0 = CPU only (the workers then hide every GPU from themselves)
+    gpus_per_node: int | None = None
     ranks_per_group: int = 1  # ranks of the student and of the teacher group; > 1 shards them with FSDP2
     teacher_ranks: int = 0  # ranks of the teacher group; 0 = ray.ranks_per_group
     # colocate: rank r of every group on bundle r of one pool (GPU shared); separate: a pool (whole GPUs) per group
     placement: Literal["colocate", "separate"] = "colocate"
 
     def __post_init__(self):
+        if self.gpus_per_node is None:
+            from opcd.devices import visible_gpu_count
+
+            self.gpus_per_node = visible_gpu_count()
+        _check(self.gpus_per_node >= 0, "ray.gpus_per_node", self.gpus_per_node,
+               "an integer >= 0 (0 = CPU only), or null for the GPUs visible here")
         _check(self.nnodes >= 1, "ray.nnodes", self.nnodes, "an integer >= 1")
         _check(self.ranks_per_group >= 1, "ray.ranks_per_group", self.ranks_per_group, "an integer >= 1")
         _check(self.teacher_ranks >= 0, "ray.teacher_ranks", self.teacher_ranks, "an integer >= 0 (0 = ray.ranks_per_group)")

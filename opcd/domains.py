@@ -11,7 +11,7 @@ Every pipeline asks its `Domain` for the same things and never tests which kind 
 `DatasetDomain` holds rows of a task (opcd/tasks/); `GameDomain` a game player (opcd/games/). Which
 one a run uses is decided once, from the config, by `make_domain` in opcd/pipelines/run_setup.py.
 Both take plain values (no config) and never touch Ray: a worker group is anything with
-`call_rank0("generate", prompts, params, seed)`.
+`gather("generate", prompts, params, seed)`.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class DatasetDomain:
         examples = self.eval_examples
         prompts = [e.student_prompt if side == "student" else e.teacher_prompt for e in examples]
         rows = [e.row for e in examples]
-        generation = group.call_rank0("generate", prompts, params, seed)
+        generation = group.gather("generate", prompts, params, seed)
         texts = _decode(self.tokenizer, generation)
         scores = [self.task.score(text, row) for text, row in zip(texts, rows)]
         samples = [{"prompt": row["content"][-1]["content"], "response": text, "score": score}
@@ -117,7 +117,7 @@ class DatasetDomain:
                            self.enable_thinking)
 
     def _solve(self, group, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[str]:
-        return _decode(self.tokenizer, group.call_rank0("generate", prompts, params, seed))
+        return _decode(self.tokenizer, group.gather("generate", prompts, params, seed))
 
     def extraction_stream(self, seed: int, count: int) -> list[dict]:
         order = shuffled_order(len(self.train_rows), seed, 0)[:count]
@@ -170,7 +170,7 @@ class GameDomain:
         return max_prompt_length + max_response_length
 
     def _play(self, group, seeds: list[int], params: SamplingParams, seed: int, experience: str | None):
-        return self.player.play(lambda prompts, p, s: group.call_rank0("generate", prompts, p, s), seeds, params,
+        return self.player.play(lambda prompts, p, s: group.gather("generate", prompts, p, s), seeds, params,
                                 seed, experience)
 
     def _score(self, who: str, group, params: SamplingParams, seed: int, experience: str | None) -> EvalResult:

@@ -134,12 +134,6 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def compute_device() -> torch.device:
-    """Where a worker computes: its GPU when it has one (Ray makes an actor's GPUs visible as cuda:0...),
-    else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False,
                    attn_implementation: str | None = None):
     from transformers import AutoModelForCausalLM

@@ -79,7 +79,7 @@ class Trainer:
             with timer("teacher"):
                 scores = self._teacher_scores(batch)
             with timer("update"):
-                stats = self.student.call_rank0("update", self._update_batch(batch, scores))
+                stats = self.student.gather("update", self._update_batch(batch, scores))
             with timer("sync"):
                 self.student.call("sync_rollout")
         return self._step_metrics(batch, scores, stats, timer.seconds)
@@ -94,11 +94,11 @@ class Trainer:
         if self.teacher is None:
             support = self._support(generation)
             return TeacherScores(torch.zeros(support.shape), torch.zeros(generation.response_ids.shape), support)
-        return self.teacher.call_rank0("score", batch.teacher_prompts, generation.response_ids,
-                                       generation.response_mask, self._support(generation), self._merge_topk())
+        return self.teacher.gather("score", batch.teacher_prompts, generation.response_ids,
+                                   generation.response_mask, self._support(generation), self._merge_topk())
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
-        return self.student.call_rank0("generate", prompts, params, seed)
+        return self.student.gather("generate", prompts, params, seed)
 
     def _seed(self, step: int) -> int:
         return step_seed(self.cfg.seed, step)
@@ -162,7 +162,7 @@ class Trainer:
     def save(self, step: int) -> Path:
         state = {"step": step, "sampler": self.source.state_dict(), "consecutive_skipped": self.consecutive_skipped,
                  "seed": self.cfg.seed}
-        return save_checkpoint(self.run_dir, step, lambda tmp: self.student.call_rank0("save", str(tmp)), state)
+        return save_checkpoint(self.run_dir, step, lambda tmp: self.student.gather("save", str(tmp)), state)
 
     def resume(self) -> int:
         """Load the newest complete checkpoint of the run folder; returns the step to continue after."""

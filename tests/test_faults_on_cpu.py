@@ -207,7 +207,7 @@ class _FakeStudent:
         self.updates = 0
         self.saved = []
 
-    def call_rank0(self, method: str, *args):
+    def gather(self, method: str, *args):
         match method:
             case "generate":
                 prompts, params = args[0], args[1]
@@ -228,7 +228,7 @@ class _FakeStudent:
 
 
 class _FakeTeacher:
-    def call_rank0(self, method: str, prompts, response_ids, response_mask, support, merge_topk):
+    def gather(self, method: str, prompts, response_ids, response_mask, support, merge_topk):
         b, t = response_ids.shape
         return TeacherScores(torch.zeros(b, t, 4), torch.ones(b, t), torch.zeros(b, t, 4, dtype=torch.long))
 

@@ -18,16 +18,16 @@ from opcd.checkpoint import latest_checkpoint, write_text_atomic
 from opcd.config import DistillConfig, to_yaml
 from opcd.evaluation import EvalResult
 from opcd import metrics as M
-from opcd.pipelines.run_setup import (Prepared, prepare, reserved_pools, rollout_kwargs, sampling, teacher_ranks,
-                                      worker_kwargs)
+from opcd.pipelines.run_setup import (Prepared, prepare, reserved_pools, sampling, teacher_ranks, train_spec,
+                                      worker_spec)
 from opcd.report import write_report
 from opcd.seeds import eval_seed
 from opcd.sources import RolloutSource
 from opcd.tracking import Tracker
 from opcd.trainer import Trainer
+from opcd.workers.frozen import FrozenModelWorker
 from opcd.workers.group import WorkerGroup, init_ray
 from opcd.workers.student import StudentWorker
-from opcd.workers.teacher import TeacherWorker
 
 log = logging.getLogger("opcd")
 
@@ -51,15 +51,10 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source: Ro
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     with reserved_pools({"student": cfg.ray.ranks_per_group, "teacher": teacher_ranks(cfg)}, cfg.ray) as pools:
-        student = WorkerGroup("student", StudentWorker, {
-            **worker_kwargs(cfg, student_path), **rollout_kwargs(cfg, prepared.domain), "lr": cfg.trainer.lr,
-            "weight_decay": cfg.trainer.weight_decay,
-            "grad_clip": cfg.trainer.grad_clip, "kl_loss_type": objective or cfg.loss.kl_loss_type,
-            "support_mode": cfg.loss.support_mode, "aggregation": cfg.loss.aggregation,
-            "activation_checkpointing": cfg.model.activation_checkpointing, "cpu_offload": cfg.model.cpu_offload},
-            world_size=cfg.ray.ranks_per_group, pool=pools["student"])
-        teacher = WorkerGroup("teacher", TeacherWorker, {**worker_kwargs(cfg, teacher_path),
-                                                         "cpu_offload": cfg.model.cpu_offload},
+        student = WorkerGroup("student", StudentWorker, {"spec": worker_spec(cfg, student_path),
+                                                         "train": train_spec(cfg, prepared.domain, objective)},
+                              world_size=cfg.ray.ranks_per_group, pool=pools["student"])
+        teacher = WorkerGroup("teacher", FrozenModelWorker, {"spec": worker_spec(cfg, teacher_path)},
                               world_size=cfg.ray.ranks_per_group, pool=pools["student"])
         trainer = Trainer(cfg.trainer, cfg.loss, sampling(cfg, evaluation=False), source, student,
                           teacher if teacher_scores_needed else None, run_dir, objective)

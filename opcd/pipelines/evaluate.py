@@ -43,6 +43,7 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> DistillConfig:
     if bad:
         raise ConfigError(f"evaluate overrides must be dotted key=value pairs (e.g. evaluate.limit=100), got {bad}")
     config = OmegaConf.load(saved)
+    OmegaConf.update(config, "ray.gpus_per_node", None)  # a fact of the training machine: count this one's
     if overrides:
         config = OmegaConf.merge(config, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
     return validate(config)

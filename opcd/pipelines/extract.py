@@ -29,12 +29,12 @@ from opcd.domains import Domain
 from opcd.experience import WRITER_PREFIX, Candidate, append_items, best_candidate, parse_writer_items
 from opcd.plots import plot_extraction
 from opcd.models import check_same_tokenizer, load_tokenizer, resolve_model
-from opcd.pipelines.run_setup import make_domain, reserved_pools, worker_kwargs
+from opcd.pipelines.run_setup import make_domain, reserved_pools, worker_spec
 from opcd.prompts import encode_chat, token_counter
 from opcd.protocol import SamplingParams
 from opcd.seeds import extraction_attempt_seed, extraction_heldout_seed, writer_seed
+from opcd.workers.frozen import FrozenModelWorker
 from opcd.workers.group import WorkerGroup, init_ray
-from opcd.workers.teacher import TeacherWorker
 
 log = logging.getLogger("opcd.extract")
 
@@ -57,7 +57,7 @@ class Extraction:
         small model that would ignore the format writes its first lesson in it."""
         ids = encode_chat(self.tokenizer, [{"role": "user", "content": prompt}], self.cfg.task.enable_thinking)
         ids += self.tokenizer(WRITER_PREFIX, add_special_tokens=False)["input_ids"]
-        generation = self.writer.call_rank0("generate", [ids], self.write_params, seed)
+        generation = self.writer.gather("generate", [ids], self.write_params, seed)
         response = generation.response_ids.masked_fill(~generation.response_mask, self.tokenizer.pad_token_id)
         (continuation,) = self.tokenizer.batch_decode(response, skip_special_tokens=True)
         return WRITER_PREFIX + continuation
@@ -112,9 +112,10 @@ def run_extract(cfg: DistillConfig) -> dict:
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     # the solver and the writer (a second model) share each GPU, as the student and teacher do
     with reserved_pools({"solver": 1, **({"writer": 1} if writer_path else {})}, cfg.ray) as pools:
-        solver = WorkerGroup("solver", TeacherWorker, worker_kwargs(cfg, model_path), pool=pools["solver"])
-        writer = WorkerGroup("writer", TeacherWorker, worker_kwargs(cfg, writer_path), pool=pools["writer"]) \
-            if writer_path else solver
+        solver = WorkerGroup("solver", FrozenModelWorker, {"spec": worker_spec(cfg, model_path)},
+                             pool=pools["solver"])
+        writer = WorkerGroup("writer", FrozenModelWorker, {"spec": worker_spec(cfg, writer_path)},
+                             pool=pools["writer"]) if writer_path else solver
         extraction = Extraction(cfg, tokenizer, solver, writer, domain)
         candidates: list[Candidate] = []
         try:

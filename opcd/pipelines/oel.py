@@ -100,7 +100,7 @@ class OnlineExperientialLearning:
         init_ray(cfg.ray.address, cfg.ray.num_cpus)
         with frozen_model_group("deploy", cfg, prepared.student_path) as group:
             seeds = training_seeds(deploy_run_seed(r), 1, self.cfg.oel.deploy_episodes)
-            episodes = player.play(lambda p, s, sd: group.call_rank0("generate", p, s, sd), seeds,
+            episodes = player.play(lambda p, s, sd: group.gather("generate", p, s, sd), seeds,
                                    sampling(cfg, evaluation=False), step_seed(cfg.trainer.seed, r))
         rows = state_rows(episodes)
         out = folder / "deploy"

@@ -82,7 +82,7 @@ def run_offpolicy_generate(cfg: DistillConfig) -> dict:
             if step in done:
                 source.skip(step)  # keep the data stream where an uninterrupted run would be
                 continue
-            batch = source.rollout(step, lambda p, s, sd: teacher.call_rank0("generate", p, s, sd), params,
+            batch = source.rollout(step, lambda p, s, sd: teacher.gather("generate", p, s, sd), params,
                                    step_seed(cfg.trainer.seed, step), teacher_side=True)
             writer.write(_shard(step, batch, _teacher_logprobs(teacher, batch)))
             generated += 1
@@ -93,7 +93,7 @@ def run_offpolicy_generate(cfg: DistillConfig) -> dict:
 
 def _teacher_logprobs(teacher, batch: RolloutBatch) -> TeacherScores:
     g = batch.generation
-    return teacher.call_rank0("score", batch.teacher_prompts, g.response_ids, g.response_mask, g.topk_ids, 0)
+    return teacher.gather("score", batch.teacher_prompts, g.response_ids, g.response_mask, g.topk_ids, 0)
 
 
 def _shard(step: int, batch: RolloutBatch, scores: TeacherScores) -> Shard:

@@ -1,6 +1,6 @@
 """What every pipeline shares: user paths, the run's domain (dataset or text game, chosen here once),
-tokenised examples, sampling settings, worker and rollout settings, and worker groups on placement
-pools (opcd/workers/placement.py) for every group any pipeline starts.
+tokenised examples, sampling settings, the workers' specs (opcd/workers/spec.py) from the config, and
+worker groups on placement pools (opcd/workers/placement.py) for every group any pipeline starts.
 
 Set-up order matters: everything a user can get wrong (context file, data rows, tokenizer mismatch,
 game options) is checked on the driver by `prepare` and `make_domain`, before Ray starts or any
@@ -29,9 +29,10 @@ from opcd.seeds import heldout_seeds
 from opcd.sources import RolloutSource
 from opcd.tasks import get_task
 from opcd.tasks.loading import load_rows
+from opcd.workers.frozen import FrozenModelWorker
 from opcd.workers.group import WorkerGroup
 from opcd.workers.placement import make_pools, remove_pools
-from opcd.workers.teacher import TeacherWorker
+from opcd.workers.spec import TrainSpec, WorkerSpec
 
 log = logging.getLogger("opcd")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -140,27 +141,37 @@ def _game_domain(cfg: DistillConfig, tokenizer, context: ContextSource, purpose:
 
 # -- workers ------------------------------------------------------------------------------------------
 
-def worker_kwargs(cfg: DistillConfig, path: str) -> dict:
-    m = cfg.model
-    return {"model_path": path, "dtype": m.dtype, "trust_remote_code": m.trust_remote_code,
-            "attn_implementation": m.attn_implementation, "temperature": cfg.rollout.temperature,
-            "micro_batch_size": cfg.trainer.micro_batch_size, "num_threads": cfg.trainer.num_threads,
-            "lm_head_chunk_size": cfg.loss.lm_head_chunk_size, "padding_free": cfg.trainer.padding_free,
-            "micro_batch_tokens": cfg.trainer.micro_batch_tokens}
+def worker_spec(cfg: DistillConfig, path: str) -> WorkerSpec:
+    """The spec of a worker holding the model at `path` (student or frozen), from the config."""
+    m, t = cfg.model, cfg.trainer
+    return WorkerSpec(model_path=path, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                      attn_implementation=m.attn_implementation, cpu_offload=m.cpu_offload, num_threads=t.num_threads,
+                      temperature=cfg.rollout.temperature, micro_batch_size=t.micro_batch_size,
+                      micro_batch_tokens=t.micro_batch_tokens, lm_head_chunk_size=cfg.loss.lm_head_chunk_size,
+                      padding_free=t.padding_free)
 
 
-def rollout_kwargs(cfg: DistillConfig, domain: Domain) -> dict:
-    """The student's rollout engine: `hf`, or `vllm` with a context long enough for every prompt."""
+def train_spec(cfg: DistillConfig, domain: Domain, objective: str | None = None) -> TrainSpec:
+    """The student's training settings; `objective` replaces loss.kl_loss_type (off-policy)."""
+    t = cfg.trainer
+    return TrainSpec(lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+                     kl_loss_type=objective or cfg.loss.kl_loss_type, support_mode=cfg.loss.support_mode,
+                     aggregation=cfg.loss.aggregation, activation_checkpointing=cfg.model.activation_checkpointing,
+                     rollout_backend=cfg.rollout.backend, vllm=vllm_kwargs(cfg, domain))
+
+
+def vllm_kwargs(cfg: DistillConfig, domain: Domain) -> dict:
+    """The student's vLLM engine (rollout.backend=vllm): a context long enough for every prompt."""
     r = cfg.rollout
     if r.backend == "hf":
-        return {"rollout_backend": "hf"}
-    return {"rollout_backend": "vllm", "vllm": {
+        return {}
+    return {
         "max_model_len": domain.rollout_length(cfg.task.max_prompt_length, r.max_response_length),
         "seed": cfg.trainer.seed, "gpu_memory_utilization": r.vllm_gpu_memory_utilization,
         "cpu_kv_cache_gb": r.vllm_cpu_kv_cache_gb,
         # vLLM refuses more log-probs per token than this (default 20); the support is the policy's top-k
         "max_logprobs": max(cfg.loss.kl_topk, 20),
-        "enforce_eager": r.vllm_enforce_eager if r.vllm_enforce_eager is not None else cfg.ray.gpus_per_node == 0}}
+        "enforce_eager": r.vllm_enforce_eager if r.vllm_enforce_eager is not None else cfg.ray.gpus_per_node == 0}
 
 
 def teacher_ranks(cfg: DistillConfig) -> int:
@@ -182,7 +193,7 @@ def frozen_model_group(name: str, cfg: DistillConfig, model_path: str):
     """One single-rank group of the frozen-model worker (generation and scoring) on its own pool,
     shut down and released at the end of the block."""
     with reserved_pools({name: 1}, cfg.ray) as pools:
-        group = WorkerGroup(name, TeacherWorker, worker_kwargs(cfg, model_path), pool=pools[name])
+        group = WorkerGroup(name, FrozenModelWorker, {"spec": worker_spec(cfg, model_path)}, pool=pools[name])
         try:
             yield group
         finally:

@@ -14,7 +14,6 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from opcd.batching import left_pad, strip_after_eos
-from opcd.models import compute_device
 from opcd.protocol import Generation, SamplingParams
 
 
@@ -29,8 +28,12 @@ class _RecordTopK(LogitsProcessor):
 
 
 class HFRollout:
-    def __init__(self, model, tokenizer, batch_size: int = 64, autocast=contextlib.nullcontext):
+    def __init__(self, model, tokenizer, batch_size: int = 64, autocast=contextlib.nullcontext,
+                 device: torch.device | str | None = None):
         self.model = model
+        # where the inputs go: the worker's compute device (FSDP2 with CPU offload keeps parameters on
+        # CPU and computes on the GPU), else where the model's parameters are
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.autocast = autocast  # the student's fp32 master weights generate in its compute dtype on GPU
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
@@ -45,14 +48,13 @@ class HFRollout:
 
     def _generate_chunk(self, prompts: list[list[int]], params: SamplingParams) -> Generation:
         ids, mask = left_pad(prompts, self.pad_id)
-        device = compute_device()
         recorder = _RecordTopK(params.record_topk) if params.record_topk > 0 else None
         greedy = params.temperature == 0
         was_training = self.model.training
         self.model.eval()
         with self.autocast():
             out = self.model.generate(
-                input_ids=ids.to(device), attention_mask=mask.long().to(device), max_new_tokens=params.max_new_tokens,
+                input_ids=ids.to(self.device), attention_mask=mask.long().to(self.device), max_new_tokens=params.max_new_tokens,
                 do_sample=not greedy, temperature=None if greedy else params.temperature,
                 top_p=None if greedy else params.top_p, top_k=None if greedy else (params.top_k or None),
                 eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,

@@ -4,7 +4,7 @@ forward of each row alone, merged supports, full-vocabulary scoring, chunked hea
 import pytest
 import torch
 
-from tests.workers.common import _logprobs_alone, _random_responses, _teacher, one_thread, teacher_prompts  # noqa: F401 (fixtures)
+from tests.workers.common import _logprobs_alone, _random_responses, _teacher, one_thread, teacher_prompts, tokenizer  # noqa: F401 (fixtures)
 
 
 def test_teacher_scores_equal_brute_force(sharp_tiny_deeper_model, teacher_prompts):
@@ -78,7 +78,7 @@ def test_models_that_transform_their_logits_keep_the_full_logits_path(tmp_path):
     """Gemma-2 soft-caps its logits after the lm_head: hidden @ W.T is not its logits."""
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from opcd.lm_head import is_plain_head
+    from opcd.workers.lm_head import is_plain_head
 
     small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=8)
@@ -100,3 +100,22 @@ def test_packed_teacher_scores_equal_padded(sharp_tiny_deeper_model, teacher_pro
     torch.testing.assert_close(a.logprobs[response_mask], b.logprobs[response_mask], atol=1e-5, rtol=0)
     torch.testing.assert_close(a.entropy[response_mask], b.entropy[response_mask], atol=5e-5, rtol=0)
     assert torch.isfinite(a.logprobs).all()  # past the responses' ends too: the trainer checks them
+
+
+def test_rank_shares_are_put_back_in_batch_order():
+    """Rank r of N scores rows r, r + N, ...; `WorkerGroup.gather` hands the shares of the ranks that had
+    rows to `TeacherScores.from_rank_shares`. 5 rows on 3 ranks: rows (0, 3), (1, 4), (2,)."""
+    from opcd.protocol import TeacherScores
+
+    rows = torch.arange(5, dtype=torch.float32)
+
+    def share(index):
+        r = rows[index]
+        return TeacherScores(r.view(-1, 1, 1).expand(-1, 2, 3), r.view(-1, 1).expand(-1, 2),
+                             r.long().view(-1, 1, 1).expand(-1, 2, 3), None)
+    merged = TeacherScores.from_rank_shares([share([0, 3]), share([1, 4]), share([2])])
+    assert torch.equal(merged.logprobs[:, 0, 0], rows) and torch.equal(merged.entropy[:, 1], rows)
+    assert torch.equal(merged.support_ids[:, 1, 2], rows.long()) and merged.support_mask is None
+    alone = share([0, 1, 2, 3, 4])
+    assert TeacherScores.from_rank_shares([alone]) is not None
+    assert torch.equal(TeacherScores.from_rank_shares([alone]).logprobs, alone.logprobs)
