@@ -1,7 +1,8 @@
 """The package's layering, read from the source with `ast` (every import, also those inside functions):
 pure pieces never reach up to Ray, workers or pipelines; games and tasks stand on the pure bottom
 only; pipelines share through opcd/pipelines/run_setup.py, never through each other's helpers;
-no import cycle; the seed formulas and the dataset/game switch exist once."""
+no import cycle; the seed formulas and the dataset/game switch exist once; one scorer for every model
+worker."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "opcd"
 
 # The driver and worker sides: everything else is a pure piece.
-NOT_PURE = ("opcd.cli", "opcd.trainer", "opcd.lm_head", "opcd.pipelines", "opcd.workers", "opcd.rollout")
-UPWARD = ("ray", "opcd.workers", "opcd.rollout", "opcd.pipelines", "opcd.trainer", "opcd.lm_head", "opcd.cli")
+NOT_PURE = ("opcd.cli", "opcd.trainer", "opcd.pipelines", "opcd.workers", "opcd.rollout")
+UPWARD = ("ray", "opcd.workers", "opcd.rollout", "opcd.pipelines", "opcd.trainer", "opcd.cli")
 # What games/ and tasks/ may import from the rest of opcd besides their own package.
 BOTTOM = ("opcd.errors", "opcd.prompts", "opcd.protocol", "opcd.contexts", "opcd.batching", "opcd.rows",
           "opcd.seeds")
@@ -141,6 +142,17 @@ def test_datasets_and_games_part_in_one_place():
     pattern = re.compile(r"""["']textgame["']""")
     found = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if pattern.search(p.read_text()))
     assert found == ["config.py", "pipelines/run_setup.py"]
+
+
+def test_one_scorer_for_the_student_and_every_frozen_model():
+    """How log-probs at a support are computed (chunked head or full logits, packed or padded) is
+    decided in workers/scoring.py alone: both model workers use it, nothing else reaches its parts."""
+    modules = _modules()
+    for worker in ("opcd.workers.student", "opcd.workers.frozen"):
+        assert "opcd.workers.scoring" in _targets(modules[worker], modules)
+    users = {part: sorted(m for m, p in modules.items() if part in _targets(p, modules))
+             for part in ("opcd.workers.lm_head", "opcd.loss_chunked")}
+    assert users == {"opcd.workers.lm_head": ["opcd.workers.scoring"], "opcd.loss_chunked": ["opcd.workers.scoring"]}
 
 
 def test_the_rules_see_real_imports():
