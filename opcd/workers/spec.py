@@ -54,7 +54,7 @@ class TrainSpec:
     lr: float = 1e-6  # constant, AdamW
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # gradient-norm clipping
-    kl_loss_type: Literal["full", "k1", "k2", "k3", "abs", "forward", "seqkd"] = "full"  # opcd.objective
+    kl_loss_type: Literal["full", "k1", "k2", "k3", "abs", "forward_kl", "seqkd"] = "full"  # opcd.objective
     support_mode: Literal["partial", "renorm", "tail"] = "tail"
     aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
     activation_checkpointing: bool = False
@@ -65,7 +65,7 @@ class TrainSpec:
         _check(self.lr > 0, "TrainSpec", "lr", self.lr, "a float > 0")
         _check(self.weight_decay >= 0, "TrainSpec", "weight_decay", self.weight_decay, "a float >= 0")
         _check(self.grad_clip > 0, "TrainSpec", "grad_clip", self.grad_clip, "a float > 0")
-        for name, choices in (("kl_loss_type", ("full", "k1", "k2", "k3", "abs", "forward", "seqkd")),
+        for name, choices in (("kl_loss_type", ("full", "k1", "k2", "k3", "abs", "forward_kl", "seqkd")),
                               ("support_mode", ("partial", "renorm", "tail")),
                               ("aggregation", ("token_mean", "seq_mean")), ("rollout_backend", ("hf", "vllm"))):
             _check(getattr(self, name) in choices, "TrainSpec", name, getattr(self, name),

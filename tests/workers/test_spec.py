@@ -2,6 +2,7 @@
 pipelines' one mapping from the config fills every field."""
 
 import dataclasses
+import typing
 
 import pytest
 
@@ -32,8 +33,21 @@ def test_the_config_maps_onto_every_field(smollm2_tokenizer):
     train = train_spec(cfg, domain)
     assert (train.lr, train.aggregation, train.activation_checkpointing, train.rollout_backend, train.vllm) == \
         (3e-4, "seq_mean", True, "hf", {})
-    assert train_spec(cfg, domain, objective="forward").kl_loss_type == "forward"
+    assert train_spec(cfg, domain, objective="forward_kl").kl_loss_type == "forward_kl"
     # every config-backed field differs from its default somewhere above, or is checked here
     assert {f.name for f in dataclasses.fields(WorkerSpec)} == {
         "model_path", "dtype", "trust_remote_code", "attn_implementation", "cpu_offload", "num_threads",
         "temperature", "micro_batch_size", "micro_batch_tokens", "lm_head_chunk_size", "padding_free"}
+
+
+def test_every_loss_the_config_names_is_a_student_objective():
+    """loss.kl_loss_type and offpolicy.objective reach the student as TrainSpec.kl_loss_type: one set of
+    names (a spec that spelled one differently would only fail when an off-policy run starts)."""
+    from opcd.config import LossConfig, OffPolicyConfig
+
+    hints = {c: typing.get_type_hints(c) for c in (LossConfig, OffPolicyConfig, TrainSpec)}
+    named = set(typing.get_args(hints[LossConfig]["kl_loss_type"])) | \
+        set(typing.get_args(hints[OffPolicyConfig]["objective"]))
+    assert named == set(typing.get_args(hints[TrainSpec]["kl_loss_type"]))
+    for name in named:
+        TrainSpec(kl_loss_type=name)
