@@ -105,7 +105,7 @@ def fused_step(x: dict[str, torch.Tensor], chunk_size: int) -> tuple[torch.Tenso
     n = x["hidden"].shape[0]
     value, _, _ = loss_chunked.fused_support_loss(
         x["hidden"], x["weight"], x["ids"], teacher, lambda s, t, m: loss.support_reverse_kl(s, t, "partial", m),
-        torch.full((n,), 1.0 / n), chunk_size=chunk_size)
+        torch.full((n,), 1.0 / n, device=x["hidden"].device), chunk_size=chunk_size)
     return value, teacher
 
 

@@ -161,8 +161,8 @@ def trl_dataset():
     from datasets import Dataset
 
     from opcd.contexts import read_context_file
-    from opcd.data import load_rows
-    from opcd.pipelines.distill import resolve_user_path
+    from opcd.pipelines.run_setup import resolve_user_path
+    from opcd.tasks.loading import load_rows
 
     context = read_context_file(resolve_user_path(SYSTEM_PROMPT))
     rows = load_rows(resolve_user_path(TRAIN_DATA))

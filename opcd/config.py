@@ -237,7 +237,9 @@ class RayConfig:
     address: str | None = None  # None: start a local Ray instance; "auto" or host:port joins a cluster
     num_cpus: float | None = None  # logical CPUs for a local instance (None = max(cores, 8): avoids starving)
     nnodes: int = 1
-    gpus_per_node: int = 0  # 0 on CPU
+    # GPUs per node; null = those visible on the driver's node, resolved at start-up (`--cfg` shows the
+    # number); 0 = CPU only (the workers then hide every GPU from themselves)
+    gpus_per_node: int | None = None
     # ranks of the student and of the teacher group; > 1 shards them with FSDP2; 0 = fill the cluster:
     # every GPU (ray.nnodes x ray.gpus_per_node) when colocated, the GPUs the teacher leaves when
     # separate (half of them without ray.teacher_ranks); 1 on CPU
@@ -252,7 +254,12 @@ class RayConfig:
     def __post_init__(self):
         _check(self.num_cpus is None or (0 < self.num_cpus <= MAX_RAY_CPUS), "ray.num_cpus", self.num_cpus,
                f"null (automatic) or a number in (0, {MAX_RAY_CPUS}]")
-        _check(self.gpus_per_node >= 0, "ray.gpus_per_node", self.gpus_per_node, "an integer >= 0 (0 = CPU)")
+        if self.gpus_per_node is None:
+            from opcd.devices import visible_gpu_count
+
+            self.gpus_per_node = visible_gpu_count()
+        _check(self.gpus_per_node >= 0, "ray.gpus_per_node", self.gpus_per_node,
+               "an integer >= 0 (0 = CPU only), or null for the GPUs visible here")
         _check(self.nnodes >= 1, "ray.nnodes", self.nnodes, "an integer >= 1")
         _check(self.ranks_per_group >= 0, "ray.ranks_per_group", self.ranks_per_group,
                "an integer >= 0 (0 = every GPU: ray.nnodes x ray.gpus_per_node)")

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 from opcd.contexts import ITEM_MARKER, join_items, split_items
-from opcd.tasks.math import strip_thinking
+from opcd.prompts import strip_thinking
 
 WRITER_TEMPLATE = (
     "You are reviewing one attempt at a problem in order to write down lessons that will help with "

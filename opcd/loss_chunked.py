@@ -3,7 +3,7 @@ at a time, so no [tokens, vocab] logits tensor is ever held (for backward or oth
 functions, the memory-lean counterpart of `opcd.loss.gather_logprobs`; measured with
 `benchmarks/loss.py`. The workers use `fused_support_loss` (student) and `support_logprobs_no_grad`
 (teacher) whenever the model's logits are a plain lm_head of its last hidden states
-(`opcd.lm_head`).
+(`opcd.workers.lm_head`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,17 @@ def _check_hidden_inputs(hidden: Tensor, weight: Tensor, ids: Tensor, temperatur
         raise ValueError(f"ids shape {tuple(ids.shape)} does not match hidden shape {tuple(hidden.shape)}")
     if ids.dtype != torch.int64:
         raise ValueError(f"ids must be int64, got {ids.dtype}")
+    _check_same_device(hidden, lm_head_weight=weight, ids=ids, lm_head_bias=bias)
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"lm_head bias shape {tuple(bias.shape)} does not match vocab {weight.shape[0]}")
+
+
+def _check_same_device(hidden: Tensor, **others: Tensor | None) -> None:
+    """One line naming the tensor that is not where the hidden states are (torch's own message names none)."""
+    for name, tensor in others.items():
+        if tensor is not None and tensor.device != hidden.device:
+            raise ValueError(f"{name} is on {tensor.device} but the hidden states are on {hidden.device}: "
+                             f"every input must be on one device")
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -339,6 +348,7 @@ def fused_support_loss(
     if teacher_logprobs.shape != ids.shape or weights.shape != ids.shape[:1]:
         raise ValueError(f"teacher log-probs {tuple(teacher_logprobs.shape)} and weights {tuple(weights.shape)} "
                          f"do not match ids {tuple(ids.shape)}")
+    _check_same_device(hidden, teacher_logprobs=teacher_logprobs, weights=weights, support_mask=support_mask)
     dtype = torch.float64 if lm_head_weight.dtype == torch.float64 else torch.float32
     out = {"logprobs": hidden.new_empty(ids.shape, dtype=dtype),
            "entropy": hidden.new_empty(ids.shape[:1], dtype=dtype)}

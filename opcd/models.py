@@ -146,12 +146,6 @@ def load_model_config(path: str, trust_remote_code: bool = False):
         raise ModelError(f"cannot read the model config of {path}: {reason}") from exc
 
 
-def compute_device() -> torch.device:
-    """Where a worker computes: its GPU when it has one (Ray makes an actor's GPUs visible as cuda:0...),
-    else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False,
                    attn_implementation: str | None = None):
     from transformers import AutoModelForCausalLM
@@ -211,16 +205,10 @@ def vocab_rows(config) -> int:
     return int(text.vocab_size)
 
 
-def load_vocab_rows(path: str, trust_remote_code: bool = False) -> int:
-    from transformers import AutoConfig
-
-    return vocab_rows(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
-
-
 def check_teacher_covers_student(student_config, teacher_config, student_path: str, teacher_path: str) -> None:
     """Every id the student can emit must be a row of the teacher's embedding. The row counts may differ:
     Qwen2.5-7B has 152,064 rows and Qwen2.5-3B 151,936 for one tokenizer; the teacher's softmax is then
-    taken over the student's rows (TeacherWorker's vocab_size)."""
+    taken over the student's rows (WorkerSpec.vocab_rows)."""
     student_rows, teacher_rows = vocab_rows(student_config), vocab_rows(teacher_config)
     if teacher_rows < student_rows:
         raise ModelError(f"teacher {teacher_path} has {teacher_rows} embedding rows but student {student_path} "

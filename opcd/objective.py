@@ -1,8 +1,9 @@
 """Which per-token loss a configuration asks for: a thin, pure switch over `opcd.loss`.
 
 `full` is the top-k (or full-vocabulary) reverse KL over the support; k1/k2/k3/abs are the
-sampled-token estimators, whose "support" is the sampled token itself (K = 1). Off-policy only:
-`forward` (forward KL over the teacher's top-k) and `seqkd` (NLL of the teacher's tokens).
+sampled-token estimators, whose "support" is the sampled token itself (K = 1). Off-policy only
+(`offpolicy.objective`, the same names): `forward_kl` (forward KL over the teacher's top-k) and
+`seqkd` (NLL of the teacher's tokens).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def per_token_loss(kl_loss_type: str, support_mode: str, student_logprobs: torch
             return loss.support_reverse_kl(student_logprobs, teacher_logprobs, support_mode, support_mask)
         case "k1" | "k2" | "k3" | "abs":
             return loss.sampled_kl(student_logprobs[..., 0], teacher_logprobs[..., 0], kl_loss_type)
-        case "forward":  # off-policy: KL(teacher || student) over the teacher's top-k
+        case "forward_kl":  # off-policy: KL(teacher || student) over the teacher's top-k
             return loss.support_forward_kl(student_logprobs, teacher_logprobs, support_mode, support_mask)
         case "seqkd":
             return loss.nll(student_logprobs[..., 0])

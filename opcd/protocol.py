@@ -10,8 +10,31 @@ them: `response_mask` covers all of it (attention), `loss_mask` only the model's
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
+
+
+@runtime_checkable
+class RankShares(Protocol):
+    """A result computed data parallel: rank r of N holds rows r, r + N, ... of the batch.
+    `WorkerGroup.gather` hands the ranks' shares (those that had rows, in rank order) to
+    `from_rank_shares`, which puts the rows back in the batch's order."""
+
+    @classmethod
+    def from_rank_shares(cls, shares: list) -> "RankShares": ...
+
+
+def interleave_rows(shares: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """Rank r's rows [n_r, ...] are rows r, r + N, ... of the result [sum n_r, ...]."""
+    if shares[0] is None:
+        return None
+    if len(shares) == 1:
+        return shares[0]
+    out = shares[0].new_empty((sum(s.shape[0] for s in shares), *shares[0].shape[1:]))
+    for rank, share in enumerate(shares):
+        out[rank::len(shares)] = share
+    return out
 
 
 @dataclass(frozen=True)
@@ -59,6 +82,32 @@ class TeacherScores:
     entropy: torch.Tensor  # [B, T] float32, teacher entropy at each response position
     support_ids: torch.Tensor  # [B, T, K] int64
     support_mask: torch.Tensor | None = None  # [B, T, K] bool
+
+    @classmethod
+    def from_rank_shares(cls, shares: list["TeacherScores"]) -> "TeacherScores":
+        return cls(*(interleave_rows([getattr(s, name) for s in shares])
+                     for name in ("logprobs", "entropy", "support_ids", "support_mask")))
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training prompt, tokenised for both sides (a dataset row, or a stored game state)."""
+
+    row: dict
+    student_prompt: list[int]  # chat-templated prompt without the context
+    teacher_prompt: list[int]  # the same prompt with the context
+
+
+@dataclass
+class RolloutBatch:
+    """What a rollout source hands the trainer for one step (opcd/sources.py)."""
+
+    student_prompts: list[list[int]]  # what the student was conditioned on (no context)
+    teacher_prompts: list[list[int]]  # the same with the context
+    generation: Generation  # the sequences both models score
+    metrics: dict[str, float]  # task metrics of these rollouts (logged only)
+    keys: list[str] | None = None  # one id per sequence ("row:17", "game:<seed>:turn:<i>"), for stored data
+    teacher_scores: TeacherScores | None = None  # already known (off-policy shards with stored log-probs)
 
 
 @dataclass

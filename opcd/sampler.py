@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opcd.data import shuffled_order
+from opcd.rows import shuffled_order
 
 
 @dataclass

@@ -28,9 +28,9 @@ from opcd.checkpoint import has_optimizer, read_trainer_state, resumable_checkpo
 from opcd.config import LossConfig, TrainerConfig
 from opcd.errors import TrainingError
 from opcd.objective import uses_sampled_token
-from opcd.protocol import Generation, SamplingParams, TeacherScores, UpdateBatch
+from opcd.protocol import Generation, RolloutBatch, SamplingParams, TeacherScores, UpdateBatch
 from opcd.runfolder import disk_full_as_enospc
-from opcd.sources import RolloutBatch
+from opcd.seeds import step_seed
 from opcd.tracking import Tracker
 
 log = logging.getLogger("opcd")
@@ -52,9 +52,9 @@ class Trainer:
                  teacher, run_dir: Path, objective: str | None = None):
         self.cfg = cfg
         self.loss_cfg = loss_cfg
-        self.objective = objective or loss_cfg.kl_loss_type  # off-policy: forward | seqkd
+        self.objective = objective or loss_cfg.kl_loss_type  # off-policy: forward_kl | seqkd
         self.sampling = sampling
-        self.source = source  # PromptSource or GameSource (opcd/sources.py): what each step learns from
+        self.source = source  # a RolloutSource (opcd/sources.py): what each step learns from
         self.student = student  # worker group: rollout engine colocated with the trainable model
         self.teacher = teacher
         self.run_dir = Path(run_dir)
@@ -82,7 +82,7 @@ class Trainer:
             with timer("teacher"):
                 scores = self._teacher_scores(batch)
             with timer("update"):
-                stats = self.student.call_rank0("update", self._update_batch(batch, scores))
+                stats = self.student.gather("update", self._update_batch(batch, scores))
             with timer("sync"):
                 self.student.call("sync_rollout")
         return {**self._step_metrics(batch, scores, stats, timer.seconds), **self._gpu_memory()}
@@ -97,14 +97,14 @@ class Trainer:
         if self.teacher is None:
             support = self._support(generation)
             return TeacherScores(torch.zeros(support.shape), torch.zeros(generation.response_ids.shape), support)
-        return self.teacher.call_rank0("score", batch.teacher_prompts, generation.response_ids,
-                                       generation.response_mask, self._support(generation), self._merge_topk())
+        return self.teacher.gather("score", batch.teacher_prompts, generation.response_ids,
+                                   generation.response_mask, self._support(generation), self._merge_topk())
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
         return self.student.generate(prompts, params, seed)
 
     def _seed(self, step: int) -> int:
-        return self.cfg.seed * 1_000_003 + step
+        return step_seed(self.cfg.seed, step)
 
     def _support(self, generation: Generation) -> torch.Tensor | None:
         """The ids the teacher scores: sampled tokens, the student's top-k, or None (whole vocabulary)."""

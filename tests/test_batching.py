@@ -13,7 +13,7 @@ from opcd.batching import (
     right_pad,
     strip_after_eos,
 )
-from opcd.lm_head import hidden_states_out, response_hidden_states
+from opcd.workers.lm_head import hidden_states_out, response_hidden_states
 from opcd.models import load_causal_lm
 from opcd.workers.distributed import rank_micro_batches
 

@@ -22,7 +22,7 @@ from opcd.checkpoint import (
     verify_checkpoint,
 )
 from opcd.errors import OpcdError
-from opcd.data import shuffled_order as epoch_order
+from opcd.rows import shuffled_order as epoch_order
 from opcd.sampler import BatchSampler
 
 

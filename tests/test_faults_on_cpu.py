@@ -28,8 +28,8 @@ from opcd import metrics as M
 from opcd.checkpoint import latest_checkpoint
 from opcd.config import LossConfig, TrainerConfig
 from opcd.errors import TrainingError
-from opcd.protocol import Generation, SamplingParams, TeacherScores
-from opcd.sources import Example, PromptSource
+from opcd.protocol import Example, Generation, SamplingParams, TeacherScores
+from opcd.sources import PromptSource
 from opcd.trainer import Trainer
 
 pytestmark = pytest.mark.slow
@@ -245,7 +245,7 @@ class _FakeStudent:
         return Generation(ids, torch.ones(len(prompts), 3, dtype=torch.bool),
                           torch.zeros(len(prompts), 3, params.record_topk, dtype=torch.long))
 
-    def call_rank0(self, method: str, *args):
+    def gather(self, method: str, *args):
         match method:
             case "update":
                 self.updates += 1
@@ -266,7 +266,7 @@ class _FakeTeacher:
     def call(self, method: str, *args):
         return [{}]  # a CPU worker: no reading
 
-    def call_rank0(self, method: str, prompts, response_ids, response_mask, support, merge_topk):
+    def gather(self, method: str, prompts, response_ids, response_mask, support, merge_topk):
         b, t = response_ids.shape
         return TeacherScores(torch.zeros(b, t, 4), torch.ones(b, t), torch.zeros(b, t, 4, dtype=torch.long))
 

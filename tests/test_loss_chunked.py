@@ -192,7 +192,7 @@ def _teacher_logprobs(ids, v=V, seed=7, dtype=F64):
     return gather_logprobs(logits, ids)
 
 
-CASES = [("full", "tail"), ("full", "partial"), ("full", "renorm"), ("forward", "tail"), ("k3", "tail"),
+CASES = [("full", "tail"), ("full", "partial"), ("full", "renorm"), ("forward_kl", "tail"), ("k3", "tail"),
          ("seqkd", "tail")]
 
 
@@ -311,3 +311,18 @@ def test_fused_loss_takes_low_precision_hidden_states_with_fp32_master_weights()
     torch.testing.assert_close(value, reference)
     (grad,) = torch.autograd.grad(value, low)
     assert grad.dtype == torch.bfloat16 and grad.abs().sum() > 0
+
+
+def test_inputs_on_another_device_are_refused_by_name():
+    """Regression: `benchmarks/loss.py --device cuda` crashed inside the fused loss's matmul (aggregation
+    weights left on the CPU, hidden states on the GPU) with a message naming no tensor. The meta device
+    stands in for the GPU."""
+    from opcd import loss, loss_chunked
+
+    hidden, weight = torch.randn(3, 4), torch.randn(5, 4)
+    ids, teacher = torch.zeros(3, 2, dtype=torch.long), torch.log_softmax(torch.randn(3, 2), -1)
+    token_loss = lambda s, t, m: loss.support_reverse_kl(s, t, "tail", m)  # noqa: E731
+    with pytest.raises(ValueError, match="weights is on meta but the hidden states are on cpu"):
+        loss_chunked.fused_support_loss(hidden, weight, ids, teacher, token_loss, torch.ones(3, device="meta"))
+    with pytest.raises(ValueError, match="lm_head_weight is on meta"):
+        loss_chunked.support_logprobs_no_grad(hidden, weight.to("meta"), ids)

@@ -1,8 +1,8 @@
 """Golden tests of opcd.prompts with the REAL SmolLM2 tokenizer: the exact ChatML the student and the
-teacher see, and the token ids they are given."""
+teacher see, and the token ids they are given; and the thinking block removed from an answer."""
 
 from opcd.contexts import ContextSource, with_system_prompt
-from opcd.prompts import encode_chat, token_counter
+from opcd.prompts import encode_chat, strip_thinking, token_counter
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 QUESTION = "What is the capital of France?"
@@ -75,3 +75,8 @@ def test_token_counter_counts_without_specials(smollm2_tokenizer):
     assert count("<|im_end|>") == 1
     assert count(FRENCH) == len(smollm2_tokenizer(FRENCH, add_special_tokens=False)["input_ids"])
     assert count(FRENCH + " " + FRENCH) > count(FRENCH)
+
+
+def test_strip_thinking():
+    assert strip_thinking("<think>a\nb</think>visible") == "visible"
+    assert strip_thinking("start <think>never closed") == "start "

@@ -16,7 +16,7 @@ from opcd.errors import DataError
 from opcd.games.actions import parse_action
 from opcd.games.play import Episode, GamePlayer
 from opcd.games.prompts import PastTurn
-from opcd.sources import Example
+from opcd.protocol import Example
 from opcd.userfiles import check_unicode, read_text
 
 _PAST_FIELDS = {f.name for f in fields(PastTurn)}

@@ -1,7 +1,8 @@
 """`opcd distill`: on-policy context distillation, from a validated config to a trained run folder.
 
-Set-up order matters: everything a user can get wrong (context file, data rows, tokenizer mismatch)
-is checked on the driver before Ray starts or any worker loads a model.
+The run is set up on the driver (opcd/pipelines/run_setup.py: models, tokenizers, context, the
+domain's data or game) before Ray starts; then the student and teacher groups are placed, the
+trainer runs, and the held-out evaluations, metrics, checkpoints and report are written.
 
     opcd distill                                   # CPU demo: SmolLM2-135M learns to answer in French
     opcd distill task=medmcqa model=hf model.path=Qwen/Qwen2.5-7B-Instruct trainer=paper
@@ -11,191 +12,55 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from opcd.checkpoint import latest_checkpoint, write_text_atomic
-from opcd.config import DistillConfig, check_model_limits, to_yaml
-from opcd.contexts import ContextSource, load_context
-from opcd.data import load_rows
-from opcd.errors import DataError
-from opcd.evaluation import EvalResult, evaluate, evaluate_games
-from opcd.games.play import GamePlayer
-from opcd.games.registry import make_game
-from opcd.games.seeds import heldout_seeds
-from opcd.games.states import MoveFormat, read_states, state_examples
-from opcd.models import (check_same_tokenizer, check_teacher_covers_student, load_model_config, load_tokenizer,
-                         load_vocab_rows, resolve_model)
+from opcd.config import DistillConfig, to_yaml
+from opcd.evaluation import EvalResult
 from opcd import metrics as M
-from opcd.prompts import encode_chat, token_counter
+from opcd.pipelines.run_setup import (Prepared, engine_ranks, generation_spec, prepare, reserved_pools, sampling,
+                                      teacher_ranks, train_spec, worker_spec)
 from opcd.report import write_report
 from opcd.runfolder import claims_run_folder
-from opcd.protocol import SamplingParams
-from opcd.tasks import check_answer, context_placeholders, get_task
-from opcd.sources import Example, GameSource, PromptSource
+from opcd.seeds import eval_seed
+from opcd.sources import RolloutSource
 from opcd.tracking import Tracker
 from opcd.trainer import Trainer
+from opcd.workers.frozen import FrozenModelWorker
 from opcd.workers.group import WorkerGroup, init_ray
-from opcd.workers.placement import make_pools, remove_pools
 from opcd.workers.student import StudentWorker
-from opcd.workers.teacher import TeacherWorker
 
 log = logging.getLogger("opcd")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def resolve_user_path(path: str) -> str:
-    """Relative paths are tried against the working directory, then the opcd checkout (so
-    `system_prompts/french.txt` works from anywhere with an editable install)."""
-    candidate = Path(path).expanduser()
-    if candidate.is_absolute() or candidate.exists() or not (REPO_ROOT / path).exists():
-        return str(candidate)
-    return str(REPO_ROOT / path)
-
-
-def build_examples(rows: list[dict], task, context: ContextSource, tokenizer, max_prompt_length: int,
-                   seed: int, enable_thinking: bool | None, label: str,
-                   max_total_length: int | None = None) -> list[Example]:
-    """Encoded prompts of the rows; rows over task.max_prompt_length are dropped (and counted), a row
-    kept whose prompt leaves no room for the response in the model's positions is an error."""
-    examples, dropped = [], 0
-    for index, row in enumerate(rows):
-        check_answer(task, row, f"{label} row {index + 1}")
-        student_messages = task.student_messages(row)
-        student = encode_chat(tokenizer, student_messages, enable_thinking)
-        teacher = encode_chat(tokenizer, context.teacher_messages(student_messages, index, seed), enable_thinking)
-        longest = max(len(student), len(teacher))
-        if max_total_length is not None and max_prompt_length >= longest > max_total_length:
-            raise DataError(f"{label} row {index + 1}: a prompt of {longest} tokens plus rollout.max_response_length "
-                            f"does not fit the model's positions ({max_total_length} tokens left for the prompt): "
-                            f"lower task.max_prompt_length to drop such rows, or rollout.max_response_length")
-        if max(len(student), len(teacher)) > max_prompt_length:
-            dropped += 1
-            continue
-        examples.append(Example(row, student, teacher))
-    if dropped:
-        log.warning("%s: dropped %d of %d rows whose prompt is over task.max_prompt_length=%d",
-                    label, dropped, len(rows), max_prompt_length)
-    if not examples:
-        raise DataError(f"{label}: no usable rows ({dropped} over task.max_prompt_length={max_prompt_length})")
-    return examples
-
-
-def sampling(cfg: DistillConfig, evaluation: bool) -> SamplingParams:
-    r = cfg.rollout
-    if evaluation:
-        return SamplingParams(r.eval_temperature, r.eval_top_p, r.eval_top_k, r.max_response_length)
-    record = cfg.loss.kl_topk if cfg.loss.kl_loss_type == "full" and cfg.loss.kl_topk > 0 else 0
-    return SamplingParams(r.temperature, r.top_p, r.top_k, r.max_response_length, record_topk=record)
-
-
-def build_player(cfg: DistillConfig, tokenizer) -> GamePlayer:
-    """The text game of `cfg.game` (its id and options are checked here, before any model loads)."""
-    g = cfg.game
-    make_game(g.name, max_steps=g.max_steps, **g.options)
-    return GamePlayer(lambda: make_game(g.name, max_steps=g.max_steps, **g.options), tokenizer, g.max_steps, g.mode,
-                      cfg.task.enable_thinking, cfg.task.max_prompt_length)
-
-
-def rollout_kwargs(cfg: DistillConfig) -> dict:
-    """The student's rollout engine: `hf`, or `vllm` with a context long enough for every prompt."""
-    r = cfg.rollout
-    if r.backend == "hf":
-        return {"rollout_backend": "hf", "hf": {"cache": r.hf_cache, "compile": r.hf_compile}}
-    length = cfg.task.max_prompt_length + r.max_response_length
-    if cfg.task.name == "textgame" and cfg.game.mode == "trajectory":
-        length = cfg.task.max_prompt_length + cfg.game.max_steps * (r.max_response_length + 256)
-    return {"rollout_backend": "vllm", "vllm": {
-        "max_model_len": length, "seed": cfg.trainer.seed, "gpu_memory_utilization": r.vllm_gpu_memory_utilization,
-        "cpu_kv_cache_gb": r.vllm_cpu_kv_cache_gb,
-        # vLLM refuses more log-probs per token than this (default 20); the support is the policy's top-k
-        "max_logprobs": max(cfg.loss.kl_topk, 20), "tensor_parallel_size": r.vllm_tensor_parallel_size,
-        "enforce_eager": r.vllm_enforce_eager if r.vllm_enforce_eager is not None else cfg.ray.gpus_per_node == 0}}
-
-
-def engine_ranks(cfg: DistillConfig) -> int:
-    """Ranks per rollout engine: vLLM's tensor-parallel size, else 1 (every rank its own engine)."""
-    return cfg.rollout.vllm_tensor_parallel_size if cfg.rollout.backend == "vllm" else 1
-
-
-def teacher_ranks(cfg: DistillConfig) -> int:
-    return cfg.ray.teacher_ranks or cfg.ray.ranks_per_group
-
-
-@contextmanager
-def reserved_pools(ranks: dict[str, int], ray_cfg):
-    """The groups' placement pools (opcd/workers/placement.py) for the duration of the block."""
-    pools = make_pools(ranks, ray_cfg.gpus_per_node > 0, ray_cfg.placement)
-    try:
-        yield pools
-    finally:
-        remove_pools(pools.values())
-
-
-def worker_kwargs(cfg: DistillConfig, path: str) -> dict:
-    m = cfg.model
-    return {"model_path": path, "dtype": m.dtype, "trust_remote_code": m.trust_remote_code,
-            "attn_implementation": m.attn_implementation, "temperature": cfg.rollout.temperature,
-            "micro_batch_size": cfg.trainer.micro_batch_size, "num_threads": cfg.trainer.num_threads,
-            "lm_head_chunk_size": cfg.loss.lm_head_chunk_size, "padding_free": cfg.trainer.padding_free,
-            "micro_batch_tokens": cfg.trainer.micro_batch_tokens}
-
-
-@dataclass
-class Prepared:
-    """Everything checked and built on the driver before any worker starts."""
-
-    student_path: str
-    teacher_path: str
-    tokenizer: object
-    context: ContextSource
-    source: PromptSource | GameSource  # the on-policy source of the task
-    run_eval: Callable  # run_eval(who, group, side) -> EvalResult on the held-out set
-
-
-def prepare(cfg: DistillConfig) -> Prepared:
-    student_path = resolve_model(cfg.model.path)
-    teacher_path = resolve_model(cfg.model.teacher_path) if cfg.model.teacher_path else student_path
-    positions = check_model_limits(cfg, load_model_config(student_path, cfg.model.trust_remote_code), student_path)
-    tokenizer = load_tokenizer(student_path, cfg.model.trust_remote_code)
-    if teacher_path != student_path:
-        _check_teacher(cfg, tokenizer, student_path, teacher_path)
-    context = load_context(cfg.task.context_kind, resolve_user_path(cfg.task.context_path),
-                           cfg.task.experience_max_length, token_counter(tokenizer),
-                           context_placeholders(cfg.task.language))
-    setup = _game_setup if cfg.task.name == "textgame" else _prompt_setup
-    source, run_eval = setup(cfg, tokenizer, context, positions)
-    return Prepared(student_path, teacher_path, tokenizer, context, source, run_eval)
 
 
 @claims_run_folder  # lock, resume=never history, changed-settings check, complete-run detection
-def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source=None, objective: str | None = None,
-                teacher_scores_needed: bool = True) -> dict:
+def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source: RolloutSource | None = None,
+                objective: str | None = None, teacher_scores_needed: bool = True) -> dict:
     """On-policy distillation; the off-policy baseline (opcd/pipelines/offpolicy.py) reuses it with a
-    shard `source`, its `objective` (forward, seqkd) and possibly no teacher scoring."""
+    shard `source`, its `objective` (offpolicy.objective: forward_kl, seqkd) and possibly no teacher
+    scoring."""
     run_dir = cfg.run_dir
     prepared = prepared or prepare(cfg)
     source = source or prepared.source
-    run_eval, student_path, teacher_path = prepared.run_eval, prepared.student_path, prepared.teacher_path
+    student_path, teacher_path = prepared.student_path, prepared.teacher_path
+    params, seed = sampling(cfg, evaluation=True), eval_seed(cfg.trainer.seed)
+
+    def run_eval(who: str, group, side: str) -> EvalResult:
+        return prepared.domain.evaluate(who, group, side, params, seed)
+
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     with reserved_pools({"student": cfg.ray.ranks_per_group, "teacher": teacher_ranks(cfg)}, cfg.ray) as pools:
-        student = WorkerGroup("student", StudentWorker, {
-            **worker_kwargs(cfg, student_path), **rollout_kwargs(cfg), "lr": cfg.trainer.lr, "weight_decay": cfg.trainer.weight_decay,
-            "grad_clip": cfg.trainer.grad_clip, "kl_loss_type": objective or cfg.loss.kl_loss_type,
-            "support_mode": cfg.loss.support_mode, "aggregation": cfg.loss.aggregation,
-            "activation_checkpointing": cfg.model.activation_checkpointing, "cpu_offload": cfg.model.cpu_offload},
-            world_size=cfg.ray.ranks_per_group, pool=pools["student"], collective_timeout_s=cfg.ray.collective_timeout_s,
-            ranks_per_engine=engine_ranks(cfg))
-        teacher = WorkerGroup("teacher", TeacherWorker, {**worker_kwargs(cfg, teacher_path),
-                                                         "cpu_offload": cfg.model.cpu_offload,
-                                                         # a padded teacher scores over the student's ids
-                                                         "vocab_size": load_vocab_rows(student_path,
-                                                                                       cfg.model.trust_remote_code)},
+        student = WorkerGroup("student", StudentWorker,
+                              {"spec": generation_spec(cfg, student_path, prepared.domain.rollout_length),
+                               "train": train_spec(cfg, objective)},
+                              world_size=cfg.ray.ranks_per_group, pool=pools["student"],
+                              collective_timeout_s=cfg.ray.collective_timeout_s, ranks_per_engine=engine_ranks(cfg))
+        # a padded teacher scores over the student's ids (opcd/workers/scoring.py)
+        teacher = WorkerGroup("teacher", FrozenModelWorker,
+                              {"spec": worker_spec(cfg, teacher_path, vocab_rows=prepared.student_vocab_rows)},
                               world_size=teacher_ranks(cfg), pool=pools["teacher"],
                               collective_timeout_s=cfg.ray.collective_timeout_s)
         trainer = Trainer(cfg.trainer, cfg.loss, sampling(cfg, evaluation=False), source, student,
@@ -238,56 +103,6 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source=Non
                "checkpoint": str(latest_checkpoint(run_dir)[1]) if latest_checkpoint(run_dir) else None}
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
-
-
-def _check_teacher(cfg: DistillConfig, student_tok, student_path: str, teacher_path: str) -> None:
-    from transformers import AutoConfig
-
-    teacher_tok = load_tokenizer(teacher_path, cfg.model.trust_remote_code)
-    check_same_tokenizer(student_tok, teacher_tok, student_path, teacher_path)
-    remote = cfg.model.trust_remote_code
-    check_teacher_covers_student(AutoConfig.from_pretrained(student_path, trust_remote_code=remote),
-                                 AutoConfig.from_pretrained(teacher_path, trust_remote_code=remote),
-                                 student_path, teacher_path)
-
-
-def _prompt_setup(cfg: DistillConfig, tokenizer, context: ContextSource, positions: int):
-    """Dataset tasks: the training source over the train rows, and held-out evaluation on the test rows."""
-    task = get_task(cfg.task.name, cfg.task.language)
-    train_rows = load_rows(resolve_user_path(cfg.task.train_data), cfg.task.train_split)
-    test_rows = load_rows(resolve_user_path(cfg.task.test_data), cfg.task.test_split,
-                          cfg.trainer.eval_limit if cfg.trainer.eval_limit > 0 else None)
-    build = dict(task=task, context=context, tokenizer=tokenizer, max_prompt_length=cfg.task.max_prompt_length,
-                 seed=cfg.trainer.seed, enable_thinking=cfg.task.enable_thinking,
-                 max_total_length=positions - cfg.rollout.max_response_length if positions else None)
-    examples = build_examples(train_rows, label=cfg.task.train_data, **build)
-    test_examples = build_examples(test_rows, label=cfg.task.test_data, **build)
-    source = PromptSource(examples, cfg.trainer.batch_size, cfg.rollout.n, cfg.trainer.seed, task, tokenizer)
-
-    def run_eval(who: str, group, side: str) -> EvalResult:
-        prompts = [e.student_prompt if side == "student" else e.teacher_prompt for e in test_examples]
-        return evaluate(who, group, prompts, [e.row for e in test_examples], task, tokenizer,
-                        sampling(cfg, evaluation=True), seed=cfg.trainer.seed + 7919)
-    return source, run_eval
-
-
-def _game_setup(cfg: DistillConfig, tokenizer, context: ContextSource, positions: int):
-    """Text games: episodes from training seeds (or stored states), pass rates on the fixed held-out
-    seeds (the teacher plays with the first experience file)."""
-    player = build_player(cfg, tokenizer)
-    if cfg.game.states_path:  # OEL: the states a policy visited without experience, answered afresh each step
-        rows = read_states(resolve_user_path(cfg.game.states_path))
-        source = PromptSource(state_examples(rows, player, context, cfg.trainer.seed), cfg.trainer.batch_size,
-                              cfg.rollout.n, cfg.trainer.seed, MoveFormat(), tokenizer)
-    else:
-        source = GameSource(player, context, cfg.game.episodes_per_step, cfg.trainer.seed)
-    seeds = heldout_seeds(cfg.game.eval_episodes)
-
-    def run_eval(who: str, group, side: str) -> EvalResult:
-        experience = context.texts[0] if side == "teacher" else None
-        return evaluate_games(who, group, player, seeds, sampling(cfg, evaluation=True), cfg.trainer.seed + 7919,
-                              experience)
-    return source, run_eval
 
 
 def _record_eval(result: EvalResult, run_dir: Path, results: dict, tracker: Tracker) -> dict:

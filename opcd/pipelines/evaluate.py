@@ -25,18 +25,13 @@ from pathlib import Path
 
 from opcd.checkpoint import COMPLETE, step_dir, write_text_atomic
 from opcd.config import DistillConfig, validate
-from opcd.contexts import load_context
-from opcd.data import load_rows
 from opcd.errors import ConfigError
-from opcd.evaluation import best_k_mean, evaluate, evaluate_games
+from opcd.evaluation import best_k_mean
 from opcd.export import model_folder
-from opcd.games.seeds import heldout_seeds
 from opcd.models import load_tokenizer, resolve_model
-from opcd.pipelines.distill import build_examples, build_player, resolve_user_path, sampling
-from opcd.pipelines.groups import frozen_group
-from opcd.prompts import token_counter
+from opcd.pipelines.run_setup import frozen_model_group, load_run_context, make_domain, resolve_user_path, sampling
 from opcd.runfolder import read_saved_config
-from opcd.tasks import context_placeholders, get_task
+from opcd.seeds import eval_seed
 from opcd.workers.group import init_ray
 
 log = logging.getLogger("opcd.evaluate")
@@ -53,6 +48,7 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> DistillConfig:
     if bad:
         raise ConfigError(f"evaluate overrides must be dotted key=value pairs (e.g. evaluate.limit=100), got {bad}")
     config = OmegaConf.create(read_saved_config(saved))
+    OmegaConf.update(config, "ray.gpus_per_node", None)  # a fact of the training machine: count this one's
     if overrides:
         config = OmegaConf.merge(config, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
     return validate(config)
@@ -79,11 +75,9 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig, base_only: bool = False) -> 
     steps = [] if base_only else checkpoints(run_dir, cfg.evaluate.steps)
     base_path = resolve_model(cfg.model.path)
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
-    context = load_context(cfg.task.context_kind, resolve_user_path(cfg.task.context_path),
-                           cfg.task.experience_max_length, token_counter(tokenizer),
-                           context_placeholders(cfg.task.language))
-    run_one, num_items = _evaluator(cfg, tokenizer, context)
-    key = _settings_key(cfg, num_items)
+    domain = make_domain(cfg, tokenizer, load_run_context(cfg, tokenizer), "evaluate")
+    params, seed = sampling(cfg, evaluation=True), eval_seed(cfg.trainer.seed)
+    key = _settings_key(cfg, domain.num_eval_items, domain.settings)
     jobs = _jobs(run_dir, steps, base_path, cfg.evaluate.baselines, cfg.evaluate.with_context, base_only)
     results = {}
     for name, model_path, side in jobs:
@@ -93,12 +87,8 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig, base_only: bool = False) -> 
             continue
         if not _ray_started():
             init_ray(cfg.ray.address, cfg.ray.num_cpus)
-        with model_folder(model_path, out) as path:
-            group = frozen_group(cfg, f"eval-{name}", path)
-            try:
-                result = run_one(name, group, side)
-            finally:
-                group.shutdown()
+        with model_folder(model_path, out) as path, frozen_model_group(f"eval-{name}", cfg, path, domain) as group:
+            result = domain.evaluate(name, group, side, params, seed)
         results[name] = {**result.summary(), "settings": key}
         write_text_atomic(cached, json.dumps({**results[name], "samples": result.samples}, ensure_ascii=False,
                                              indent=1))
@@ -158,32 +148,11 @@ def _out_of_distribution(cfg: DistillConfig, out: Path, jobs: list[tuple[str, st
     return results
 
 
-def _evaluator(cfg: DistillConfig, tokenizer, context):
-    """(run_one(name, group, side) -> EvalResult, number of items) for the run's task: the test rows
-    (evaluate.limit of them) or, for text games, the fixed held-out episodes (game.eval_episodes)."""
-    params, seed = sampling(cfg, evaluation=True), cfg.trainer.seed + 7919
-    if cfg.task.name == "textgame":
-        player, seeds = build_player(cfg, tokenizer), heldout_seeds(cfg.game.eval_episodes)
-        return (lambda name, group, side: evaluate_games(
-            name, group, player, seeds, params, seed, context.texts[0] if side == "teacher" else None)), len(seeds)
-    task = get_task(cfg.task.name, cfg.task.language)
-    limit = cfg.evaluate.limit if cfg.evaluate.limit > 0 else None
-    rows = load_rows(resolve_user_path(cfg.task.test_data), cfg.task.test_split, limit)
-    examples = build_examples(rows, task, context, tokenizer, cfg.task.max_prompt_length, cfg.trainer.seed,
-                              cfg.task.enable_thinking, cfg.task.test_data)
-
-    def run_one(name: str, group, side: str):
-        prompts = [e.student_prompt if side == "student" else e.teacher_prompt for e in examples]
-        return evaluate(name, group, prompts, [e.row for e in examples], task, tokenizer, params, seed)
-    return run_one, len(examples)
-
-
-def _settings_key(cfg: DistillConfig, num_items: int) -> str:
-    """What changes a score: data, context, sampling, length, seed. Cached results must match it."""
+def _settings_key(cfg: DistillConfig, num_items: int, domain_settings: dict) -> str:
+    """What changes a score: data (and the game), context, sampling, length, seed. Cached results must
+    match it."""
     relevant = {"task": asdict(cfg.task), "rollout": asdict(cfg.rollout), "seed": cfg.trainer.seed,
-                "items": num_items}
-    if cfg.task.name == "textgame":
-        relevant["game"] = asdict(cfg.game)
+                "items": num_items, **domain_settings}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -30,21 +30,19 @@ from opcd.checkpoint import latest_checkpoint, write_text_atomic
 from opcd.config import DistillConfig
 from opcd.errors import ConfigError, DataError
 from opcd.games.play import episode_metrics
-from opcd.games.seeds import training_seeds
 from opcd.games.states import state_rows
-from opcd.pipelines.distill import build_player, prepare, run_distill, sampling
-from opcd.pipelines.groups import frozen_group
+from opcd.pipelines.distill import run_distill
 from opcd.pipelines.extract import run_extract
+from opcd.pipelines.run_setup import build_player, frozen_model_group, prepare, require_games, sampling
+from opcd.seeds import deploy_run_seed, step_seed, training_seeds
 from opcd.workers.group import init_ray
 
 log = logging.getLogger("opcd.oel")
-DEPLOY_SEED = 7_919  # deploy episodes of round r come from run seed DEPLOY_SEED + r: unseen in extraction
 
 
 class OnlineExperientialLearning:
     def __init__(self, cfg: DistillConfig):
-        if cfg.task.name != "textgame":
-            raise ConfigError(f"config task.name={cfg.task.name!r}: opcd oel runs text games (expected task=textgame)")
+        require_games(cfg, "opcd oel")
         self.cfg = cfg
         self.run_dir = cfg.run_dir
 
@@ -100,13 +98,10 @@ class OnlineExperientialLearning:
         prepared = prepare(cfg)
         player = build_player(cfg, prepared.tokenizer)
         init_ray(cfg.ray.address, cfg.ray.num_cpus)
-        group = frozen_group(cfg, "deploy", prepared.student_path)
-        try:
-            seeds = training_seeds(DEPLOY_SEED + r, 1, self.cfg.oel.deploy_episodes)
-            episodes = player.play(group.generate, seeds, sampling(cfg, evaluation=False),
-                                   cfg.trainer.seed * 1_000_003 + r)
-        finally:
-            group.shutdown()
+        with frozen_model_group("deploy", cfg, prepared.student_path, prepared.domain) as group:
+            seeds = training_seeds(deploy_run_seed(r), 1, self.cfg.oel.deploy_episodes)
+            episodes = player.play(group.generate, seeds,
+                                   sampling(cfg, evaluation=False), step_seed(cfg.trainer.seed, r))
         rows = state_rows(episodes)
         out = folder / "deploy"
         out.mkdir(exist_ok=True)

@@ -2,7 +2,7 @@
 
 generate: the teacher (the initial model, or model.teacher_path) WITH the context answers the
 training prompts (text games: plays the episodes with its experience), drawn step by step exactly as
-an on-policy run would draw them. Each step is one shard (`opcd/offpolicy/shards.py`): prompts without
+an on-policy run would draw them. Each step is one shard (`opcd/shards.py`): prompts without
 and with the context, the teacher's tokens, and its top-k ids and log-probs at every position. An
 interrupted generation resumes at the first missing step; a folder written with other settings is
 refused.
@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from opcd.config import DistillConfig
 from opcd.errors import ConfigError, DataError
-from opcd.offpolicy.shards import Shard, ShardReader, ShardWriter, tokenizer_fingerprint
-from opcd.pipelines.distill import Prepared, prepare, run_distill
-from opcd.pipelines.groups import frozen_group
-from opcd.protocol import Generation, SamplingParams, TeacherScores
-from opcd.sources import PromptSource, RolloutBatch
+from opcd.pipelines.distill import run_distill
+from opcd.pipelines.run_setup import Prepared, frozen_model_group, prepare
+from opcd.protocol import Generation, RolloutBatch, SamplingParams, TeacherScores
+from opcd.seeds import step_seed
+from opcd.shards import Shard, ShardReader, ShardWriter, tokenizer_fingerprint
+from opcd.sources import PromptSource
 from opcd.workers.group import init_ray
 
 log = logging.getLogger("opcd.offpolicy")
@@ -50,7 +50,7 @@ def shard_header(cfg: DistillConfig, prepared: Prepared) -> dict:
     return {"tokenizer": tokenizer_fingerprint(prepared.tokenizer), "task": cfg.task.name,
             "train_data": cfg.task.train_data, "train_split": cfg.task.train_split,
             "enable_thinking": cfg.task.enable_thinking,
-            "game": asdict(cfg.game) if cfg.task.name == "textgame" else None,
+            "game": prepared.domain.settings.get("game"),
             "context_sha256": context, "teacher": prepared.teacher_path, "topk": cfg.loss.kl_topk,
             "sampling": {"temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k, "n": r.n,
                          "max_response_length": r.max_response_length},
@@ -76,27 +76,24 @@ def run_offpolicy_generate(cfg: DistillConfig) -> dict:
     r = cfg.rollout
     params = SamplingParams(r.temperature, r.top_p, r.top_k, r.max_response_length, record_topk=cfg.loss.kl_topk)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    teacher = frozen_group(cfg, "teacher", prepared.teacher_path)
     source, generated = prepared.source, 0
-    try:
+    with frozen_model_group("teacher", cfg, prepared.teacher_path, prepared.domain) as teacher:
         for step in range(1, total + 1):
             if step in done:
                 source.skip(step)  # keep the data stream where an uninterrupted run would be
                 continue
-            batch = source.rollout(step, teacher.generate, params, cfg.trainer.seed * 1_000_003 + step,
-                                   teacher_side=True)
+            batch = source.rollout(step, teacher.generate, params,
+                                   step_seed(cfg.trainer.seed, step), teacher_side=True)
             writer.write(_shard(step, batch, _teacher_logprobs(teacher, batch)))
             generated += 1
             log.info("off-policy data: step %d/%d, %d sequences, %d tokens -> %s", step, total,
                      len(batch.student_prompts), int(batch.generation.trained_mask.sum()), out)
-    finally:
-        teacher.shutdown()
     return {"save_dir": str(out), "steps": total, "generated": generated}
 
 
 def _teacher_logprobs(teacher, batch: RolloutBatch) -> TeacherScores:
     g = batch.generation
-    return teacher.call_rank0("score", batch.teacher_prompts, g.response_ids, g.response_mask, g.topk_ids, 0)
+    return teacher.gather("score", batch.teacher_prompts, g.response_ids, g.response_mask, g.topk_ids, 0)
 
 
 def _shard(step: int, batch: RolloutBatch, scores: TeacherScores) -> Shard:
@@ -164,6 +161,6 @@ def run_offpolicy_train(cfg: DistillConfig) -> dict:
     prompts = prepared.source if isinstance(prepared.source, PromptSource) else None
     source = ShardSource(reader, stored, prompts)
     seqkd = cfg.offpolicy.objective == "seqkd"
-    return run_distill(cfg, prepared, source=source, objective="seqkd" if seqkd else "forward",
+    return run_distill(cfg, prepared, source=source, objective=cfg.offpolicy.objective,
                        teacher_scores_needed=not (seqkd or stored))
 

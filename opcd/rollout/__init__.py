@@ -50,3 +50,16 @@ def concat_generations(parts: list[Generation], pad_id: int) -> Generation:
 
     return Generation(cat([p.response_ids for p in parts], pad_id), cat([p.response_mask for p in parts], False),
                       cat([p.topk_ids for p in parts], 0), cat([p.loss_mask for p in parts], False))
+
+
+def make_rollout(spec, model, tokenizer, device, autocast=None) -> RolloutEngine:
+    """A worker's generation engine from its spec (opcd.workers.spec.WorkerSpec): `vllm` holds its own
+    copy of the weights; `hf` generates with `model` itself, on `device`, under `autocast`."""
+    if spec.rollout_backend == "vllm":
+        from opcd.rollout.vllm import VLLMRollout
+
+        return VLLMRollout(spec.model_path, tokenizer, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
+                           **spec.vllm)
+    from opcd.rollout.hf import HFRollout
+
+    return HFRollout(model, tokenizer, device=device, **({"autocast": autocast} if autocast else {}), **spec.hf)

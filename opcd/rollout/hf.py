@@ -37,7 +37,6 @@ from torch.distributed.tensor import DTensor
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList, StaticCache
 
 from opcd.batching import left_pad, strip_after_eos
-from opcd.models import compute_device
 from opcd.protocol import Generation, SamplingParams
 from opcd.rollout import concat_generations, prompt_seed
 
@@ -100,14 +99,18 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 class HFRollout:
     def __init__(self, model, tokenizer, batch_size: int = 64, autocast=contextlib.nullcontext,
-                 cache: str | None = "dynamic", compile: bool | None = False):
+                 cache: str | None = "dynamic", compile: bool | None = False,
+                 device: torch.device | str | None = None):
         self.model = model
+        # where the inputs go: the worker's compute device (FSDP2 with CPU offload keeps parameters on
+        # CPU and computes on the GPU), else where the model's parameters are
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.autocast = autocast  # the student's fp32 master weights generate in its compute dtype on GPU
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
         self.batch_size = batch_size  # prompts per generate call: bounds the KV cache
         sharded = any(isinstance(p, DTensor) for p in model.parameters())
-        self.cache, self.compile = resolve_cache(cache, compile, model.device, sharded)
+        self.cache, self.compile = resolve_cache(cache, compile, self.device, sharded)
         # one instance: transformers recompiles when the config object compares unequal to the last one
         self.compile_config = CompileConfig(fullgraph=False, mode="reduce-overhead")
         self.compile_config._compile_all_devices = True  # honour an explicit compile on CPU too (tests)
@@ -118,7 +121,7 @@ class HFRollout:
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
         """Prompt i samples with `prompt_seed(seed, i)`: a resumed run samples the same tokens."""
         starts = list(range(0, len(prompts), self.batch_size))
-        calls = _same_on_every_rank(len(starts))
+        calls = _same_on_every_rank(len(starts), self.device)
         chunks = []
         for index in range(calls):
             if index < len(starts):
@@ -137,7 +140,6 @@ class HFRollout:
         if self.compile:  # a few compiled batch shapes: pad with copies of the first prompt
             prompts = prompts + [prompts[0]] * (_batch_bucket(rows, self.batch_size) - rows)
         ids, mask = left_pad(prompts, self.pad_id)
-        device = compute_device()
         recorder = _RecordTopK(params.record_topk) if params.record_topk > 0 else None
         greedy = params.temperature == 0
         processors = [recorder] if recorder else []
@@ -147,8 +149,8 @@ class HFRollout:
         self.model.eval()
         with self.autocast():
             out = self.model.generate(
-                input_ids=ids.to(device), attention_mask=mask.long().to(device), max_new_tokens=params.max_new_tokens,
-                do_sample=False, temperature=None, top_p=None, top_k=None,
+                input_ids=ids.to(self.device), attention_mask=mask.long().to(self.device),
+                max_new_tokens=params.max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
                 eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
                 logits_processor=LogitsProcessorList(processors) if processors else None,
                 synced_gpus=_distributed(),
@@ -188,11 +190,11 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _same_on_every_rank(calls: int) -> int:
+def _same_on_every_rank(calls: int, device: torch.device) -> int:
     """The most `generate` calls any rank makes (each rank's own count without a process group)."""
     if not _distributed():
         return calls
-    count = torch.tensor([calls], device=compute_device())
+    count = torch.tensor([calls], device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     return int(count.item())
 

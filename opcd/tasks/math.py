@@ -14,8 +14,8 @@ import threading
 from dataclasses import dataclass
 
 from opcd.errors import DataError
+from opcd.prompts import strip_thinking
 
-THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 ANSWER_LINE = re.compile(r"^\s*\**\s*answer\s*\**\s*[:：]\s*\**\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
 
 MATH_INSTRUCTION = ("Solve the problem below. Reason step by step, then give the final result on a "
@@ -24,13 +24,6 @@ MATH_INSTRUCTION = ("Solve the problem below. Reason step by step, then give the
 
 def math_user_message(problem: str) -> str:
     return f"{MATH_INSTRUCTION}\n\n{problem.strip()}"
-
-
-def strip_thinking(text: str) -> str:
-    """Text after the thinking block; an unclosed <think> means the model never finished thinking."""
-    text = THINK_BLOCK.sub("", text)
-    opened = text.lower().find("<think>")
-    return text if opened < 0 else text[:opened]
 
 
 def last_boxed(text: str) -> str | None:

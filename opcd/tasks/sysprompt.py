@@ -118,3 +118,20 @@ class SafetyTask:
     def score(self, response: str, row: dict) -> float:
         verdict = parse_yes_no(parse_answer_tag(response))
         return 1.0 if verdict is not None and verdict == _expected(row, self.name).lower() else 0.0
+
+
+def medmcqa_row(record: dict, where: str) -> dict:
+    """A dataset row built from an `openlifescienceai/medmcqa` record; its columns are kept."""
+    cop = record.get("cop")
+    if not isinstance(cop, int) or not 0 <= cop <= 3:
+        # The hub's test split hides the labels (cop = -1); its validation split has them.
+        raise DataError(
+            f"{where}: field 'cop' must be an option index 0-3, got {cop!r} "
+            "(the test split has no labels; use 'validation')"
+        )
+    options = [record[key] for key in ("opa", "opb", "opc", "opd")]
+    return {
+        **record,
+        "content": [{"role": "user", "content": medmcqa_user_message(record["question"], options)}],
+        "answer": CHOICE_LETTERS[cop],
+    }

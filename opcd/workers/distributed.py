@@ -74,10 +74,11 @@ class Rendezvous:
         return cls(host, port, group, collective_timeout_s(timeout_s)), store
 
 
-def init_process_group(rendezvous: Rendezvous, rank: int, world_size: int) -> None:
+def init_process_group(rendezvous: Rendezvous, rank: int, world_size: int, device: torch.device) -> None:
+    """Join the group's process group: NCCL when the rank computes on a GPU (`device`), else gloo."""
     store = dist.PrefixStore(rendezvous.group, dist.TCPStore(rendezvous.host, rendezvous.port, is_master=False,
                                                              timeout=timedelta(minutes=30)))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=rendezvous.timeout_s))
 
@@ -144,7 +145,7 @@ def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values
     keys = sorted(values)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
     packed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(packed)
     return dict(zip(keys, packed.tolist()))

@@ -1,24 +1,28 @@
 """Worker groups: a plain worker class wrapped as Ray actors, one actor per rank.
 
-The driver calls `group.call("method", ...)` and gets every rank's result, or `group.generate(prompts,
-...)` to have the ranks split a list of prompts and get one `Generation` back in order; failures come back as
+The driver calls `group.gather("method", ...)` for the group's one answer (or `group.call` for every
+rank's result), or `group.generate(prompts, ...)` to have the ranks split a list of prompts and get one
+`Generation` back in order; failures come back as
 one-line errors naming the group, rank and cause (a user error raised inside a worker keeps its
 type, so the CLI prints it the same way as on the driver).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from opcd import raywatch
+from opcd import devices, raywatch
 from opcd.errors import OpcdError, WorkerError
 from opcd.interrupt import handle_sigterm
-from opcd.protocol import Generation, SamplingParams, TeacherScores
+from opcd.protocol import Generation, RankShares, SamplingParams
 from opcd.rollout import concat_generations, prompt_seed
+
+log = logging.getLogger("opcd")
 
 
 # Weight-loading progress bars from every worker would bury the driver's own progress bar. (Not
@@ -62,27 +66,29 @@ class WorkerGroup:
 
             rendezvous, self._store = Rendezvous.create(name, collective_timeout_s)
             extra["rendezvous"] = rendezvous
-        self.workers = [
-            actor_cls.options(**(pool.actor_options(rank) if pool is not None else
-                                 {"num_cpus": num_cpus, "num_gpus": num_gpus}),
-                              max_concurrency=1, runtime_env={"env_vars": WORKER_ENV})
-            .remote(**kwargs, **extra, rank=rank, world_size=world_size)
-            for rank in range(world_size)
-        ]
+        self.workers = []
+        for rank in range(world_size):
+            options = pool.actor_options(rank) if pool is not None else {"num_cpus": num_cpus, "num_gpus": num_gpus}
+            env = {**WORKER_ENV, **devices.actor_env(options["num_gpus"])}
+            self.workers.append(actor_cls.options(**options, max_concurrency=1, runtime_env={"env_vars": env})
+                                .remote(**kwargs, **extra, rank=rank, world_size=world_size))
         self.call("__ray_ready__")  # surface construction errors (e.g. a bad model path) now
+        where = self.call("__ray_call__", _where)
+        log.info("worker group %s on %s", name, where[0] if world_size == 1 else
+                 ", ".join(f"rank {rank}: {device}" for rank, device in enumerate(where)))
 
     def call(self, method: str, *args, **kwargs) -> list:
         refs = [getattr(worker, method).remote(*args, **kwargs) for worker in self.workers]
         return [self._get(ref, rank, method) for rank, ref in enumerate(refs)]
 
-    def call_rank0(self, method: str, *args, **kwargs):
-        """The group's answer: rank 0's result. With several ranks every rank takes part (FSDP2
-        collectives) and data-parallel results (teacher scores) are interleaved back in order."""
-        if len(self.workers) == 1:
-            return self._get(getattr(self.workers[0], method).remote(*args, **kwargs), 0, method)
+    def gather(self, method: str, *args, **kwargs):
+        """Run `method` on every rank (with several ranks all must take part: FSDP2 collectives) and
+        gather the group's one answer: data-parallel shares (`RankShares`, e.g. teacher scores) put
+        back in the batch's order, else rank 0's result (the others hold the same)."""
         results = self.call(method, *args, **kwargs)
-        if isinstance(results[0], TeacherScores):
-            return _interleave([r for r in results if r is not None])
+        parts = [r for r in results if r is not None]
+        if parts and isinstance(parts[0], RankShares):
+            return type(parts[0]).from_rank_shares(parts)
         return results[0]
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
@@ -132,20 +138,10 @@ def shares(count: int, parts: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _interleave(parts: list[TeacherScores]) -> TeacherScores:
-    """Rank r scored sequences r, r + N, ...: put the rows back in the batch's order."""
-    count = sum(p.logprobs.shape[0] for p in parts)
-    world = len(parts)
-
-    def merge(tensors):
-        if tensors[0] is None:
-            return None
-        out = tensors[0].new_empty((count, *tensors[0].shape[1:]))
-        for rank, tensor in enumerate(tensors):
-            out[rank::world] = tensor
-        return out
-    return TeacherScores(merge([p.logprobs for p in parts]), merge([p.entropy for p in parts]),
-                         merge([p.support_ids for p in parts]), merge([p.support_mask for p in parts]))
+def _where(worker) -> str:
+    """Run inside an actor: the device its worker computes on."""
+    device = getattr(worker, "device", None)
+    return devices.describe(device if device is not None else devices.worker_device())
 
 
 def _death_cause(exc: RayActorError) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from opcd.config import load_config
-from opcd.games.seeds import heldout_seeds
+from opcd.seeds import heldout_seeds
 from opcd.pipelines.distill import run_distill
 from opcd.pipelines.evaluate import load_run_config, run_evaluate
 from opcd.pipelines.extract import run_extract

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from opcd.data import load_rows
+from opcd.tasks.loading import load_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = ["dapo_train", "dapo_validation", "dapo_test", "sys_medmcqa_train", "sys_medmcqa_test",

@@ -50,7 +50,7 @@ def test_evaluate_checkpoints_baselines_and_cache(tmp_path, tiny_model, monkeypa
         def no_workers(*args, **kwargs):
             raise AssertionError("a cached result was evaluated again")
 
-        monkeypatch.setattr(ev, "frozen_group", no_workers)
+        monkeypatch.setattr(ev, "frozen_model_group", no_workers)
         assert ev.run_evaluate(run, cfg) == summary
         with pytest.raises(ConfigError, match="no complete checkpoint for steps \\[3\\]"):
             ev.run_evaluate(run, ev.load_run_config(run, ["evaluate.steps=[3]"]))

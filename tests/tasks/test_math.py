@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from opcd.data import load_rows
+from opcd.tasks.loading import load_rows
 from opcd.errors import DataError
 from opcd.tasks import get_task
-from opcd.tasks.math import extract_final_answer, last_boxed, math_score, strip_thinking
+from opcd.tasks.math import extract_final_answer, last_boxed, math_score
 
 
 @pytest.mark.parametrize("response, expected", [
@@ -29,11 +29,6 @@ def test_extract_final_answer(response, expected):
 
 def test_last_boxed_balances_nested_braces():
     assert last_boxed("x \\boxed{\\frac{1}{\\sqrt{2}}} y") == "\\frac{1}{\\sqrt{2}}"
-
-
-def test_strip_thinking():
-    assert strip_thinking("<think>a\nb</think>visible") == "visible"
-    assert strip_thinking("start <think>never closed") == "start "
 
 
 @pytest.mark.parametrize("response, truth, score", [

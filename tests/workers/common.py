@@ -1,5 +1,5 @@
 """Shared fixtures and helpers of the in-process worker tests (tests/workers/test_student.py,
-tests/workers/test_teacher.py, tests/rollout/test_hf_rollout.py): plain classes, no Ray, tiny random
+tests/workers/test_frozen.py, tests/rollout/test_hf_rollout.py): plain classes, no Ray, tiny random
 models that share the real SmolLM2 tokenizer. Loss-level checks use the `sharp_*` variants (peaked
 distributions, so a KL is far from rounding noise)."""
 
@@ -11,8 +11,9 @@ from opcd.models import load_causal_lm, load_tokenizer
 from opcd.prompts import encode_chat
 from opcd.protocol import SamplingParams, UpdateBatch
 from opcd.rollout.hf import HFRollout
+from opcd.workers.spec import TrainSpec, WorkerSpec
 from opcd.workers.student import StudentWorker
-from opcd.workers.teacher import TeacherWorker
+from opcd.workers.frozen import FrozenModelWorker
 
 QUESTIONS = ["What is the capital of France?", "Hi", "Name three colours of the rainbow, please.", "2+2?"]
 SYSTEM = "Always answer in French."
@@ -52,12 +53,17 @@ def tiny_lm(tiny_model):
     return load_causal_lm(str(tiny_model)).eval()
 
 
-def _student(path, **kwargs) -> StudentWorker:
-    return StudentWorker(str(path), num_threads=1, **kwargs)
+_TRAIN_FIELDS = {f for f in TrainSpec.__dataclass_fields__}
 
 
-def _teacher(path, **kwargs) -> TeacherWorker:
-    return TeacherWorker(str(path), num_threads=1, **kwargs)
+def _student(path, **settings) -> StudentWorker:
+    """A student worker; `settings` are fields of WorkerSpec or TrainSpec."""
+    train = {k: settings.pop(k) for k in list(settings) if k in _TRAIN_FIELDS}
+    return StudentWorker(WorkerSpec(str(path), num_threads=1, **settings), TrainSpec(**train))
+
+
+def _teacher(path, **settings) -> FrozenModelWorker:
+    return FrozenModelWorker(WorkerSpec(str(path), num_threads=1, **settings))
 
 
 def _update_batch(student, teacher, prompts, teacher_prompts, *, k=8, max_new_tokens=6, seed=0,
@@ -94,9 +100,11 @@ def _random_responses(lengths, width, pad_id, seed=0):
 
 
 def _logprobs_alone(model, prompt, response, temperature):
-    """Brute force: the row alone, no padding, full-vocabulary log-softmax. -> [len(response), V]"""
+    """Brute force: the row alone, no padding, full-vocabulary log-softmax, run where the model is (a
+    worker's model is on its GPU when there is one). -> [len(response), V] float64 on CPU"""
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([prompt + response])).logits[0].double()
+        ids = torch.tensor([prompt + response], device=next(model.parameters()).device)
+        logits = model(input_ids=ids).logits[0].double().cpu()
     return torch.log_softmax(logits[len(prompt) - 1:len(prompt) - 1 + len(response)] / temperature, dim=-1)
 
 

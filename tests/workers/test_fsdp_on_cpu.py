@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from opcd.protocol import SamplingParams, UpdateBatch
 from opcd.workers.group import WorkerGroup
+from opcd.workers.frozen import FrozenModelWorker
+from opcd.workers.spec import TrainSpec, WorkerSpec
 from opcd.workers.student import StudentWorker
-from opcd.workers.teacher import TeacherWorker
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
@@ -21,18 +22,17 @@ def _batch(tokenizer, teacher):
     texts = ["Why is the sky blue?", "Name a fruit.", "What is two plus two?", "Say hello.", "Count to three."]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                              tokenize=True, return_dict=False) for t in texts]
-    generation = teacher.call_rank0("generate", prompts, SamplingParams(temperature=1.0, max_new_tokens=6,
-                                                                        record_topk=8), 3)
+    generation = teacher.gather("generate", prompts, SamplingParams(temperature=1.0, max_new_tokens=6,
+                                                                    record_topk=8), 3)
     return generation, prompts
 
 
 def test_two_ranks_match_one_rank(sharp_tiny_model, sharp_tiny_deeper_model, smollm2_tokenizer, tmp_path):
-    common = {"model_path": str(sharp_tiny_model), "num_threads": 1, "micro_batch_size": 2}
-    teachers = {n: WorkerGroup(f"t{n}", TeacherWorker, {**common, "model_path": str(sharp_tiny_deeper_model)},
-                               world_size=n) for n in (1, 2)}
+    teacher_spec = WorkerSpec(str(sharp_tiny_deeper_model), num_threads=1, micro_batch_size=2)
+    teachers = {n: WorkerGroup(f"t{n}", FrozenModelWorker, {"spec": teacher_spec}, world_size=n) for n in (1, 2)}
     generation, prompts = _batch(smollm2_tokenizer, teachers[1])
-    scores = {n: g.call_rank0("score", prompts, generation.response_ids, generation.response_mask,
-                              generation.topk_ids, 0) for n, g in teachers.items()}
+    scores = {n: g.gather("score", prompts, generation.response_ids, generation.response_mask,
+                          generation.topk_ids, 0) for n, g in teachers.items()}
     assert torch.equal(scores[1].support_ids, scores[2].support_ids)
     assert torch.allclose(scores[1].logprobs, scores[2].logprobs, atol=1e-5)
     for group in teachers.values():
@@ -44,9 +44,11 @@ def test_two_ranks_match_one_rank(sharp_tiny_model, sharp_tiny_deeper_model, smo
                         num_tokens=int(generation.response_mask.sum()), num_sequences=len(prompts))
     results, weights, sums = {}, {}, {}
     for n in (1, 2):
-        student = WorkerGroup(f"s{n}", StudentWorker, {**common, "lr": 1e-3}, world_size=n)
-        results[n] = [student.call_rank0("update", batch) for _ in range(2)]
-        weights[n] = student.call_rank0("state_dict")
+        student = WorkerGroup(f"s{n}", StudentWorker, {"spec": WorkerSpec(str(sharp_tiny_model), num_threads=1,
+                                                                          micro_batch_size=2),
+                                                       "train": TrainSpec(lr=1e-3)}, world_size=n)
+        results[n] = [student.gather("update", batch) for _ in range(2)]
+        weights[n] = student.gather("state_dict")
         sums[n] = student.call("save", str(tmp_path / f"ckpt{n}"), True)
         student.shutdown()
     for one, two in zip(results[1], results[2]):
@@ -72,7 +74,7 @@ def test_sharded_distillation_runs_and_resumes(tmp_path, tiny_model):
 
     def run(steps: int) -> dict:
         return run_distill(load_config([
-            f"model.path={tiny_model}", "ray.ranks_per_group=2", "trainer.num_threads=1",
+            f"model.path={tiny_model}", "ray.ranks_per_group=2", "ray.gpus_per_node=0", "trainer.num_threads=1",
             f"trainer.runs_dir={tmp_path}", "trainer.exp_name=fsdp", f"trainer.total_training_steps={steps}",
             "trainer.save_freq=1", "trainer.batch_size=3", "trainer.micro_batch_size=1", "trainer.eval_before=false",
             "trainer.eval_after=false", "trainer.loggers=[jsonl]", "rollout.max_response_length=5",

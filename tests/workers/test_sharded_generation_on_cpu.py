@@ -10,8 +10,9 @@ import torch
 
 from opcd.protocol import SamplingParams, UpdateBatch
 from opcd.workers.group import WorkerGroup, shares
+from opcd.workers.frozen import FrozenModelWorker
+from opcd.workers.spec import TrainSpec, WorkerSpec
 from opcd.workers.student import StudentWorker
-from opcd.workers.teacher import TeacherWorker
 
 QUESTIONS = ["Why is the sky blue?", "Name a fruit.", "What is two plus two?", "Say hello.", "Count to three."]
 
@@ -48,10 +49,10 @@ def test_two_fsdp_ranks_generate_what_one_rank_generates(sharp_tiny_model, smoll
     collectives), the same tokens and top-k ids as one rank."""
     prompts = _prompts(smollm2_tokenizer)
     params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=6, record_topk=4)
-    common = {"model_path": str(sharp_tiny_model), "num_threads": 1}
+    spec = WorkerSpec(str(sharp_tiny_model), num_threads=1)
     results = {}
     for ranks in (1, 2):
-        group = WorkerGroup(f"gen{ranks}", TeacherWorker, common, world_size=ranks)
+        group = WorkerGroup(f"gen{ranks}", FrozenModelWorker, {"spec": spec}, world_size=ranks)
         try:
             results[ranks] = group.generate(prompts, params, 5), group.generate(prompts[:1], params, 5)
         finally:
@@ -81,17 +82,19 @@ def test_one_vllm_engine_per_rank_samples_and_updates_as_one_rank(sharp_tiny_mod
     prompts = _prompts(smollm2_tokenizer)
     params = SamplingParams(temperature=1.0, max_new_tokens=6, record_topk=4)
     vllm = {"max_model_len": 256, "cpu_kv_cache_gb": 0.125}
-    common = {"model_path": str(sharp_tiny_model), "num_threads": 1, "rollout_backend": "vllm", "vllm": vllm}
+    spec = WorkerSpec(str(sharp_tiny_model), num_threads=1, rollout_backend="vllm", vllm=vllm)
     runs = {}
     for ranks in (1, 2):
-        student = WorkerGroup(f"vllm{ranks}", StudentWorker, {**common, "lr": 1e-2, "micro_batch_size": 2},
+        student = WorkerGroup(f"vllm{ranks}", StudentWorker,
+                              {"spec": WorkerSpec(str(sharp_tiny_model), num_threads=1, micro_batch_size=2,
+                                                  rollout_backend="vllm", vllm=vllm), "train": TrainSpec(lr=1e-2)},
                               world_size=ranks)
         try:
             before = student.generate(prompts, params, 9)
-            stats = student.call_rank0("update", _update_batch(before, prompts))
+            stats = student.gather("update", _update_batch(before, prompts))
             student.call("sync_rollout")
             after = student.generate(prompts, params, 9)
-            runs[ranks] = before, stats, after, student.call_rank0("state_dict")
+            runs[ranks] = before, stats, after, student.gather("state_dict")
         finally:
             student.shutdown()
     (before1, stats1, after1, weights1), (before2, stats2, after2, weights2) = runs[1], runs[2]
@@ -103,7 +106,7 @@ def test_one_vllm_engine_per_rank_samples_and_updates_as_one_rank(sharp_tiny_mod
     assert not torch.equal(after1.response_ids, before1.response_ids)  # the engines sample the new weights
     _assert_same(after1, after2)
 
-    frozen = WorkerGroup("frozen-vllm", TeacherWorker, common, world_size=2)
+    frozen = WorkerGroup("frozen-vllm", FrozenModelWorker, {"spec": spec}, world_size=2)
     try:
         _assert_same(before1, frozen.generate(prompts, params, 9))
     finally:

@@ -68,7 +68,7 @@ def test_rollout_after_update_uses_the_updated_weights(sharp_tiny_model, sharp_t
     greedy_after = student.generate(prompts, GREEDY, seed=0)
     assert not torch.equal(greedy_before.response_ids, greedy_after.response_ids)  # the update matters
     student.save(str(tmp_path))
-    fresh = load_causal_lm(str(tmp_path / "model")).eval()
+    fresh = load_causal_lm(str(tmp_path / "model")).eval().to(student.device)  # same device, same numerics
     reference = HFRollout(fresh, student.tokenizer).generate(prompts, GREEDY, seed=0)
     assert torch.equal(greedy_after.response_ids, reference.response_ids)
     assert torch.equal(greedy_after.response_mask, reference.response_mask)
@@ -166,7 +166,7 @@ def test_chunked_head_update_equals_full_logits(sharp_tiny_model, sharp_tiny_dee
                   support_mode=support_mode, aggregation=aggregation)
     chunked = _student(sharp_tiny_model, lm_head_chunk_size=5, **kwargs)  # ragged last chunk
     full = _student(sharp_tiny_model, lm_head_chunk_size=0, **kwargs)
-    assert chunked.lm_head_chunk_size == 5 and full.lm_head_chunk_size == 0
+    assert chunked.scorer.chunk_size == 5 and full.scorer.chunk_size == 0
     teacher = _teacher(sharp_tiny_deeper_model, temperature=0.8, lm_head_chunk_size=0)
     batch = _update_batch(full, teacher, prompts, teacher_prompts, k=1 if kl_loss_type == "k3" else 8,
                           lengths=[5, 1, 3, 6])
@@ -195,7 +195,7 @@ def test_packed_update_equals_padded(sharp_tiny_model, sharp_tiny_deeper_model, 
     kwargs = dict(lr=1e-3, grad_clip=1e6, micro_batch_size=3, aggregation=aggregation)
     packed = _student(sharp_tiny_model, padding_free=True, **kwargs)
     padded = _student(sharp_tiny_model, padding_free=False, **kwargs)
-    assert packed.padding_free and not padded.padding_free
+    assert packed.scorer.packed and not padded.scorer.packed
     batch = _update_batch(padded, _teacher(sharp_tiny_deeper_model, padding_free=False), prompts, teacher_prompts,
                           lengths=[6, 1, 4, 2])
     _assert_same_step(packed, padded, packed.update(batch), padded.update(batch))
@@ -217,7 +217,7 @@ def test_token_budget_micro_batches_equal_one_big_batch(sharp_tiny_model, sharp_
 def test_packing_is_the_default_only_with_flash_attention():
     from types import SimpleNamespace
 
-    from opcd.lm_head import packing_pays
+    from opcd.workers.lm_head import packing_pays
 
     assert packing_pays(SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2")))
     assert not packing_pays(SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa")))

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 import torch
 
 from opcd.batching import pack, prompt_response_inputs
-from opcd.models import compute_device
 from opcd.workers.distributed import release
 
 
@@ -34,8 +33,9 @@ def _identity(hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def is_plain_head(model) -> bool:
-    """True when `model(ids).logits == hidden @ W.T + b` on a short input (a forward of 4 tokens).
+def is_plain_head(model, device: torch.device | str | None = None) -> bool:
+    """True when `model(ids).logits == hidden @ W.T + b` on a short input (a forward of 4 tokens) run on
+    `device` (the worker's compute device; default: where the model's parameters are).
 
     With several FSDP ranks every rank must call this (it runs the model)."""
     head = model.get_output_embeddings()
@@ -44,7 +44,7 @@ def is_plain_head(model) -> bool:
     was_training = model.training
     model.eval()
     try:
-        ids = torch.tensor([[1, 2, 3, 4]], device=compute_device())
+        ids = torch.tensor([[1, 2, 3, 4]], device=device or head.weight.device)
         logits = model(input_ids=ids, use_cache=False).logits.float()
         with hidden_states_out(model):
             hidden = model(input_ids=ids, use_cache=False).logits
@@ -85,10 +85,11 @@ def packing_pays(model) -> bool:
     return "flash" in str(getattr(model.config, "_attn_implementation", "") or "")
 
 
-def head_settings(model, chunk_size: int, padding_free: bool | None) -> tuple[int, bool]:
+def head_settings(model, chunk_size: int, padding_free: bool | None,
+                  device: torch.device | str | None = None) -> tuple[int, bool]:
     """(lm_head chunk size, packed rows) a worker uses: chunks only where the head is a plain projection
     (else 0: full logits), packing only on that hidden-state path and, when not set, only where it pays."""
-    chunk_size = chunk_size if chunk_size > 0 and is_plain_head(model) else 0
+    chunk_size = chunk_size if chunk_size > 0 and is_plain_head(model, device) else 0
     if padding_free is None:
         padding_free = packing_pays(model)
     return chunk_size, bool(padding_free and chunk_size > 0)

@@ -81,7 +81,7 @@ def test_models_that_transform_their_logits_keep_the_full_logits_path(tmp_path):
     """Gemma-2 soft-caps its logits after the lm_head: hidden @ W.T is not its logits."""
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from opcd.lm_head import is_plain_head
+    from opcd.workers.lm_head import is_plain_head
 
     small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=8)
@@ -116,7 +116,7 @@ def test_padded_teacher_scores_are_renormalised_over_the_students_rows(tiny_padd
                                                                        support, merge_topk):
     """Regression: a teacher of 49,216 rows scored over all its rows (and was refused at start-up); its
     softmax is now over the student's 49,152 ids, so full-vocabulary and merged supports fit the student."""
-    teacher = _teacher(tiny_padded_teacher, temperature=0.8, lm_head_chunk_size=chunk, vocab_size=STUDENT_ROWS)
+    teacher = _teacher(tiny_padded_teacher, temperature=0.8, lm_head_chunk_size=chunk, vocab_rows=STUDENT_ROWS)
     assert teacher.model.get_output_embeddings().weight.shape[0] == STUDENT_ROWS + 64
     lengths = [3, 1]
     response_ids, response_mask = _random_responses(lengths, 3, teacher.pad_id, seed=5)
@@ -139,7 +139,7 @@ def test_padded_teacher_trains_a_student_in_full_vocabulary_mode(tiny_model, tin
                                                                   teacher_prompts):
     """The exact-KL mode (loss.kl_topk <= 0): the student reads the teacher's log-probs at all its own ids."""
     student = _student(tiny_model, micro_batch_size=4)
-    teacher = _teacher(tiny_padded_teacher, vocab_size=STUDENT_ROWS)
+    teacher = _teacher(tiny_padded_teacher, vocab_rows=STUDENT_ROWS)
     gen = student.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=3), 0)
     scores = teacher.score(teacher_prompts, gen.response_ids, gen.response_mask, None)
     stats = student.update(UpdateBatch(
@@ -149,6 +149,25 @@ def test_padded_teacher_trains_a_student_in_full_vocabulary_mode(tiny_model, tin
     assert stats["loss"] > 0 and torch.isfinite(torch.tensor(stats["loss"]))
 
 
-def test_teacher_refuses_a_vocab_size_beyond_its_rows(tiny_model):
-    with pytest.raises(ValueError, match=r"vocab_size 50000 must be in \[1, 49152\]"):
-        _teacher(tiny_model, vocab_size=50000)
+def test_teacher_refuses_vocab_rows_beyond_its_own(tiny_model):
+    with pytest.raises(ValueError, match=r"vocab_rows 50000 must be in \[1, 49152\]"):
+        _teacher(tiny_model, vocab_rows=50000)
+
+
+def test_rank_shares_are_put_back_in_batch_order():
+    """Rank r of N scores rows r, r + N, ...; `WorkerGroup.gather` hands the shares of the ranks that had
+    rows to `TeacherScores.from_rank_shares`. 5 rows on 3 ranks: rows (0, 3), (1, 4), (2,)."""
+    from opcd.protocol import TeacherScores
+
+    rows = torch.arange(5, dtype=torch.float32)
+
+    def share(index):
+        r = rows[index]
+        return TeacherScores(r.view(-1, 1, 1).expand(-1, 2, 3), r.view(-1, 1).expand(-1, 2),
+                             r.long().view(-1, 1, 1).expand(-1, 2, 3), None)
+    merged = TeacherScores.from_rank_shares([share([0, 3]), share([1, 4]), share([2])])
+    assert torch.equal(merged.logprobs[:, 0, 0], rows) and torch.equal(merged.entropy[:, 1], rows)
+    assert torch.equal(merged.support_ids[:, 1, 2], rows.long()) and merged.support_mask is None
+    alone = share([0, 1, 2, 3, 4])
+    assert TeacherScores.from_rank_shares([alone]) is not None
+    assert torch.equal(TeacherScores.from_rank_shares([alone]).logprobs, alone.logprobs)

@@ -1,18 +1,11 @@
-"""Dataset rows: loading them from bundled sets, local files or the Hugging Face hub, and checking them.
+"""Dataset rows: their layout, checking them, and reading them from local or bundled files. Pure; where
+a task's rows come from (hub datasets, generators) is `opcd/tasks/loading.py`.
 
 A row is a dict with
 * ``content``: a non-empty list of chat messages ``{"role", "content"}``
   (roles system/user/assistant) ending with a user message;
 * ``answer``: the ground truth as a string, or None where the task allows it.
 Any other columns are kept as they are.
-
-Sources accepted by `load_rows`:
-* ``bundled:<name>``: ``opcd/data/<name>.jsonl`` shipped with the package;
-* a path ending ``.jsonl`` or ``.json`` (JSON lines; a ``.json`` file holding a
-  single JSON array also works) or ``.parquet``;
-* ``hf:<dataset_id>``: a hub dataset, with `split` (default "train");
-* ``rg:<generator>``: offline problems from reasoning-gym (e.g. ``rg:gsm_symbolic``); `split`
-  picks the seed (train / validation / test never overlap by seed), `limit` the size (default 256).
 
 Rows in the DAPO math layout (``prompt`` instead of ``content``, the ground truth in
 ``reward_model.ground_truth``) are normalised to the layout above.
@@ -21,21 +14,15 @@ Rows in the DAPO math layout (``prompt`` instead of ``content``, the ground trut
 import json
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
 from opcd.errors import ConfigError, DataError
-from opcd.tasks.sysprompt import CHOICE_LETTERS, medmcqa_user_message
 from opcd.userfiles import check_unicode, read_text
 
 ROLES = ("system", "user", "assistant")
 BUNDLED_PREFIX = "bundled:"
-HUB_PREFIX = "hf:"
-REASONING_GYM_PREFIX = "rg:"
-REASONING_GYM_SEEDS = {"train": 1, "validation": 2, "test": 3}
-REASONING_GYM_DEFAULT_SIZE = 256
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def bundled_dir() -> Path:
@@ -178,86 +165,6 @@ def bundled_path(name: str) -> Path:
     if not path.is_file():
         raise DataError(f"unknown bundled dataset {name!r}; available: {', '.join(bundled_names()) or 'none'}")
     return path
-
-
-def medmcqa_row(record: dict, where: str) -> dict:
-    """A dataset row built from an `openlifescienceai/medmcqa` record; its columns are kept."""
-    cop = record.get("cop")
-    if not isinstance(cop, int) or not 0 <= cop <= 3:
-        # The hub's test split hides the labels (cop = -1); its validation split has them.
-        raise DataError(
-            f"{where}: field 'cop' must be an option index 0-3, got {cop!r} "
-            "(the test split has no labels; use 'validation')"
-        )
-    options = [record[key] for key in ("opa", "opb", "opc", "opd")]
-    return {
-        **record,
-        "content": [{"role": "user", "content": medmcqa_user_message(record["question"], options)}],
-        "answer": CHOICE_LETTERS[cop],
-    }
-
-
-# Hub datasets that lack a `content` column but that we know how to convert.
-HUB_CONVERTERS: dict[str, Callable[[dict, str], dict]] = {
-    "openlifescienceai/medmcqa": medmcqa_row,
-}
-
-
-def load_hub_rows(dataset_id: str, split: str, limit: int | None) -> list[dict]:
-    """Rows of a Hugging Face hub dataset, converted when it has no `content` column."""
-    import datasets  # imported here: it is slow to import and only hub sources need it
-
-    try:
-        dataset = datasets.load_dataset(dataset_id, split=split)
-    except Exception as error:  # network, missing dataset or split: all reported the same way
-        reason = f"{type(error).__name__}: {error}".replace("\n", " ")  # keep the message on one line
-        raise DataError(f"cannot load hub dataset {dataset_id!r} split {split!r}: {reason}") from None
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    label = f"hf:{dataset_id}[{split}]"
-    if "content" in dataset.column_names:
-        return check_rows(dataset, label)
-    converter = HUB_CONVERTERS.get(dataset_id)
-    if converter is None:
-        raise DataError(
-            f"hub dataset {dataset_id!r} has no 'content' column and no converter; "
-            f"columns found: {', '.join(dataset.column_names)}"
-        )
-    return check_rows((converter(dict(record), f"{label} row {n}") for n, record in enumerate(dataset, start=1)), label)
-
-
-def load_reasoning_gym_rows(name: str, split: str, limit: int | None) -> list[dict]:
-    from opcd.tasks.math import reasoning_gym_rows
-
-    if split not in REASONING_GYM_SEEDS:
-        raise DataError(f"rg:{name}: split must be one of {', '.join(REASONING_GYM_SEEDS)}, got {split!r}")
-    size = REASONING_GYM_DEFAULT_SIZE if limit is None else limit
-    return check_rows(reasoning_gym_rows(name, size, REASONING_GYM_SEEDS[split]), f"rg:{name}[{split}]")
-
-
-def load_rows(source: str, split: str | None = None, limit: int | None = None) -> list[dict]:
-    """Checked rows from `source` (see the module docstring); at most `limit` of them, in order.
-
-    `split` only applies to hub datasets; files and bundled sets are one split each.
-    """
-    if limit is not None and limit < 0:
-        raise ConfigError(f"dataset limit must be >= 0 or null, got {limit} for {source}")
-    if source.startswith(HUB_PREFIX):
-        return load_hub_rows(source[len(HUB_PREFIX):], split or "train", limit)
-    if source.startswith(REASONING_GYM_PREFIX):
-        return load_reasoning_gym_rows(source[len(REASONING_GYM_PREFIX):], split or "train", limit)
-    if source.startswith(BUNDLED_PREFIX):
-        path = bundled_path(source[len(BUNDLED_PREFIX):])
-        label = f"{BUNDLED_PREFIX}{path.stem}"
-    elif source.endswith(FILE_SUFFIXES):
-        path, label = Path(source), source
-    else:
-        raise DataError(
-            f"unsupported dataset source {source!r}: expected bundled:<name>, hf:<dataset_id>, "
-            "rg:<generator>, or a .jsonl/.json/.parquet path"
-        )
-    rows = read_file_rows(path)
-    return check_rows(rows[:limit] if limit is not None else rows, label)
 
 
 def shuffled_order(n: int, seed: int, epoch: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""The off-policy shard format (opcd/offpolicy/shards.py): round trip, resume after a crash, damaged
+"""The off-policy shard format (opcd/shards.py): round trip, resume after a crash, damaged
 files and the one-line errors for every way a shard folder can be wrong."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from opcd.errors import DataError
-from opcd.offpolicy import shards as S
-from opcd.offpolicy.shards import Shard, ShardReader, ShardWriter, check_keys, tokenizer_fingerprint
+from opcd import shards as S
+from opcd.shards import Shard, ShardReader, ShardWriter, check_keys, tokenizer_fingerprint
 
 HEADER = {"task": "math", "tokenizer": "abc", "topk": 4, "sampling": {"temperature": 0.6}}
 

@@ -1,4 +1,5 @@
-"""Tests for opcd.data: row checks, local and bundled sources, parquet, and shuffling."""
+"""Tests for opcd.rows (row checks, bundled and local files, shuffling) and opcd.tasks.loading (every
+source, hub conversion)."""
 
 import json
 import re
@@ -9,10 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from opcd.data import bundled_names, check_row, load_rows, medmcqa_row, shuffled_order, to_python
 from opcd.errors import ConfigError, DataError
+from opcd.rows import bundled_names, check_row, shuffled_order, to_python
 from opcd.tasks import get_task
-from opcd.tasks.sysprompt import medmcqa_user_message, safety_user_message
+from opcd.tasks.loading import load_rows
+from opcd.tasks.sysprompt import medmcqa_row, medmcqa_user_message, safety_user_message
 
 GOOD = {"content": [{"role": "user", "content": "Why do cats purr?"}], "answer": "fr"}
 

@@ -1,1 +1,0 @@
-"""Off-policy data: the shard format (`shards.py`) written by `opcd offpolicy generate`."""

@@ -1,0 +1,87 @@
+"""The frozen-model worker: a model that is never trained. It is the teacher that scores the
+student's response tokens with the context in its prompt, and the model that generates wherever a
+fixed model answers (the "teacher with context" baseline, extraction's solver and writer, OEL's
+deployment, evaluation of checkpoints).
+
+Scoring returns log-probs (softmax over the full vocabulary of logits / temperature) at the requested
+support ids, optionally merged with the model's own top-k, and its entropy per token; how they are
+computed is decided in opcd/workers/scoring.py, the same as for the student.
+
+A teacher whose embedding has more rows than the student's (same tokenizer, padded differently:
+Qwen2.5-7B 152,064 rows, Qwen2.5-3B 151,936) is given the student's row count (`WorkerSpec.vocab_rows`):
+its softmax is taken over those rows only, i.e. renormalised over the ids the student can emit. The
+extra rows are padding no tokenizer id maps to; without them both distributions live on the same ids,
+so the full-vocabulary KL (loss.kl_topk <= 0) stays exact and the teacher's own top-k never names an id
+the student lacks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from opcd import gpu_memory
+from opcd.devices import worker_device
+from opcd.models import load_causal_lm, load_tokenizer
+from opcd.protocol import Generation, SamplingParams, TeacherScores
+from opcd.rollout import make_rollout
+from opcd.workers import distributed as D
+from opcd.workers.scoring import Scorer
+from opcd.workers.spec import WorkerSpec
+
+
+class FrozenModelWorker:
+    def __init__(self, spec: WorkerSpec, rank: int = 0, world_size: int = 1, rendezvous=None):
+        torch.set_num_threads(spec.num_threads or os.cpu_count() or 1)
+        self.spec = spec
+        self.rank, self.world_size = rank, world_size
+        self.device = worker_device()
+        if world_size > 1:
+            D.init_process_group(rendezvous, rank, world_size, self.device)
+        self.tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
+        self.model = load_causal_lm(spec.model_path, spec.dtype, spec.trust_remote_code,
+                                    spec.attn_implementation).eval()
+        self.model.requires_grad_(False)
+        if world_size > 1:  # fully_shard moves the shards to the device (or keeps them on CPU with offload)
+            D.shard(self.model, cpu_offload=spec.cpu_offload)
+        else:
+            self.model.to(self.device)
+        # generation-heavy stages (extraction, evaluation, off-policy data) may run vLLM here
+        self.rollout = make_rollout(spec, self.model, self.tokenizer, self.device)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.scorer = Scorer.for_model(self.model, spec.lm_head_chunk_size, spec.padding_free, spec.temperature,
+                                       self.pad_id, self.device, vocab_rows=spec.vocab_rows)
+
+    def gpu_memory(self) -> dict[str, float]:
+        """Peak GPU memory since the previous call (opcd/gpu_memory.py); {} on CPU."""
+        return gpu_memory.read_and_reset()
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor,
+              support_ids: torch.Tensor | None, merge_topk: int = 0) -> TeacherScores | None:
+        """prompts: B teacher prompts (with context); response_ids/mask [B, T]; support_ids [B, T, K]
+        or None for the whole vocabulary; merge_topk > 0 adds the model's own top-k to the support.
+        With several ranks: this rank's share (rows r, r + N, ...; None when it has none), which
+        `TeacherScores.from_rank_shares` puts back in order."""
+        parts = []
+        # data parallel over ranks: every rank runs the same number of forward passes
+        mine, steps = D.plan_rank_micro_batches(prompts, response_mask, self.rank, self.world_size,
+                                                self.spec.micro_batch_size, self.spec.micro_batch_tokens)
+        for step in range(steps):
+            rows = mine[step] if step < len(mine) else []
+            index = torch.tensor(rows or [0], dtype=torch.long)  # a padding pass: this rank has no rows left
+            scores = self.scorer.score(self.model, [prompts[i] for i in index.tolist()], response_ids[index],
+                                       response_mask[index], None if support_ids is None else support_ids[index],
+                                       merge_topk)
+            if rows:
+                parts.append(scores)
+        D.release(self.model)
+        if not parts:  # more ranks than sequences
+            return None
+        logprobs, entropy, ids, mask = (list(x) for x in zip(*parts))
+        return TeacherScores(torch.cat(logprobs), torch.cat(entropy), torch.cat(ids),
+                             None if mask[0] is None else torch.cat(mask))
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
+        return self.rollout.generate(prompts, params, seed)

@@ -1,0 +1,163 @@
+"""The package's layering, read from the source with `ast` (every import, also those inside functions):
+pure pieces never reach up to Ray, workers or pipelines; games and tasks stand on the pure bottom
+only; pipelines share through opcd/pipelines/run_setup.py, never through each other's helpers;
+no import cycle; the seed formulas and the dataset/game switch exist once; one scorer for every model
+worker."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "opcd"
+
+# The driver and worker sides: everything else is a pure piece.
+NOT_PURE = ("opcd.cli", "opcd.trainer", "opcd.pipelines", "opcd.workers", "opcd.rollout")
+UPWARD = ("ray", "opcd.workers", "opcd.rollout", "opcd.pipelines", "opcd.trainer", "opcd.cli")
+# What games/ and tasks/ may import from the rest of opcd besides their own package.
+BOTTOM = ("opcd.errors", "opcd.prompts", "opcd.protocol", "opcd.contexts", "opcd.batching", "opcd.rows",
+          "opcd.seeds")
+SHARED_PIPELINE_MODULE = "opcd.pipelines.run_setup"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(path: Path) -> list[tuple[str, str | None]]:
+    """(module, imported name or None) for every import in the file; `from opcd import loss` counts
+    as an import of the module opcd.loss."""
+    found = []
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found += [(base, alias.name) for alias in node.names]
+    return found
+
+
+def _targets(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The opcd modules (and `ray`) a file imports."""
+    out = set()
+    for module, name in _imports(path):
+        if name is not None and f"{module}.{name}" in modules:
+            out.add(f"{module}.{name}")
+        elif module in modules or module.split(".")[0] == "ray":
+            out.add(module if module in modules else "ray")
+    return out
+
+
+def _within(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def test_pure_pieces_never_import_ray_workers_or_pipelines():
+    modules = _modules()
+    bad = {m: sorted(t for t in _targets(p, modules) if _within(t, UPWARD))
+           for m, p in modules.items() if not _within(m, NOT_PURE)}
+    assert not {m: t for m, t in bad.items() if t}
+
+
+def test_games_and_tasks_stand_on_the_pure_bottom_only():
+    modules = _modules()
+    bad = {}
+    for m, p in modules.items():
+        for own in ("opcd.games", "opcd.tasks"):
+            if _within(m, (own,)):
+                wrong = [t for t in _targets(p, modules) if t != "opcd" and not _within(t, (own, *BOTTOM))]
+                if wrong:
+                    bad[m] = sorted(wrong)
+    assert not bad
+
+
+def test_rows_do_not_import_tasks():
+    assert not [t for t in _targets(PACKAGE / "rows.py", _modules()) if _within(t, ("opcd.tasks",))]
+
+
+def test_only_pipelines_and_the_cli_import_pipelines():
+    modules = _modules()
+    bad = [m for m, p in modules.items() if not _within(m, ("opcd.pipelines", "opcd.cli"))
+           and any(_within(t, ("opcd.pipelines",)) for t in _targets(p, modules))]
+    assert not bad
+
+
+def test_pipelines_share_only_through_run_setup_and_public_entry_points():
+    """A pipeline may import anything public from run_setup, and another pipeline's `run_*` entry
+    point; never another pipeline's helper (the shared home is run_setup)."""
+    bad = []
+    for path in sorted((PACKAGE / "pipelines").glob("*.py")):
+        for module, name in _imports(path):
+            if not _within(module, ("opcd.pipelines",)) or module == _module_name(path):
+                continue
+            if name is not None and name.startswith("_"):
+                bad.append(f"{path.name}: {module}.{name}")
+            elif module != SHARED_PIPELINE_MODULE and not (name or "").startswith("run_"):
+                bad.append(f"{path.name}: {module}.{name}")
+    assert not bad
+
+
+def test_no_import_cycles():
+    modules = _modules()
+    graph = {m: {t for t in _targets(p, modules) if t in modules and t != m and t != "opcd"}
+             for m, p in modules.items()}
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack)
+        stack.pop()
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    assert not cycles
+
+
+def test_seed_formulas_exist_once():
+    """Off-policy data matches an on-policy run only while every pipeline derives its seeds the same
+    way: the constants live in opcd/seeds.py alone."""
+    pattern = re.compile(r"1_?000_?003|\b7_?919\b")
+    found = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if pattern.search(p.read_text())]
+    assert found == ["seeds.py"]
+
+
+def test_datasets_and_games_part_in_one_place():
+    pattern = re.compile(r"""["']textgame["']""")
+    found = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if pattern.search(p.read_text()))
+    assert found == ["config.py", "pipelines/run_setup.py"]
+
+
+def test_one_scorer_for_the_student_and_every_frozen_model():
+    """How log-probs at a support are computed (chunked head or full logits, packed or padded) is
+    decided in workers/scoring.py alone: both model workers use it, nothing else reaches its parts."""
+    modules = _modules()
+    for worker in ("opcd.workers.student", "opcd.workers.frozen"):
+        assert "opcd.workers.scoring" in _targets(modules[worker], modules)
+    users = {part: sorted(m for m, p in modules.items() if part in _targets(p, modules))
+             for part in ("opcd.workers.lm_head", "opcd.loss_chunked")}
+    assert users == {"opcd.workers.lm_head": ["opcd.workers.scoring"], "opcd.loss_chunked": ["opcd.workers.scoring"]}
+
+
+def test_the_rules_see_real_imports():
+    """The checks above would pass on an empty graph: make sure they read what is there."""
+    modules = _modules()
+    assert "opcd.pipelines.run_setup" in _targets(modules["opcd.pipelines.distill"], modules)
+    assert "opcd.loss" in _targets(modules["opcd.objective"], modules)  # `from opcd import loss`
+    assert "ray" in _targets(modules["opcd.workers.group"], modules)
