@@ -52,6 +52,9 @@ class ModelConfig:
     cpu_offload: bool = False  # with ray.ranks_per_group > 1: parameters/gradients/optimizer state on CPU
 
 
+GAME_TASK = "textgame"  # the task whose items are game episodes, not dataset rows (see `game`)
+
+
 @dataclass
 class TaskConfig:
     name: Literal["language", "medmcqa", "safety", "math", "textgame"] = "language"  # textgame: see `game`

@@ -32,7 +32,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from opcd.checkpoint import latest_checkpoint
-from opcd.config import DistillConfig, to_yaml
+from opcd.config import GAME_TASK, DistillConfig, to_yaml
 from opcd.errors import ConfigError, OpcdError
 from opcd.userfiles import read_text
 
@@ -198,7 +198,7 @@ def check_resume(cfg: DistillConfig, run_dir: Path) -> dict | None:
                           f"set trainer.resume=never to start afresh (the old files are moved aside)")
     saved = _load_yaml(saved_path)
     changed = config_changes(saved, _flatten(_plain(cfg)))
-    if "textgame" not in (saved.get("task.name"), cfg.task.name):  # game settings only matter to games
+    if GAME_TASK not in (saved.get("task.name"), cfg.task.name):  # game settings only matter to games
         changed = [c for c in changed if not c[0].startswith("game.")]
     refused = [c for c in changed if not _free(c[0]) and c[0] not in cfg.trainer.resume_override]
     if refused:

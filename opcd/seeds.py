@@ -5,6 +5,8 @@ resumed run only replays its batches, while all pipelines derive their seeds the
 * extraction step s scores the held-out set with `extraction_heldout_seed` and solves its next
   item with `extraction_attempt_seed` (the writer then uses `writer_seed` of that);
 * every evaluation generates with `eval_seed(r)`, so checkpoints and baselines see the same draws;
+* within one generate call with seed c, prompt i samples with `prompt_seed(c, i)`, whatever else is
+  in the batch, so a call split over ranks samples what one rank would;
 * text games: training episode j of step s of run r is (r << 34) | (s << 10) | j, below 2**62;
   held-out episodes start at 2**62, so a pass rate is never measured on a board trained on.
 
@@ -17,6 +19,9 @@ STEP_STRIDE = 1_000_003  # a prime above any step count: (seed, step) pairs neve
 EVAL_OFFSET = 7_919  # evaluation draws differ from step 0's
 DEPLOY_OFFSET = 7_919  # OEL deploy episodes of round r use run seed DEPLOY_OFFSET + r: unseen in extraction
 
+# linear, so a share of a call starting at prompt a is called with prompt_seed(c, a); far above the
+# spacing of the seeds above, so two calls' prompts never share a random stream
+PROMPT_STRIDE = 2**32 + 15
 HELDOUT_BASE = 1 << 62
 _MAX_RUN_SEED, _MAX_STEP, _MAX_EPISODES = 1 << 28, 1 << 24, 1 << 10
 
@@ -39,6 +44,11 @@ def extraction_attempt_seed(seed: int, step: int) -> int:
 def writer_seed(attempt_seed: int) -> int:
     """The writer's draw after the attempt generated with `attempt_seed`."""
     return attempt_seed + 1
+
+
+def prompt_seed(call_seed: int, index: int) -> int:
+    """The random stream of prompt `index` of a generate call with seed `call_seed`."""
+    return call_seed + index * PROMPT_STRIDE
 
 
 def eval_seed(seed: int) -> int:

@@ -144,7 +144,7 @@ def test_offpolicy_needs_a_topk(tmp_path, tiny_model, capsys):
      "config rollout.max_response_length=100000000: expected an integer in [1, 1048576]"),
     ("rollout.eval_top_k=-5", "config rollout.eval_top_k=-5: expected an integer >= 0 (0 = off)"),
     ("ray.num_cpus=-1", "config ray.num_cpus=-1.0: expected null (automatic) or a number in (0, 65536]"),
-    ("ray.gpus_per_node=-1", "config ray.gpus_per_node=-1: expected an integer >= 0 (0 = CPU)"),
+    ("ray.gpus_per_node=-1", "config ray.gpus_per_node=-1: expected an integer >= 0 (0 = CPU only), or null for the GPUs visible here"),
     ("trainer.exp_name=..", "config trainer.exp_name='..': expected a folder name inside trainer.runs_dir"),
     ("trainer.exp_name=.", "config trainer.exp_name='.': expected a folder name inside trainer.runs_dir"),
     ("trainer.exp_name='a/b'", "config trainer.exp_name='a/b': expected a folder name inside trainer.runs_dir"),

@@ -13,11 +13,12 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "opcd"
 
 # The driver and worker sides: everything else is a pure piece.
-NOT_PURE = ("opcd.cli", "opcd.trainer", "opcd.pipelines", "opcd.workers", "opcd.rollout")
+NOT_PURE = ("opcd.cli", "opcd.trainer", "opcd.pipelines", "opcd.workers", "opcd.rollout",
+            "opcd.raywatch")  # raywatch: the driver's edge that stops Ray's agents after a SIGKILL
 UPWARD = ("ray", "opcd.workers", "opcd.rollout", "opcd.pipelines", "opcd.trainer", "opcd.cli")
 # What games/ and tasks/ may import from the rest of opcd besides their own package.
 BOTTOM = ("opcd.errors", "opcd.prompts", "opcd.protocol", "opcd.contexts", "opcd.batching", "opcd.rows",
-          "opcd.seeds")
+          "opcd.seeds", "opcd.userfiles")
 SHARED_PIPELINE_MODULE = "opcd.pipelines.run_setup"
 
 
@@ -139,9 +140,14 @@ def test_seed_formulas_exist_once():
 
 
 def test_datasets_and_games_part_in_one_place():
-    pattern = re.compile(r"""["']textgame["']""")
-    found = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if pattern.search(p.read_text()))
-    assert found == ["config.py", "pipelines/run_setup.py"]
+    """The game task's name is written once (config.GAME_TASK); the pipelines part on it in run_setup
+    alone (the domain), and the run folder only to know that game settings do not matter to datasets."""
+    named = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                   if re.search(r"""["']textgame["']""", p.read_text()))
+    assert named == ["config.py"]
+    decided = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                     if re.search(r"GAME_TASK\b(?! =)", p.read_text()) and p.name != "config.py")
+    assert decided == ["pipelines/run_setup.py", "runfolder.py"]
 
 
 def test_one_scorer_for_the_student_and_every_frozen_model():

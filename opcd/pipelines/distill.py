@@ -19,7 +19,7 @@ from opcd.config import DistillConfig, to_yaml
 from opcd.evaluation import EvalResult
 from opcd import metrics as M
 from opcd.pipelines.run_setup import (Prepared, engine_ranks, generation_spec, prepare, reserved_pools, sampling,
-                                      teacher_ranks, train_spec, worker_spec)
+                                      student_context, teacher_ranks, train_spec, worker_spec)
 from opcd.report import write_report
 from opcd.runfolder import claims_run_folder
 from opcd.seeds import eval_seed
@@ -54,7 +54,7 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source: Ro
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     with reserved_pools({"student": cfg.ray.ranks_per_group, "teacher": teacher_ranks(cfg)}, cfg.ray) as pools:
         student = WorkerGroup("student", StudentWorker,
-                              {"spec": generation_spec(cfg, student_path, prepared.domain.rollout_length),
+                              {"spec": generation_spec(cfg, student_path, student_context(cfg, prepared.domain)),
                                "train": train_spec(cfg, objective)},
                               world_size=cfg.ray.ranks_per_group, pool=pools["student"],
                               collective_timeout_s=cfg.ray.collective_timeout_s, ranks_per_engine=engine_ranks(cfg))

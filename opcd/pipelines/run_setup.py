@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from opcd.config import DistillConfig, check_model_limits
+from opcd.config import GAME_TASK, DistillConfig, check_model_limits
 from opcd.contexts import ContextSource, load_context
 from opcd.domains import DatasetDomain, Domain, GameDomain
 from opcd.errors import ConfigError, DataError
@@ -37,7 +37,6 @@ from opcd.workers.spec import TrainSpec, WorkerSpec
 
 log = logging.getLogger("opcd")
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GAME_TASK = "textgame"  # the task name whose items are game episodes, not dataset rows
 
 
 def resolve_user_path(path: str) -> str:

@@ -15,16 +15,7 @@ from typing import Protocol
 import torch
 
 from opcd.protocol import Generation, SamplingParams
-
-# Prompt i's seed is `seed + i * PROMPT_SEED_STRIDE`: linear, so a share starting at prompt a is
-# called with `prompt_seed(seed, a)`; the stride is far above the seeds' spacing (steps, extraction
-# rounds), so two calls' prompts do not share a random stream.
-PROMPT_SEED_STRIDE = 2**32 + 15
-
-
-def prompt_seed(seed: int, index: int) -> int:
-    return seed + index * PROMPT_SEED_STRIDE
-
+from opcd.seeds import prompt_seed  # noqa: F401 (the engines' and WorkerGroup's per-prompt seeds)
 
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation: ...
@@ -51,15 +42,3 @@ def concat_generations(parts: list[Generation], pad_id: int) -> Generation:
     return Generation(cat([p.response_ids for p in parts], pad_id), cat([p.response_mask for p in parts], False),
                       cat([p.topk_ids for p in parts], 0), cat([p.loss_mask for p in parts], False))
 
-
-def make_rollout(spec, model, tokenizer, device, autocast=None) -> RolloutEngine:
-    """A worker's generation engine from its spec (opcd.workers.spec.WorkerSpec): `vllm` holds its own
-    copy of the weights; `hf` generates with `model` itself, on `device`, under `autocast`."""
-    if spec.rollout_backend == "vllm":
-        from opcd.rollout.vllm import VLLMRollout
-
-        return VLLMRollout(spec.model_path, tokenizer, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
-                           **spec.vllm)
-    from opcd.rollout.hf import HFRollout
-
-    return HFRollout(model, tokenizer, device=device, **({"autocast": autocast} if autocast else {}), **spec.hf)

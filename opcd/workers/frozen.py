@@ -25,7 +25,7 @@ from opcd import gpu_memory
 from opcd.devices import worker_device
 from opcd.models import load_causal_lm, load_tokenizer
 from opcd.protocol import Generation, SamplingParams, TeacherScores
-from opcd.rollout import make_rollout
+from opcd.rollout.engines import make_rollout
 from opcd.workers import distributed as D
 from opcd.workers.scoring import Scorer
 from opcd.workers.spec import WorkerSpec

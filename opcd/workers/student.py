@@ -22,7 +22,7 @@ from opcd.devices import worker_device
 from opcd.models import load_causal_lm, load_tokenizer
 from opcd.objective import per_token_loss
 from opcd.protocol import Generation, SamplingParams, UpdateBatch
-from opcd.rollout import make_rollout
+from opcd.rollout.engines import make_rollout
 from opcd.rollout.hf import HFRollout
 from opcd.workers import checkpoint_io
 from opcd.workers import distributed as D

@@ -7,7 +7,7 @@ import json
 
 from opcd.config import load_config
 from opcd.domains import DatasetDomain, GameDomain
-from opcd.pipelines.run_setup import load_run_context, make_domain, train_spec, vllm_kwargs
+from opcd.pipelines.run_setup import generation_spec, load_run_context, make_domain, student_context
 from opcd.sources import GameSource, PromptSource
 
 
@@ -46,10 +46,10 @@ def test_vllm_context_covers_a_whole_trajectory(smollm2_tokenizer):
     """The rollout length comes from the domain: a trajectory holds every move and every answer."""
     common = ("rollout.backend=vllm", "task.max_prompt_length=100", "rollout.max_response_length=10")
     cfg, dataset = _domain(smollm2_tokenizer, "train", *common)
-    assert vllm_kwargs(cfg, dataset)["max_model_len"] == 110
-    assert train_spec(cfg, dataset).vllm == vllm_kwargs(cfg, dataset)
+    assert student_context(cfg, dataset) == 110
+    assert generation_spec(cfg, "m", student_context(cfg, dataset)).vllm["max_model_len"] == 110
     cfg, turns = _domain(smollm2_tokenizer, "train", *common, "task=textgame", "game.max_steps=4")
-    assert vllm_kwargs(cfg, turns)["max_model_len"] == 110
+    assert student_context(cfg, turns) == 110
     cfg, trajectory = _domain(smollm2_tokenizer, "train", *common, "task=textgame", "game.max_steps=4",
                               "game.mode=trajectory")
-    assert vllm_kwargs(cfg, trajectory)["max_model_len"] == 100 + 4 * (10 + 256)
+    assert student_context(cfg, trajectory) == 100 + 4 * (10 + 256)
