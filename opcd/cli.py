@@ -7,7 +7,7 @@
     opcd offpolicy generate|train [--cfg] [...]  the off-policy baseline: teacher data, then student training
     opcd oel [--cfg] [HYDRA_OVERRIDE ...]       online experiential learning rounds (text games)
     opcd report RUN_DIR [RUN_DIR ...] [--out D] plots and a Markdown/HTML summary of one or more runs
-    opcd export RUN_DIR STEP                    a Hugging Face folder of a sharded checkpoint
+    opcd export RUN_DIR STEP|best               a Hugging Face folder of a (sharded) checkpoint
 
 Overrides use Hydra syntax: `task=medmcqa`, `trainer.lr=5e-6`, `model.path=Qwen/Qwen3-8B`. Every
 user error ends with one line on stderr and exit code 2; `--cfg` prints the resolved config and exits.
@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write the Hugging Face folder (transformers, vLLM) of a checkpoint "
                                            "saved by several ranks into global_step_<STEP>/model")
     export.add_argument("run_dir", help="a run folder written by opcd distill")
-    export.add_argument("step", type=int, help="the checkpoint's step")
+    export.add_argument("step", help="the checkpoint's step, or `best`: the highest held-out score "
+                        "(opcd evaluate's results, else the evaluations during training)")
     return parser
 
 
@@ -162,9 +163,12 @@ def _run(args) -> int:
         print(json.dumps(run_evaluate(run_dir, cfg, base_only=args.base), indent=1))
         return 0
     if args.command == "export":
-        from opcd.export import export_checkpoint
+        from opcd.export import best_step, export_checkpoint
 
-        print(export_checkpoint(args.run_dir, args.step))
+        if args.step != "best" and not args.step.isdigit():
+            raise ConfigError(f"opcd export: step {args.step!r}: expected a step number or best")
+        step = best_step(args.run_dir) if args.step == "best" else int(args.step)
+        print(export_checkpoint(args.run_dir, step))
         return 0
     if args.command == "report":
         from opcd.report import write_report

@@ -7,10 +7,12 @@ one process, without a process group, into full tensors and writes a folder that
 vLLM load. A one-rank checkpoint's `model/` already is such a folder.
 
     opcd export runs/med 40          # -> runs/med/global_step_40/model
+    opcd export runs/med best        # the checkpoint with the best held-out score
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -42,6 +44,44 @@ def export_checkpoint(run_dir: Path, step: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     add_files(folder, MODEL)
     return target
+
+
+def step_scores(run_dir: Path) -> tuple[dict[int, float], str]:
+    """Held-out score per step and where it was read: `opcd evaluate`'s results (evaluation/results.json,
+    every checkpoint on the same items), else the evaluations during training (eval.json,
+    trainer.eval_freq); ({}, "") when the run has neither."""
+    run_dir = Path(run_dir)
+    evaluated, during = run_dir / "evaluation" / "results.json", run_dir / "eval.json"
+    if evaluated.is_file():
+        return {int(step): float(score) for step, score in _read_json(evaluated).get("checkpoints", {}).items()}, \
+            str(evaluated)
+    if during.is_file():
+        prefix = "student_step_"
+        return {int(name[len(prefix):]): float(result["score"]) for name, result in _read_json(during).items()
+                if name.startswith(prefix)}, str(during)
+    return {}, ""
+
+
+def best_step(run_dir: Path) -> int:
+    """The complete checkpoint with the highest held-out score (the later one on a tie)."""
+    scores, source = step_scores(run_dir)
+    on_disk = set(complete_steps(run_dir))
+    kept = {step: score for step, score in scores.items() if step in on_disk}
+    if not kept:
+        found = f"scores for steps {sorted(scores)} in {source}" if scores else "no held-out scores"
+        raise OpcdError(f"{run_dir}: no best checkpoint to export ({found}; complete checkpoints {sorted(on_disk)}): "
+                        f"run `opcd evaluate {run_dir}` first, or name a step")
+    return max(kept, key=lambda step: (kept[step], step))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise OpcdError(f"cannot read {path}: {type(exc).__name__}") from None
+    if not isinstance(value, dict):
+        raise OpcdError(f"cannot read {path}: expected a JSON object")
+    return value
 
 
 @contextmanager

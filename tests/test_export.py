@@ -68,3 +68,39 @@ def test_evaluation_reads_a_temporary_export_and_keeps_no_copy(tmp_path, tiny_mo
     assert list(scratch.iterdir()) == [] and not (step_dir(tmp_path, 3) / "model").exists()
     with model_folder(str(tiny_model), scratch) as path:  # a plain model path is used as it is
         assert path == str(tiny_model)
+
+
+def _published(run_dir, step: int) -> None:
+    def write(folder):
+        (folder / "weights.txt").write_text(str(step))
+    save_checkpoint(run_dir, step, write, {"step": step})
+
+
+def test_best_step_reads_opcd_evaluate_first_and_only_counts_checkpoints_on_disk(tmp_path):
+    import json
+
+    from opcd.export import best_step
+
+    for step in (2, 4, 6):
+        _published(tmp_path, step)
+    (tmp_path / "eval.json").write_text(json.dumps({
+        "student_before": {"score": 0.9}, "student_step_2": {"score": 0.8}, "student_step_4": {"score": 0.3}}))
+    assert best_step(tmp_path) == 2  # the in-training evaluations, without `student_before`
+    (tmp_path / "evaluation").mkdir()
+    # opcd evaluate's scores win; step 8 scored best but its checkpoint is gone; 4 and 6 tie: the later
+    (tmp_path / "evaluation" / "results.json").write_text(json.dumps(
+        {"checkpoints": {"2": 0.1, "4": 0.5, "6": 0.5, "8": 0.9}}))
+    assert best_step(tmp_path) == 6
+
+
+def test_best_export_without_scores_or_with_a_bad_argument_is_one_line(tmp_path, capsys):
+    _published(tmp_path, 2)
+    assert main(["export", str(tmp_path), "best"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"opcd: error: {tmp_path}: no best checkpoint to export (no held-out scores; complete checkpoints [2]): "
+        f"run `opcd evaluate {tmp_path}` first, or name a step")
+    (tmp_path / "eval.json").write_text("{not json")
+    assert main(["export", str(tmp_path), "best"]) == 2
+    assert capsys.readouterr().err.strip() == f"opcd: error: cannot read {tmp_path / 'eval.json'}: JSONDecodeError"
+    assert main(["export", str(tmp_path), "last"]) == 2
+    assert capsys.readouterr().err.strip() == "opcd: error: opcd export: step 'last': expected a step number or best"
