@@ -231,7 +231,7 @@ opcd_hardware_overrides() {  # GPUs of this node; vLLM on GPU; fp32 and default 
     fi
 }
 
-OPCD_RG_SIZE=256  # problems per split of an rg: source (opcd.data.REASONING_GYM_DEFAULT_SIZE; a test keeps them equal)
+OPCD_RG_SIZE=256  # problems per split of an rg: source (opcd.tasks.loading.REASONING_GYM_DEFAULT_SIZE; a test keeps them equal)
 
 opcd_passthrough_sets() {  # opcd_passthrough_sets KEY: true when the user's overrides set KEY
     local word
