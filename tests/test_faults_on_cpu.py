@@ -41,12 +41,12 @@ RUN_TIMEOUT_S = 240  # one CLI run takes 30-60 s on 2 busy cores; most of it is 
 
 # -- running the CLI in its own session ------------------------------------------------------------
 
-def _command(runs_dir: Path, model: Path, save_freq: int, ranks: int = 1) -> list[str]:
+def _command(runs_dir: Path, model: Path, save_freq: int, ranks: int = 1, **extra) -> list[str]:
     overrides = {"ray.ranks_per_group": ranks, "model.path": model, "trainer.runs_dir": runs_dir, "trainer.exp_name": "run",
                  "trainer.batch_size": 4, "trainer.micro_batch_size": 4, "trainer.lr": 3e-3,
                  "trainer.total_training_steps": STEPS, "trainer.save_freq": save_freq,
                  "trainer.eval_before": "false", "trainer.eval_after": "false", "trainer.loggers": "[jsonl]",
-                 "trainer.num_threads": 1, "rollout.max_response_length": 8, "loss.kl_topk": 16}
+                 "trainer.num_threads": 1, "rollout.max_response_length": 8, "loss.kl_topk": 16, **extra}
     return [sys.executable, "-m", "opcd.cli", "distill", *(f"{k}={v}" for k, v in overrides.items())]
 
 
@@ -208,8 +208,11 @@ def test_sigterm_is_one_line_and_a_killed_driver_leaves_no_ray_process(tmp_path,
     with rc -6 and a Ray C++ stack dump: it must give exit 143, one line, no stack, a resumable
     checkpoint and no Ray process left. SIGKILL of the driver process alone (not its whole session)
     used to leave Ray's dashboard and runtime-env agents running forever."""
-    termed = launch(_command(tmp_path / "termed", tiny_model, save_freq=1), "termed")
-    killed = launch(_command(tmp_path / "killed", tiny_model, save_freq=1), "killed")
+    # long runs keeping every checkpoint: on a busy machine one run may be many steps ahead of the other
+    # by the time both have saved step 1, and must neither finish nor drop that checkpoint before the signal
+    long_run = {"trainer.total_training_steps": 1000, "trainer.keep_last_n": 0}
+    termed = launch(_command(tmp_path / "termed", tiny_model, save_freq=1, **long_run), "termed")
+    killed = launch(_command(tmp_path / "killed", tiny_model, save_freq=1, **long_run), "killed")
     for proc, name in ((termed, "termed"), (killed, "killed")):
         _wait_for(tmp_path / name / "run" / "global_step_1" / "COMPLETE", proc)
     assert any(cmd.startswith("ray::RuntimeEnvAgent") for cmd in _session(killed.pid).values())
