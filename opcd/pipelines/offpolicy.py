@@ -77,7 +77,9 @@ def run_offpolicy_generate(cfg: DistillConfig) -> dict:
     params = SamplingParams(r.temperature, r.top_p, r.top_k, r.max_response_length, record_topk=cfg.loss.kl_topk)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     source, generated = prepared.source, 0
-    with frozen_model_group("teacher", cfg, prepared.teacher_path, prepared.domain) as teacher:
+    # a padded teacher's own top-k (the shards' support) stays within the student's ids
+    with frozen_model_group("teacher", cfg, prepared.teacher_path, prepared.domain,
+                            prepared.student_vocab_rows) as teacher:
         for step in range(1, total + 1):
             if step in done:
                 source.skip(step)  # keep the data stream where an uninterrupted run would be

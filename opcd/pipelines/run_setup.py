@@ -169,11 +169,12 @@ def worker_spec(cfg: DistillConfig, path: str, vocab_rows: int | None = None) ->
                       hf={"cache": r.hf_cache, "compile": r.hf_compile})
 
 
-def generation_spec(cfg: DistillConfig, path: str, max_model_len: int | None) -> WorkerSpec:
+def generation_spec(cfg: DistillConfig, path: str, max_model_len: int | None, vocab_rows: int | None = None) -> WorkerSpec:
     """A worker that generates for a living (the student, extraction, evaluation, off-policy data, OEL
     deployment): the configured rollout backend, a vLLM context of `max_model_len` tokens (None: the
     model's own limit)."""
-    return replace(worker_spec(cfg, path), rollout_backend=cfg.rollout.backend, vllm=vllm_kwargs(cfg, max_model_len))
+    return replace(worker_spec(cfg, path, vocab_rows), rollout_backend=cfg.rollout.backend,
+                   vllm=vllm_kwargs(cfg, max_model_len))
 
 
 def train_spec(cfg: DistillConfig, objective: str | None = None) -> TrainSpec:
@@ -231,21 +232,22 @@ def reserved_pools(ranks: dict[str, int], ray_cfg):
         remove_pools(pools.values())
 
 
-def generating_group(name: str, cfg: DistillConfig, model_path: str, domain: Domain, pool) -> WorkerGroup:
+def generating_group(name: str, cfg: DistillConfig, model_path: str, domain: Domain, pool,
+                     vocab_rows: int | None = None) -> WorkerGroup:
     """`ray.ranks_per_group` ranks of the frozen-model worker on `pool`, which split every `generate`
     (WorkerGroup.generate with per-prompt seeds: the same outputs as one rank) with the configured
-    rollout backend."""
+    rollout backend. `vocab_rows`: a padded teacher scores over the student's rows (WorkerSpec)."""
     return WorkerGroup(name, FrozenModelWorker,
-                       {"spec": generation_spec(cfg, model_path, frozen_context(cfg, domain))},
+                       {"spec": generation_spec(cfg, model_path, frozen_context(cfg, domain), vocab_rows)},
                        world_size=cfg.ray.ranks_per_group, pool=pool, ranks_per_engine=engine_ranks(cfg),
                        collective_timeout_s=cfg.ray.collective_timeout_s)
 
 
 @contextmanager
-def frozen_model_group(name: str, cfg: DistillConfig, model_path: str, domain: Domain):
+def frozen_model_group(name: str, cfg: DistillConfig, model_path: str, domain: Domain, vocab_rows: int | None = None):
     """A generating group (above) on a pool of its own, shut down and released at the end of the block."""
     with reserved_pools({name: cfg.ray.ranks_per_group}, cfg.ray) as pools:
-        group = generating_group(name, cfg, model_path, domain, pools[name])
+        group = generating_group(name, cfg, model_path, domain, pools[name], vocab_rows)
         try:
             yield group
         finally:
