@@ -18,7 +18,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Literal
 
-from opcd.config_hints import check_overrides, unknown_key_message
+from opcd.config_hints import check_overrides, schema_keys, unknown_key_message
 from opcd.errors import ConfigError
 
 CONF_DIR = Path(__file__).parent / "conf"
@@ -374,7 +374,7 @@ class DistillConfig:
     oel: OELConfig = field(default_factory=OELConfig)
 
     def __post_init__(self):
-        known = _dotted_keys(DistillConfig)
+        known = set(schema_keys(DistillConfig, sections=False))
         for key in self.trainer.resume_override:
             _check(key in known, "trainer.resume_override", list(self.trainer.resume_override),
                    f"dotted config keys such as trainer.lr ({key!r} is not one)")
@@ -439,15 +439,6 @@ def schema_defaults(cls) -> dict:
         else:
             values[f.name] = f.default
     return values
-
-
-def _dotted_keys(cls, prefix: str = "") -> set[str]:
-    hints = typing.get_type_hints(cls)
-    keys = set()
-    for f in fields(cls):
-        hint = hints[f.name]
-        keys |= _dotted_keys(hint, f"{prefix}{f.name}.") if is_dataclass(hint) else {f"{prefix}{f.name}"}
-    return keys
 
 
 def _plain_name(name: str) -> bool:

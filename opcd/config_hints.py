@@ -17,15 +17,17 @@ from pathlib import Path
 from opcd.errors import ConfigError
 
 
-def schema_keys(cls, prefix: str = "") -> list[str]:
-    """Every dotted key of the dataclass schema `cls`, sections included ("trainer", "trainer.lr", ...)."""
+def schema_keys(cls, prefix: str = "", sections: bool = True) -> list[str]:
+    """Every dotted key of the dataclass schema `cls`, sections included ("trainer", "trainer.lr", ...)
+    unless `sections` is False (the values only)."""
     keys = []
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         key = f"{prefix}{f.name}"
-        keys.append(key)
         if is_dataclass(hints[f.name]):
-            keys.extend(schema_keys(hints[f.name], key + "."))
+            keys.extend(([key] if sections else []) + schema_keys(hints[f.name], key + ".", sections))
+        else:
+            keys.append(key)
     return keys
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.launchers.test_published_commands import overrides
+
 ROOT = Path(__file__).resolve().parents[2]
 SOKOBAN = ("--model Qwen/Qwen3-4B-Instruct-2507 --exp_name sokoban-q3-4b-ins-lr5e-6 --nnodes 1 --kl_loss_type full "
            "--kl_topk 256 --actor_lr 5e-6 --max_response_length 1024 --experience_max_length 8192 "
@@ -29,20 +31,13 @@ def _run(script: str, *args: str, cfg: bool = False, env: dict | None = None) ->
                           text=True, cwd=ROOT, timeout=120)
 
 
-def _overrides(result) -> dict[str, str]:
-    assert result.returncode == 0, result.stderr
-    words = shlex.split(result.stdout)
-    command = [w for w in words[1:3] if "=" not in w and not w.startswith(("/", "runs"))]
-    return dict(w.split("=", 1) for w in words if "=" in w) | {"_command": " ".join(command)}
-
-
 def test_textgame_consolidate_reference_commands():
-    sokoban = _overrides(_run("textgame_consolidate.sh", *shlex.split(SOKOBAN)))
+    sokoban = overrides(_run("textgame_consolidate.sh", *shlex.split(SOKOBAN)))
     assert sokoban["_command"] == "distill" and sokoban["task"] == "textgame"
     assert sokoban["game.name"] == "Sokoban-v0" and sokoban["game.max_steps"] == "5"
     assert sokoban["task.enable_thinking"] == "false" and sokoban["game.episodes_per_step"] == "64"
     assert sokoban["rollout.temperature"] == "0.7" and "task.max_prompt_length" not in sokoban  # derived: preset
-    frozen = _overrides(_run("textgame_consolidate.sh", *shlex.split(FROZENLAKE)))
+    frozen = overrides(_run("textgame_consolidate.sh", *shlex.split(FROZENLAKE)))
     assert frozen["game.name"] == "FrozenLake-v0-raw" and frozen["task.enable_thinking"] == "true"
 
 
@@ -54,28 +49,28 @@ def test_textgame_launchers_resolve_to_valid_configs(script):
 
 
 def test_textgame_extract_and_eval():
-    reference = _overrides(_run("textgame_extract_inturn.sh"))
+    reference = overrides(_run("textgame_extract_inturn.sh"))
     assert reference["_command"] == "extract" and reference["game.name"] == "Sokoban-v0"
     assert reference["extract.seeds"] == "[0,1,2,3,4,5,6,7,8,9]" and reference["game.eval_episodes"] == "128"
     assert reference["rollout.max_response_length"] == "1024" and reference["task.enable_thinking"] == "false"
-    single = _overrides(_run("textgame_extract_inturn.sh", "--model", "m", "--exp_name", "e", "--ckpt", "4",
+    single = overrides(_run("textgame_extract_inturn.sh", "--model", "m", "--exp_name", "e", "--ckpt", "4",
                              "--textgame_name", "FrozenLake-v0-raw", "--textgame_no_think", "False",
                              "--exp_model_path", "w", "--val_samples_limit", "16"))
     assert single["extract.seeds"] == "[4]" and single["extract.writer_path"] == "w"
     assert single["game.eval_episodes"] == "16" and single["task.enable_thinking"] == "true"
-    evaluation = _overrides(_run("textgame_eval_inturn.sh", "--model", "m", "--use_bsl", "True"))
+    evaluation = overrides(_run("textgame_eval_inturn.sh", "--model", "m", "--use_bsl", "True"))
     assert evaluation["_command"] == "evaluate --base" and evaluation["game.eval_episodes"] == "128"
     assert evaluation["rollout.eval_temperature"] == "0.7" and evaluation["evaluate.baselines"] == "true"
 
 
 def test_offpolicy_launchers():
-    generate = _overrides(_run("math_generate_offp.sh", "--model", "m", "--exp_name", "d", "--exp_path", "e.txt"))
+    generate = overrides(_run("math_generate_offp.sh", "--model", "m", "--exp_name", "d", "--exp_path", "e.txt"))
     assert generate["_command"] == "offpolicy generate" and generate["task"] == "math"
-    train = _overrides(_run("sys_train_offp.sh", "--model", "m", "--exp_name", "t", "--system_prompt_type",
+    train = overrides(_run("sys_train_offp.sh", "--model", "m", "--exp_name", "t", "--system_prompt_type",
                             "medmcqa", "--off_policy_save_dir", "/tmp/d/off_policy_data", "--kl_loss_type", "seqkd"))
     assert train["_command"] == "offpolicy train" and train["offpolicy.objective"] == "seqkd"
     assert train["offpolicy.save_dir"] == "/tmp/d/off_policy_data" and train["loss.kl_loss_type"] == "full"
-    game = _overrides(_run("textgame_train_offp.sh", *shlex.split(SOKOBAN), "--off_policy_save_dir", "/x"))
+    game = overrides(_run("textgame_train_offp.sh", *shlex.split(SOKOBAN), "--off_policy_save_dir", "/x"))
     assert game["offpolicy.objective"] == "forward_kl" and game["game.name"] == "Sokoban-v0"
     missing = _run("textgame_train_offp.sh", *shlex.split(SOKOBAN))
     assert missing.returncode == 2 and "--off_policy_save_dir is required" in missing.stderr
@@ -88,11 +83,11 @@ def test_offpolicy_launchers():
 
 
 def test_oel_deploy_and_consolidation_flags():
-    deploy = _overrides(_run("textgame_generate_deploy.sh", "--exp_name", "oel", "--resume_policy_name", "sok",
+    deploy = overrides(_run("textgame_generate_deploy.sh", "--exp_name", "oel", "--resume_policy_name", "sok",
                              "--resume_policy_ckpt", "10", "--oel_round", "2", "--textgame_name", "Sokoban-v0"))
     assert deploy["_command"] == "oel" and deploy["model.path"] == "runs/sok/global_step_10/model"
     assert deploy["oel.phases"] == "[deploy]" and deploy["oel.first_round"] == "2" and deploy["oel.rounds"] == "2"
-    consolidate = _overrides(_run("textgame_consolidate.sh", *shlex.split(SOKOBAN), "--deploy_save_dir",
+    consolidate = overrides(_run("textgame_consolidate.sh", *shlex.split(SOKOBAN), "--deploy_save_dir",
                                   "runs/oel/round_2/deploy/"))
     assert consolidate["game.states_path"] == "runs/oel/round_2/deploy/states.jsonl"
     half = _run("textgame_generate_deploy.sh", "--exp_name", "oel", "--resume_policy_name", "sok")
