@@ -130,12 +130,17 @@ class StudentWorker:
                                   export)
 
     def load(self, folder: str, optimizer: bool = True) -> None:
+        """Restore this rank's model (and optimiser) from a checkpoint and hand the weights to the rollout
+        engine, so the first rollout after any load samples from them."""
         configured = [(group["lr"], group["weight_decay"]) for group in self.optimizer.param_groups]
         checkpoint_io.load(self.model, self.optimizer, folder, self.world_size, optimizer)
         # The saved optimiser state carries the saved run's lr and weight decay; the configured ones win
         # (a resume refuses a changed value unless trainer.resume_override names it: opcd/runfolder.py).
         for group, (lr, weight_decay) in zip(self.optimizer.param_groups, configured):
             group["lr"], group["weight_decay"] = lr, weight_decay
+        # A vLLM engine was built from model.path on disk: without this it would sample (and record its
+        # top-k support) from the initial weights until the next update's sync.
+        self.sync_rollout()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.world_size > 1:
