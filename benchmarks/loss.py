@@ -5,11 +5,11 @@ per token (`partial` reverse KL, token mean) and run its backward:
 
   naive    logits = hidden @ W.T for student and teacher, log_softmax over [N, V], gather the K ids,
            support_reverse_kl, backward. Keeps [N, V] float32 tensors alive for backward.
-  chunked  teacher via loss_chunked.support_logprobs_no_grad, student via loss_chunked.support_logprobs_from_hidden
+  chunked  teacher via chunked.support_logprobs_no_grad, student via chunked.support_logprobs_from_hidden
            (`--chunk-size` tokens per lm_head chunk, checkpointed), support_reverse_kl, backward.
            Also computes both per-token entropies (the workers report them); naive does not.
   fused    what the student worker runs: teacher as in chunked, student loss and its gradient in one
-           chunked pass (loss_chunked.fused_support_loss): no recomputation in the backward.
+           chunked pass (chunked.fused_support_loss): no recomputation in the backward.
 
 Each (vocab, variant) runs in a fresh subprocess of this script (`--variant`), so peak memory is not
 polluted by the other variant: on CPU the peak resident set size (ru_maxrss) after the runs minus
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from json_out import write_json  # benchmarks/: the script's own folder
 
-from opcd import loss, loss_chunked
+from opcd.loss import chunked, kl
 
 VARIANTS = ("naive", "chunked", "fused")
 OURS = ("chunked", "fused")
@@ -89,22 +89,22 @@ def naive_step(x: dict[str, torch.Tensor], chunk_size: int) -> tuple[torch.Tenso
     with torch.no_grad():
         teacher = torch.log_softmax(x["teacher_hidden"] @ x["teacher_weight"].T, dim=-1).gather(-1, x["ids"])
     student = torch.log_softmax(x["hidden"] @ x["weight"].T, dim=-1).gather(-1, x["ids"])  # [N, V] kept
-    return loss.support_reverse_kl(student, teacher, "partial").mean(), teacher
+    return kl.support_reverse_kl(student, teacher, "partial").mean(), teacher
 
 
 def chunked_step(x: dict[str, torch.Tensor], chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    teacher, _, _ = loss_chunked.support_logprobs_no_grad(x["teacher_hidden"], x["teacher_weight"], x["ids"],
+    teacher, _, _ = chunked.support_logprobs_no_grad(x["teacher_hidden"], x["teacher_weight"], x["ids"],
                                                   chunk_size=chunk_size)
-    student, _ = loss_chunked.support_logprobs_from_hidden(x["hidden"], x["weight"], x["ids"], chunk_size=chunk_size)
-    return loss.support_reverse_kl(student, teacher, "partial").mean(), teacher
+    student, _ = chunked.support_logprobs_from_hidden(x["hidden"], x["weight"], x["ids"], chunk_size=chunk_size)
+    return kl.support_reverse_kl(student, teacher, "partial").mean(), teacher
 
 
 def fused_step(x: dict[str, torch.Tensor], chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    teacher, _, _ = loss_chunked.support_logprobs_no_grad(x["teacher_hidden"], x["teacher_weight"], x["ids"],
+    teacher, _, _ = chunked.support_logprobs_no_grad(x["teacher_hidden"], x["teacher_weight"], x["ids"],
                                                           chunk_size=chunk_size)
     n = x["hidden"].shape[0]
-    value, _, _ = loss_chunked.fused_support_loss(
-        x["hidden"], x["weight"], x["ids"], teacher, lambda s, t, m: loss.support_reverse_kl(s, t, "partial", m),
+    value, _, _ = chunked.fused_support_loss(
+        x["hidden"], x["weight"], x["ids"], teacher, lambda s, t, m: kl.support_reverse_kl(s, t, "partial", m),
         torch.full((n,), 1.0 / n, device=x["hidden"].device), chunk_size=chunk_size)
     return value, teacher
 

@@ -160,7 +160,7 @@ def trl_dataset():
     French system prompt (SDFT puts it in the user turn through `teacher_prompt_template`)."""
     from datasets import Dataset
 
-    from opcd.contexts import read_context_file
+    from opcd.data.contexts import read_context_file
     from opcd.pipelines.run_setup import resolve_user_path
     from opcd.tasks.loading import load_rows
 

@@ -22,8 +22,8 @@ import os
 import sys
 
 from opcd.errors import ConfigError, OpcdError
-from opcd.interrupt import Terminated, handle_sigterm
-from opcd.quiet import quiet_third_party_logs
+from opcd.runtime.interrupt import Terminated, handle_sigterm
+from opcd.runtime.quiet import quiet_third_party_logs
 
 
 # The keys most runs touch, shown by `opcd distill --help` (tests/test_cli.py checks they exist).
@@ -44,7 +44,7 @@ def _overrides_epilog() -> str:
     from dataclasses import fields
 
     from opcd.config import CONF_DIR, DistillConfig
-    from opcd.config_hints import group_options
+    from opcd.config.hints import group_options
 
     presets = "  ".join(f"{group}={'|'.join(names)}" for group, names in group_options(CONF_DIR).items())
     lines = ["overrides are Hydra's KEY=VALUE (a misspelt key names the nearest one)",
@@ -52,7 +52,7 @@ def _overrides_epilog() -> str:
     lines += [f"  {keys}" + (f": {meaning}" if meaning else "") for keys, meaning in MAIN_KEYS]
     lines += [f"sections: {', '.join(f.name for f in fields(DistillConfig))}",
               "every key and its value: add --cfg (prints the resolved config and exits); "
-              "meanings: opcd/config.py"]
+              "meanings: opcd/config/schema.py"]
     return "\n".join(lines)
 
 
@@ -163,7 +163,7 @@ def _run(args) -> int:
         print(json.dumps(run_evaluate(run_dir, cfg, base_only=args.base), indent=1))
         return 0
     if args.command == "export":
-        from opcd.export import best_step, export_checkpoint
+        from opcd.runs.export import best_step, export_checkpoint
 
         if args.step != "best" and not args.step.isdigit():
             raise ConfigError(f"opcd export: step {args.step!r}: expected a step number or best")
@@ -171,7 +171,7 @@ def _run(args) -> int:
         print(export_checkpoint(args.run_dir, step))
         return 0
     if args.command == "report":
-        from opcd.report import write_report
+        from opcd.runs.report import write_report
 
         print(json.dumps(write_report(args.run_dirs, args.out), indent=1))
         return 0

@@ -100,7 +100,7 @@ class Example:
 
 @dataclass
 class RolloutBatch:
-    """What a rollout source hands the trainer for one step (opcd/sources.py)."""
+    """What a rollout source hands the trainer for one step (opcd/domains/sources.py)."""
 
     student_prompts: list[list[int]]  # what the student was conditioned on (no context)
     teacher_prompts: list[list[int]]  # the same with the context

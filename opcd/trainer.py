@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 
 from opcd import metrics as M
-from opcd.checkpoint import has_optimizer, read_trainer_state, resumable_checkpoint, retain, save_checkpoint
+from opcd.runs.checkpoint import has_optimizer, read_trainer_state, resumable_checkpoint, retain, save_checkpoint
 from opcd.config import LossConfig, TrainerConfig
 from opcd.errors import TrainingError
-from opcd.objective import uses_sampled_token
+from opcd.loss.objective import uses_sampled_token
 from opcd.protocol import Generation, RolloutBatch, SamplingParams, TeacherScores, UpdateBatch
-from opcd.runfolder import disk_full_as_enospc
-from opcd.seeds import step_seed
-from opcd.tracking import Tracker
+from opcd.runs.folder import disk_full_as_enospc
+from opcd.data.seeds import step_seed
+from opcd.runs.tracking import Tracker
 
 log = logging.getLogger("opcd")
 
@@ -54,7 +54,7 @@ class Trainer:
         self.loss_cfg = loss_cfg
         self.objective = objective or loss_cfg.kl_loss_type  # off-policy: forward_kl | seqkd
         self.sampling = sampling
-        self.source = source  # a RolloutSource (opcd/sources.py): what each step learns from
+        self.source = source  # a RolloutSource (opcd/domains/sources.py): what each step learns from
         self.student = student  # worker group: rollout engine colocated with the trainable model
         self.teacher = teacher
         self.run_dir = Path(run_dir)
@@ -151,7 +151,7 @@ class Trainer:
         return out
 
     def _gpu_memory(self) -> dict[str, float]:
-        """Each group's peak GPU memory over this step, its largest rank's (opcd/gpu_memory.py); {} on CPU."""
+        """Each group's peak GPU memory over this step, its largest rank's (opcd/runtime/gpu_memory.py); {} on CPU."""
         out = {}
         for name, group in (("student", self.student), ("teacher", self.teacher)):
             readings = [r for r in (group.call("gpu_memory") if group is not None else []) if r]

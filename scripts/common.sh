@@ -222,7 +222,7 @@ opcd_hardware_overrides() {  # GPUs of this node; vLLM on GPU; fp32 and default 
         gpus="$(opcd_num_gpus)"
     fi
     [[ "$gpus" =~ ^[0-9]+$ ]] || opcd_die "OPCD_NUM_GPUS must be a whole number, got '$gpus'"
-    # opcd's `auto` values do the rest (opcd/config.py): ray.ranks_per_group = every GPU of the nnodes,
+    # opcd's `auto` values do the rest (opcd/config/schema.py): ray.ranks_per_group = every GPU of the nnodes,
     # the teacher on the same ranks, bf16, activation checkpointing on GPU; `--cfg` prints them
     if ((gpus > 0)); then
         OPCD_OVERRIDES+=("ray.gpus_per_node=$gpus" rollout.backend=vllm)  # the reference always samples with vLLM
@@ -272,7 +272,7 @@ opcd_task_data() {  # opcd_task_data math|medmcqa|safety [train,validation,test]
     if [[ "$task" == math ]]; then
         fallback="rg:gsm_symbolic, generated offline by reasoning-gym ($OPCD_RG_SIZE problems per split)"
     else
-        size="$(grep -c . "$OPCD_REPO/opcd/data/${task}_train.jsonl") + $(grep -c . "$OPCD_REPO/opcd/data/${task}_test.jsonl")"
+        size="$(grep -c . "$OPCD_REPO/opcd/data/bundled/${task}_train.jsonl") + $(grep -c . "$OPCD_REPO/opcd/data/bundled/${task}_test.jsonl")"
         fallback="the bundled samples bundled:${task}_train / bundled:${task}_test ($size rows)"
     fi
     echo "$OPCD_SCRIPT_NAME: no ${missing[0]} (python tools/prepare_data.py writes the paper's data): using $fallback" >&2

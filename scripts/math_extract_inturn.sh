@@ -8,7 +8,7 @@
 #              experience, 16k tokens, seeds 0-9 (one run folder, every seed inside it).
 #
 # --ckpt is the seed (as in the reference); --prompt_version is accepted for compatibility and has
-# one value here ("default": opcd has a single writer prompt, opcd/experience.py). The best
+# one value here ("default": opcd has a single writer prompt, opcd/data/experience.py). The best
 # experience over all seeds and steps is written to runs/<exp_name>/best_experience.txt:
 #   export BEST_EXP_PATH=runs/<exp_name>/best_experience.txt
 set -euo pipefail

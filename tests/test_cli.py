@@ -4,7 +4,7 @@ import pytest
 
 from opcd.cli import MAIN_KEYS, main
 from opcd.config import DistillConfig
-from opcd.config_hints import schema_keys
+from opcd.config.hints import schema_keys
 
 
 def _exit(capsys, *argv) -> tuple[int, str, str]:

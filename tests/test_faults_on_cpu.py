@@ -25,11 +25,11 @@ import torch
 from safetensors.torch import load_file
 
 from opcd import metrics as M
-from opcd.checkpoint import latest_checkpoint
+from opcd.runs.checkpoint import latest_checkpoint
 from opcd.config import LossConfig, TrainerConfig
 from opcd.errors import TrainingError
 from opcd.protocol import Example, Generation, SamplingParams, TeacherScores
-from opcd.sources import PromptSource
+from opcd.domains.sources import PromptSource
 from opcd.trainer import Trainer
 
 pytestmark = pytest.mark.slow

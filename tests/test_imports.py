@@ -1,6 +1,7 @@
 """The package's layering, read from the source with `ast` (every import, also those inside functions):
-pure pieces never reach up to Ray, workers or pipelines; games and tasks stand on the pure bottom
-only; pipelines share through opcd/pipelines/run_setup.py, never through each other's helpers;
+a few modules at the top and the rest in districts; pure pieces never reach up to Ray, workers or
+pipelines; the loss and data districts stand on nothing above them; games and tasks stand on the pure
+bottom only; pipelines share through opcd/pipelines/run_setup.py, never through each other's helpers;
 no import cycle; the seed formulas and the dataset/game switch exist once; one scorer for every model
 worker."""
 
@@ -14,11 +15,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "opcd"
 
 # The driver and worker sides: everything else is a pure piece.
 NOT_PURE = ("opcd.cli", "opcd.trainer", "opcd.pipelines", "opcd.workers", "opcd.rollout",
-            "opcd.raywatch")  # raywatch: the driver's edge that stops Ray's agents after a SIGKILL
+            "opcd.runtime.raywatch")  # raywatch: the driver's edge that stops Ray's agents after a SIGKILL
 UPWARD = ("ray", "opcd.workers", "opcd.rollout", "opcd.pipelines", "opcd.trainer", "opcd.cli")
 # What games/ and tasks/ may import from the rest of opcd besides their own package.
-BOTTOM = ("opcd.errors", "opcd.prompts", "opcd.protocol", "opcd.contexts", "opcd.batching", "opcd.rows",
-          "opcd.seeds", "opcd.userfiles")
+BOTTOM = ("opcd.errors", "opcd.protocol", "opcd.data")
+# The districts of the package and the top-level modules; anything new finds its place in one of them.
+DISTRICTS = {"config", "data", "domains", "games", "loss", "pipelines", "rollout", "runs", "runtime", "tasks",
+             "workers", "conf"}
+TOP_LEVEL_MODULES = {"__init__", "cli", "errors", "metrics", "models", "protocol", "trainer"}
 SHARED_PIPELINE_MODULE = "opcd.pipelines.run_setup"
 
 
@@ -32,8 +36,8 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(path: Path) -> list[tuple[str, str | None]]:
-    """(module, imported name or None) for every import in the file; `from opcd import loss` counts
-    as an import of the module opcd.loss."""
+    """(module, imported name or None) for every import in the file; `from opcd.loss import kl` counts
+    as an import of the module opcd.loss.kl."""
     found = []
     package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
@@ -63,6 +67,22 @@ def _within(module: str, prefixes: tuple[str, ...]) -> bool:
     return any(module == p or module.startswith(p + ".") for p in prefixes)
 
 
+def test_a_few_modules_at_the_top_and_the_rest_in_districts():
+    top = {p.stem for p in PACKAGE.glob("*.py")}
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert top == TOP_LEVEL_MODULES
+    assert folders == DISTRICTS
+
+
+def test_the_loss_and_the_data_stand_on_nothing_above_them():
+    """opcd/loss is pure tensor math (torch only); opcd/data imports only itself and the error types."""
+    modules = _modules()
+    for district, allowed in (("opcd.loss", ("opcd.loss",)), ("opcd.data", ("opcd.data", "opcd.errors"))):
+        for m, p in modules.items():
+            if _within(m, (district,)):
+                assert {t for t in _targets(p, modules) if t != "opcd" and not _within(t, allowed)} == set(), m
+
+
 def test_pure_pieces_never_import_ray_workers_or_pipelines():
     modules = _modules()
     bad = {m: sorted(t for t in _targets(p, modules) if _within(t, UPWARD))
@@ -83,7 +103,7 @@ def test_games_and_tasks_stand_on_the_pure_bottom_only():
 
 
 def test_rows_do_not_import_tasks():
-    assert not [t for t in _targets(PACKAGE / "rows.py", _modules()) if _within(t, ("opcd.tasks",))]
+    assert not [t for t in _targets(PACKAGE / "data" / "rows.py", _modules()) if _within(t, ("opcd.tasks",))]
 
 
 def test_only_pipelines_and_the_cli_import_pipelines():
@@ -133,21 +153,22 @@ def test_no_import_cycles():
 
 def test_seed_formulas_exist_once():
     """Off-policy data matches an on-policy run only while every pipeline derives its seeds the same
-    way: the constants live in opcd/seeds.py alone."""
+    way: the constants live in opcd/data/seeds.py alone."""
     pattern = re.compile(r"1_?000_?003|\b7_?919\b")
     found = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if pattern.search(p.read_text())]
-    assert found == ["seeds.py"]
+    assert found == ["data/seeds.py"]
 
 
 def test_datasets_and_games_part_in_one_place():
-    """The game task's name is written once (config.GAME_TASK); the pipelines part on it in run_setup
-    alone (the domain), and the run folder only to know that game settings do not matter to datasets."""
+    """The game task's name is written once (config.schema.GAME_TASK); the pipelines part on it in
+    run_setup alone (the domain), and the run folder only to know that game settings do not matter to
+    datasets."""
     named = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                    if re.search(r"""["']textgame["']""", p.read_text()))
-    assert named == ["config.py"]
+    assert named == ["config/schema.py"]
     decided = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
-                     if re.search(r"GAME_TASK\b(?! =)", p.read_text()) and p.name != "config.py")
-    assert decided == ["pipelines/run_setup.py", "runfolder.py"]
+                     if re.search(r"GAME_TASK\b(?! =)", p.read_text()) and not p.is_relative_to(PACKAGE / "config"))
+    assert decided == ["pipelines/run_setup.py", "runs/folder.py"]
 
 
 def test_one_scorer_for_the_student_and_every_frozen_model():
@@ -157,13 +178,13 @@ def test_one_scorer_for_the_student_and_every_frozen_model():
     for worker in ("opcd.workers.student", "opcd.workers.frozen"):
         assert "opcd.workers.scoring" in _targets(modules[worker], modules)
     users = {part: sorted(m for m, p in modules.items() if part in _targets(p, modules))
-             for part in ("opcd.workers.lm_head", "opcd.loss_chunked")}
-    assert users == {"opcd.workers.lm_head": ["opcd.workers.scoring"], "opcd.loss_chunked": ["opcd.workers.scoring"]}
+             for part in ("opcd.workers.lm_head", "opcd.loss.chunked")}
+    assert users == {"opcd.workers.lm_head": ["opcd.workers.scoring"], "opcd.loss.chunked": ["opcd.workers.scoring"]}
 
 
 def test_the_rules_see_real_imports():
     """The checks above would pass on an empty graph: make sure they read what is there."""
     modules = _modules()
     assert "opcd.pipelines.run_setup" in _targets(modules["opcd.pipelines.distill"], modules)
-    assert "opcd.loss" in _targets(modules["opcd.objective"], modules)  # `from opcd import loss`
+    assert "opcd.loss.kl" in _targets(modules["opcd.loss.objective"], modules)  # `from opcd.loss import kl`
     assert "ray" in _targets(modules["opcd.workers.group"], modules)

@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from opcd.rows import check_rows
+from opcd.data.rows import check_rows
 from opcd.errors import DataError, OpcdError
 
 HUB_SPLIT = "train"  # each of the reference's datasets is one hub dataset with a single train split

@@ -23,11 +23,11 @@ from typing import Callable, Literal
 
 import torch
 
-from opcd.batching import right_pad
+from opcd.data.batching import right_pad
 from opcd.games.actions import MOVES
 from opcd.games.prompts import PastTurn, first_message, next_message, turn_message
 from opcd.errors import DataError
-from opcd.prompts import encode_chat
+from opcd.data.prompts import encode_chat
 from opcd.protocol import Generation, SamplingParams
 
 Mode = Literal["turn", "trajectory"]

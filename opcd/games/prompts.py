@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opcd.prompts import strip_thinking
+from opcd.data.prompts import strip_thinking
 
 EXPERIENCE_BLOCK = (
     "Lessons written after earlier games of this kind:\n{experience}\n"

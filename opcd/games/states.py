@@ -11,13 +11,13 @@ import json
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from opcd.contexts import ContextSource
+from opcd.data.contexts import ContextSource
 from opcd.errors import DataError
 from opcd.games.actions import parse_action
 from opcd.games.play import Episode, GamePlayer
 from opcd.games.prompts import PastTurn
 from opcd.protocol import Example
-from opcd.userfiles import check_unicode, read_text
+from opcd.data.files import check_unicode, read_text
 
 _PAST_FIELDS = {f.name for f in fields(PastTurn)}
 

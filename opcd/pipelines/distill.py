@@ -14,17 +14,17 @@ import json
 import logging
 from pathlib import Path
 
-from opcd.checkpoint import latest_checkpoint, write_text_atomic
+from opcd.runs.checkpoint import latest_checkpoint, write_text_atomic
 from opcd.config import DistillConfig, to_yaml
-from opcd.evaluation import EvalResult
+from opcd.runs.results import EvalResult
 from opcd import metrics as M
 from opcd.pipelines.run_setup import (Prepared, engine_ranks, generation_spec, prepare, reserved_pools, sampling,
                                       student_context, teacher_ranks, train_spec, worker_spec)
-from opcd.report import write_report
-from opcd.runfolder import claims_run_folder
-from opcd.seeds import eval_seed
-from opcd.sources import RolloutSource
-from opcd.tracking import Tracker
+from opcd.runs.report import write_report
+from opcd.runs.folder import claims_run_folder
+from opcd.data.seeds import eval_seed
+from opcd.domains.sources import RolloutSource
+from opcd.runs.tracking import Tracker
 from opcd.trainer import Trainer
 from opcd.workers.frozen import FrozenModelWorker
 from opcd.workers.group import WorkerGroup, init_ray

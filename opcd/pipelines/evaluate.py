@@ -23,15 +23,15 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from opcd.checkpoint import COMPLETE, step_dir, write_text_atomic
+from opcd.runs.checkpoint import COMPLETE, step_dir, write_text_atomic
 from opcd.config import DistillConfig, validate
 from opcd.errors import ConfigError
-from opcd.evaluation import best_k_mean
-from opcd.export import model_folder
+from opcd.runs.results import best_k_mean
+from opcd.runs.export import model_folder
 from opcd.models import load_tokenizer, resolve_model
 from opcd.pipelines.run_setup import frozen_model_group, load_run_context, make_domain, resolve_user_path, sampling
-from opcd.runfolder import read_saved_config
-from opcd.seeds import eval_seed
+from opcd.runs.folder import read_saved_config
+from opcd.data.seeds import eval_seed
 from opcd.workers.group import init_ray
 
 log = logging.getLogger("opcd.evaluate")
@@ -104,7 +104,7 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig, base_only: bool = False) -> 
 def _jobs(run_dir: Path, steps: list[int], base_path: str, baselines: bool, with_context: bool,
           base_only: bool) -> list[tuple[str, str, str]]:
     """(name, model folder, side) to evaluate; side "student" = without the context, "teacher" = with it."""
-    # a checkpoint folder: its Hugging Face folder, or a temporary export of its shards (opcd/export.py)
+    # a checkpoint folder: its Hugging Face folder, or a temporary export of its shards (opcd/runs/export.py)
     models = [(f"step_{s}", str(step_dir(run_dir, s))) for s in steps]
     jobs = [(name, path, "student") for name, path in models]
     if with_context:
@@ -119,7 +119,7 @@ def _jobs(run_dir: Path, steps: list[int], base_path: str, baselines: bool, with
 def _out_of_distribution(cfg: DistillConfig, out: Path, jobs: list[tuple[str, str]]) -> dict:
     """lm-eval tasks (e.g. IFEval) on every checkpoint and the base model, cached like the task scores;
     also written as evaluation/ood.csv (name, task, metric, value)."""
-    from opcd.ood import run_lm_eval
+    from opcd.pipelines.ood import run_lm_eval
 
     e = cfg.evaluate
     key = hashlib.sha256(json.dumps({"tasks": e.ood_tasks, "limit": e.ood_limit, "include": e.ood_include_path,

@@ -22,17 +22,17 @@ import logging
 import shutil
 from pathlib import Path
 
-from opcd.checkpoint import write_text_atomic
+from opcd.runs.checkpoint import write_text_atomic
 from opcd.config import DistillConfig
-from opcd.contexts import split_items, truncate_experience
+from opcd.data.contexts import split_items, truncate_experience
 from opcd.domains import Domain
-from opcd.experience import WRITER_PREFIX, Candidate, append_items, best_candidate, parse_writer_items
-from opcd.plots import plot_extraction
+from opcd.data.experience import WRITER_PREFIX, Candidate, append_items, best_candidate, parse_writer_items
+from opcd.runs.plots import plot_extraction
 from opcd.models import check_same_tokenizer, load_tokenizer, resolve_model
 from opcd.pipelines.run_setup import generating_group, make_domain, reserved_pools
-from opcd.prompts import encode_chat, token_counter
+from opcd.data.prompts import encode_chat, token_counter
 from opcd.protocol import SamplingParams
-from opcd.seeds import extraction_attempt_seed, extraction_heldout_seed, writer_seed
+from opcd.data.seeds import extraction_attempt_seed, extraction_heldout_seed, writer_seed
 from opcd.workers.group import init_ray
 
 log = logging.getLogger("opcd.extract")
@@ -40,7 +40,7 @@ log = logging.getLogger("opcd.extract")
 
 class Extraction:
     """The models and the domain of one extraction run; `run_seed` is the loop above for one seed. The
-    domain (opcd/domains.py) says what an item is, how the held-out set is scored and what the writer
+    domain (opcd/domains/__init__.py) says what an item is, how the held-out set is scored and what the writer
     reads after an attempt: a dataset row, or a new game episode shown turn by turn."""
 
     def __init__(self, cfg: DistillConfig, tokenizer, solver, writer, domain: Domain):

@@ -26,7 +26,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from opcd.checkpoint import latest_checkpoint, write_text_atomic
+from opcd.runs.checkpoint import latest_checkpoint, write_text_atomic
 from opcd.config import DistillConfig
 from opcd.errors import ConfigError, DataError
 from opcd.games.play import episode_metrics
@@ -34,7 +34,7 @@ from opcd.games.states import state_rows
 from opcd.pipelines.distill import run_distill
 from opcd.pipelines.extract import run_extract
 from opcd.pipelines.run_setup import build_player, frozen_model_group, prepare, require_games, sampling
-from opcd.seeds import deploy_run_seed, step_seed, training_seeds
+from opcd.data.seeds import deploy_run_seed, step_seed, training_seeds
 from opcd.workers.group import init_ray
 
 log = logging.getLogger("opcd.oel")

@@ -2,7 +2,7 @@
 
 generate: the teacher (the initial model, or model.teacher_path) WITH the context answers the
 training prompts (text games: plays the episodes with its experience), drawn step by step exactly as
-an on-policy run would draw them. Each step is one shard (`opcd/shards.py`): prompts without
+an on-policy run would draw them. Each step is one shard (`opcd/runs/shards.py`): prompts without
 and with the context, the teacher's tokens, and its top-k ids and log-probs at every position. An
 interrupted generation resumes at the first missing step; a folder written with other settings is
 refused.
@@ -30,9 +30,9 @@ from opcd.errors import ConfigError, DataError
 from opcd.pipelines.distill import run_distill
 from opcd.pipelines.run_setup import Prepared, frozen_model_group, prepare
 from opcd.protocol import Generation, RolloutBatch, SamplingParams, TeacherScores
-from opcd.seeds import step_seed
-from opcd.shards import Shard, ShardReader, ShardWriter, tokenizer_fingerprint
-from opcd.sources import PromptSource
+from opcd.data.seeds import step_seed
+from opcd.runs.shards import Shard, ShardReader, ShardWriter, tokenizer_fingerprint
+from opcd.domains.sources import PromptSource
 from opcd.workers.group import init_ray
 
 log = logging.getLogger("opcd.offpolicy")

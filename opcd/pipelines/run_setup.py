@@ -16,18 +16,20 @@ from pathlib import Path
 from typing import Literal
 
 from opcd.config import GAME_TASK, DistillConfig, check_model_limits
-from opcd.contexts import ContextSource, load_context
-from opcd.domains import DatasetDomain, Domain, GameDomain
+from opcd.data.contexts import ContextSource, load_context
+from opcd.domains import Domain
+from opcd.domains.dataset import DatasetDomain
+from opcd.domains.game import GameDomain
 from opcd.errors import ConfigError, DataError
 from opcd.games.play import GamePlayer
 from opcd.games.registry import make_game
 from opcd.games.states import MoveFormat, read_states, state_examples
 from opcd.models import (check_same_tokenizer, check_teacher_covers_student, load_model_config, load_tokenizer,
                          resolve_model, vocab_rows)
-from opcd.prompts import encode_chat, token_counter
+from opcd.data.prompts import encode_chat, token_counter
 from opcd.protocol import Example, SamplingParams
-from opcd.seeds import heldout_seeds
-from opcd.sources import RolloutSource
+from opcd.data.seeds import heldout_seeds
+from opcd.domains.sources import RolloutSource
 from opcd.tasks import check_answer, context_placeholders, get_task
 from opcd.tasks.loading import load_rows
 from opcd.workers.frozen import FrozenModelWorker

@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from opcd.protocol import Generation, SamplingParams
-from opcd.seeds import prompt_seed  # noqa: F401 (the engines' and WorkerGroup's per-prompt seeds)
+from opcd.data.seeds import prompt_seed  # noqa: F401 (the engines' and WorkerGroup's per-prompt seeds)
 
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation: ...

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList, StaticCache
 
-from opcd.batching import left_pad, strip_after_eos
+from opcd.data.batching import left_pad, strip_after_eos
 from opcd.protocol import Generation, SamplingParams
 from opcd.rollout import concat_generations, prompt_seed
 

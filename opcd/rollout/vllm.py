@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from opcd.batching import right_pad
+from opcd.data.batching import right_pad
 from opcd.errors import ConfigError
 from opcd.protocol import Generation, SamplingParams
 from opcd.rollout import prompt_seed

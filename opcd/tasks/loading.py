@@ -1,7 +1,7 @@
 """Where a task's rows come from: bundled sets, local files, hub datasets and reasoning-gym.
 
 Sources accepted by `load_rows`:
-* ``bundled:<name>``: ``opcd/data/<name>.jsonl`` shipped with the package;
+* ``bundled:<name>``: ``opcd/data/bundled/<name>.jsonl`` shipped with the package;
 * a path ending ``.jsonl`` or ``.json`` (JSON lines; a ``.json`` file holding a
   single JSON array also works) or ``.parquet``;
 * ``hf:<dataset_id>``: a hub dataset, with `split` (default "train"); one without a ``content`` column
@@ -9,7 +9,7 @@ Sources accepted by `load_rows`:
 * ``rg:<generator>``: offline problems from reasoning-gym (e.g. ``rg:gsm_symbolic``); `split`
   picks the seed (train / validation / test never overlap by seed), `limit` the size (default 256).
 
-Every row is checked against the layout of `opcd/rows.py`.
+Every row is checked against the layout of `opcd/data/rows.py`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from opcd.errors import ConfigError, DataError
-from opcd.rows import BUNDLED_PREFIX, bundled_path, check_rows, read_file_rows
+from opcd.data.rows import BUNDLED_PREFIX, bundled_path, check_rows, read_file_rows
 from opcd.tasks.math import reasoning_gym_rows
 from opcd.tasks.sysprompt import medmcqa_row
 

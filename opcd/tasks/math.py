@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 
 from opcd.errors import DataError
-from opcd.prompts import strip_thinking
+from opcd.data.prompts import strip_thinking
 
 ANSWER_LINE = re.compile(r"^\s*\**\s*answer\s*\**\s*[:：]\s*\**\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
 

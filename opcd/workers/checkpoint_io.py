@@ -1,4 +1,4 @@
-"""How a student rank writes and reads its part of a checkpoint (the layout: opcd/checkpoint.py).
+"""How a student rank writes and reads its part of a checkpoint (the layout: opcd/runs/checkpoint.py).
 
 One rank: a Hugging Face folder (`model/`, loadable by transformers and vLLM) and `optimizer.pt`,
 the simplest format there is. Several ranks (FSDP2): torch.distributed.checkpoint, every rank writing
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from opcd.checkpoint import MODEL, MODEL_CONFIG, OPTIMIZER_FILE, SHARDED_OPTIMIZER, WEIGHTS, file_sha256
+from opcd.runs.checkpoint import MODEL, MODEL_CONFIG, OPTIMIZER_FILE, SHARDED_OPTIMIZER, WEIGHTS, file_sha256
 from opcd.errors import OpcdError
 from opcd.workers import distributed as D
 

@@ -30,7 +30,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from opcd.batching import plan_micro_batches
+from opcd.data.batching import plan_micro_batches
 from opcd.errors import ConfigError
 
 

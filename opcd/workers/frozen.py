@@ -21,8 +21,8 @@ import os
 
 import torch
 
-from opcd import gpu_memory
-from opcd.devices import worker_device
+from opcd.runtime import gpu_memory
+from opcd.runtime.devices import worker_device
 from opcd.models import load_causal_lm, load_tokenizer
 from opcd.protocol import Generation, SamplingParams, TeacherScores
 from opcd.rollout.engines import make_rollout
@@ -54,7 +54,7 @@ class FrozenModelWorker:
                                        self.pad_id, self.device, vocab_rows=spec.vocab_rows)
 
     def gpu_memory(self) -> dict[str, float]:
-        """Peak GPU memory since the previous call (opcd/gpu_memory.py); {} on CPU."""
+        """Peak GPU memory since the previous call (opcd/runtime/gpu_memory.py); {} on CPU."""
         return gpu_memory.read_and_reset()
 
     @torch.no_grad()

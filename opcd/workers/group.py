@@ -16,9 +16,10 @@ import re
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from opcd import devices, raywatch
+from opcd.runtime import devices
+from opcd.runtime import raywatch
 from opcd.errors import OpcdError, WorkerError
-from opcd.interrupt import handle_sigterm
+from opcd.runtime.interrupt import handle_sigterm
 from opcd.protocol import Generation, RankShares, SamplingParams
 from opcd.rollout import concat_generations, prompt_seed
 

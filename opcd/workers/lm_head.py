@@ -1,5 +1,5 @@
 """A causal LM's last hidden states instead of its logits, so the losses can apply the lm_head a
-chunk of tokens at a time (opcd/loss_chunked.py) and never hold [tokens, vocab] logits.
+chunk of tokens at a time (opcd/loss/chunked.py) and never hold [tokens, vocab] logits.
 
 The model still runs its own forward (FSDP2's hooks gather and release the root's parameters as
 usual); only the output projection is bypassed for the duration of the call. Whether that is exact
@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-from opcd.batching import pack, prompt_response_inputs
+from opcd.data.batching import pack, prompt_response_inputs
 from opcd.workers.distributed import release
 
 
@@ -62,7 +62,7 @@ def response_hidden_states(model, prompts: list[list[int]], response_ids: torch.
                            response_mask: torch.Tensor, pad_id: int, packed: bool,
                            device: torch.device | str = "cpu") -> torch.Tensor:
     """Final hidden states that predict each response token: [B, T, H] (rows past a response's end
-    hold whatever; callers mask them). `packed`: one padding-free row (opcd.batching.pack), else a
+    hold whatever; callers mask them). `packed`: one padding-free row (opcd.data.batching.pack), else a
     left-padded prompt + right-padded response batch. The inputs go to `device` (the worker's compute
     device), and so does the result."""
     width = response_ids.shape[1]

@@ -3,9 +3,9 @@ chunked lm_head and full logits, and between packed and padded rows. The student
 (`Scorer.loss`, with gradients) and every frozen model's scoring (`Scorer.score`, no graph) go
 through it, so both sides of the KL are always computed the same way.
 
-    full logits    model(...).logits [b, T, V], then opcd.loss (gather, entropy, aggregate)
+    full logits    model(...).logits [b, T, V], then opcd.loss.kl (gather, entropy, aggregate)
     chunked head   last hidden states (opcd/workers/lm_head.py) at the response tokens only, the
-                   lm_head a chunk of tokens at a time (opcd/loss_chunked.py): no [tokens, vocab]
+                   lm_head a chunk of tokens at a time (opcd/loss/chunked.py): no [tokens, vocab]
                    logits; the student's loss gradient is computed on the way (fused)
     packed rows    (chunked head only) one padding-free row per micro-batch, else left-padded prompt
                    + right-padded response
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from opcd import loss, loss_chunked
-from opcd.batching import prompt_response_inputs
+from opcd.loss import chunked, kl
+from opcd.data.batching import prompt_response_inputs
 from opcd.workers import lm_head
 
 # (log-probs [b, T, K'], entropy [b, T], support ids [b, T, K'], support mask [b, T, K'] or None), on CPU
@@ -68,33 +68,33 @@ class Scorer:
                                       teacher_logprobs, support_mask, token_loss, aggregation, normalizer)
         with self.autocast():
             logits = self._logits(model, prompts, response_ids, response_mask)  # [b, T, V]
-        student_logprobs = loss.gather_logprobs(logits, support_ids, self.temperature)  # [b, T, K]
+        student_logprobs = kl.gather_logprobs(logits, support_ids, self.temperature)  # [b, T, K]
         per_token = token_loss(student_logprobs, teacher_logprobs, support_mask)  # [b, T]
-        mb_loss = loss.aggregate(per_token, trained, aggregation, normalizer=normalizer)
+        mb_loss = kl.aggregate(per_token, trained, aggregation, normalizer=normalizer)
         with torch.no_grad():
             mask = trained.float()
-            stats = {"entropy": (loss.entropy(logits, self.temperature) * mask).sum().item(),
-                     "student_mass": (loss.support_mass(student_logprobs, support_mask) * mask).sum().item(),
-                     "teacher_mass": (loss.support_mass(teacher_logprobs, support_mask) * mask).sum().item()}
+            stats = {"entropy": (kl.entropy(logits, self.temperature) * mask).sum().item(),
+                     "student_mass": (kl.support_mass(student_logprobs, support_mask) * mask).sum().item(),
+                     "teacher_mass": (kl.support_mass(teacher_logprobs, support_mask) * mask).sum().item()}
         return mb_loss, stats
 
     def _chunked_loss(self, model, prompts, response_ids, response_mask, trained, support_ids, teacher_logprobs,
                       support_mask, token_loss, aggregation, normalizer):
         """The same loss and statistics from hidden states, only at the trained tokens, the gradient of
-        the lm_head computed chunk by chunk on the way (loss_chunked.fused_support_loss)."""
+        the lm_head computed chunk by chunk on the way (chunked.fused_support_loss)."""
         with self.autocast():
             hidden = lm_head.response_hidden_states(model, prompts, response_ids, response_mask, self.pad_id,
                                                     self.packed, self.device)  # [b, T, H]
         head = model.get_output_embeddings()
         keep = trained.bool()
-        weights = loss.aggregation_weights(trained, aggregation, normalizer)[keep]
+        weights = kl.aggregation_weights(trained, aggregation, normalizer)[keep]
         mask = None if support_mask is None else support_mask[keep]
-        mb_loss, student_logprobs, entropy = loss_chunked.fused_support_loss(
+        mb_loss, student_logprobs, entropy = chunked.fused_support_loss(
             hidden[keep], head.weight, support_ids[keep], teacher_logprobs[keep], token_loss, weights,
             self.temperature, self.chunk_size, head.bias, mask)
         stats = {"entropy": entropy.sum().item(),
-                 "student_mass": loss.support_mass(student_logprobs, mask).sum().item(),
-                 "teacher_mass": loss.support_mass(teacher_logprobs[keep], mask).sum().item()}
+                 "student_mass": kl.support_mass(student_logprobs, mask).sum().item(),
+                 "teacher_mass": kl.support_mass(teacher_logprobs[keep], mask).sum().item()}
         return mb_loss, stats
 
     # -- a frozen model: scores, no graph -----------------------------------------------------------
@@ -110,7 +110,7 @@ class Scorer:
         logits = self._logits(model, prompts, response_ids, response_mask)
         ids, mask = _support(logits, None if support_ids is None else support_ids.to(self.device), merge_topk)
         return tuple(None if t is None else t.cpu() for t in (
-            loss.gather_logprobs(logits, ids, self.temperature), loss.entropy(logits, self.temperature), ids, mask))
+            kl.gather_logprobs(logits, ids, self.temperature), kl.entropy(logits, self.temperature), ids, mask))
 
     def _chunked_scores(self, model, hidden: torch.Tensor, response_mask: torch.Tensor,
                         support_ids: torch.Tensor | None, merge_topk: int) -> Scores:
@@ -126,14 +126,14 @@ class Scorer:
             ids = torch.arange(vocab).expand(*response_mask.shape, vocab)
         else:
             ids = support_ids
-        logprobs, entropy, top = (None if t is None else t.cpu() for t in loss_chunked.support_logprobs_no_grad(
+        logprobs, entropy, top = (None if t is None else t.cpu() for t in chunked.support_logprobs_no_grad(
             hidden[real.to(hidden.device)], weight, ids[real].to(hidden.device), self.temperature,
             self.chunk_size, bias, topk=merge_topk if support_ids is not None else 0))
         mask = None
         if top is not None:
             all_top = torch.zeros(*response_mask.shape, merge_topk, dtype=torch.long)
             all_top[real] = top
-            ids, mask = loss.merge_support(ids, all_top)
+            ids, mask = kl.merge_support(ids, all_top)
         out_logprobs = torch.full((*response_mask.shape, logprobs.shape[-1]), -math.log(vocab), dtype=logprobs.dtype)
         out_logprobs[real] = logprobs
         out_entropy = torch.zeros(response_mask.shape, dtype=entropy.dtype)
@@ -154,5 +154,5 @@ def _support(logits: torch.Tensor, support_ids: torch.Tensor | None, merge_topk:
         vocab = logits.shape[-1]
         return torch.arange(vocab, device=logits.device).expand(*logits.shape[:-1], vocab), None
     if merge_topk > 0:
-        return loss.merge_support(support_ids, loss.topk_ids(logits, merge_topk))
+        return kl.merge_support(support_ids, kl.topk_ids(logits, merge_topk))
     return support_ids, None

@@ -62,7 +62,7 @@ class TrainSpec:
     lr: float = 1e-6  # constant, AdamW
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # gradient-norm clipping
-    kl_loss_type: Literal["full", "k1", "k2", "k3", "abs", "forward_kl", "seqkd"] = "full"  # opcd.objective
+    kl_loss_type: Literal["full", "k1", "k2", "k3", "abs", "forward_kl", "seqkd"] = "full"  # opcd.loss.objective
     support_mode: Literal["partial", "renorm", "tail"] = "tail"
     aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
     activation_checkpointing: bool = False

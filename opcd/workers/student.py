@@ -17,10 +17,10 @@ import os
 
 import torch
 
-from opcd import gpu_memory
-from opcd.devices import worker_device
+from opcd.runtime import gpu_memory
+from opcd.runtime.devices import worker_device
 from opcd.models import load_causal_lm, load_tokenizer
-from opcd.objective import per_token_loss
+from opcd.loss.objective import per_token_loss
 from opcd.protocol import Generation, SamplingParams, UpdateBatch
 from opcd.rollout.engines import make_rollout
 from opcd.rollout.hf import HFRollout
@@ -78,7 +78,7 @@ class StudentWorker:
         self.rollout.sync_weights(D.full_tensors(self.model) if self.world_size > 1 else self.model.state_dict().items())
 
     def gpu_memory(self) -> dict[str, float]:
-        """Peak GPU memory since the previous call (opcd/gpu_memory.py); {} on CPU."""
+        """Peak GPU memory since the previous call (opcd/runtime/gpu_memory.py); {} on CPU."""
         return gpu_memory.read_and_reset()
 
     # -- update ----------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ class StudentWorker:
         configured = [(group["lr"], group["weight_decay"]) for group in self.optimizer.param_groups]
         checkpoint_io.load(self.model, self.optimizer, folder, self.world_size, optimizer)
         # The saved optimiser state carries the saved run's lr and weight decay; the configured ones win
-        # (a resume refuses a changed value unless trainer.resume_override names it: opcd/runfolder.py).
+        # (a resume refuses a changed value unless trainer.resume_override names it: opcd/runs/folder.py).
         for group, (lr, weight_decay) in zip(self.optimizer.param_groups, configured):
             group["lr"], group["weight_decay"] = lr, weight_decay
         # A vLLM engine was built from model.path on disk: without this it would sample (and record its

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from opcd.config import load_config
-from opcd.seeds import heldout_seeds
+from opcd.data.seeds import heldout_seeds
 from opcd.pipelines.distill import run_distill
 from opcd.pipelines.evaluate import load_run_config, run_evaluate
 from opcd.pipelines.extract import run_extract
@@ -62,7 +62,7 @@ def test_game_consolidation_trains_logs_and_evaluates(tmp_path, tiny_model, mode
     assert set(result["checkpoints"]) == {1, 2} and result["best"]["k"] == 2
     assert all(0 <= v <= 1 for v in result["checkpoints"].values())
     assert run_evaluate(run, load_run_config(run, ["evaluate.baselines=false"])) == result  # cached
-    from opcd.report import write_report
+    from opcd.runs.report import write_report
 
     write_report([run], tmp_path / "report")
     assert "## " + mode + ": checkpoints" in (tmp_path / "report" / "report.md").read_text()

@@ -197,7 +197,7 @@ def test_registered_games_play_to_the_end(smollm2_tokenizer, name):
 
 
 def test_training_and_heldout_seeds_are_disjoint_and_pure():
-    from opcd.seeds import HELDOUT_BASE, heldout_seeds, training_seeds
+    from opcd.data.seeds import HELDOUT_BASE, heldout_seeds, training_seeds
 
     seen = set()
     for run_seed in (0, 1, 10, 2**28 - 1):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from opcd.config import load_config
-from opcd.rows import bundled_path
+from opcd.data.rows import bundled_path
 from opcd.tasks.loading import REASONING_GYM_DEFAULT_SIZE, load_rows
 from tests.launchers.test_published_commands import MATH_CONSOLIDATE, ROOT, SYS_GEN, overrides, resolved, run
 

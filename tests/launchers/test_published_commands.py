@@ -261,7 +261,7 @@ def test_sys_eval_flags_of_the_reference(tmp_path):
 def test_ifeval_follows_the_reference_command(tmp_path):
     """The README's lm_eval line: vLLM backend, T 0.7, top-p 0.8, top-k 20, min_p 0, sampled, seed 42,
     chat template, few-shot as multi-turn, thinking off."""
-    from opcd.ood import simple_evaluate_kwargs
+    from opcd.pipelines.ood import simple_evaluate_kwargs
 
     runs = _fake_runs(tmp_path, "sys_consolidate.sh", {"sys-medmcqa-q25-7b": _SYS.format(name="sys-medmcqa-q25-7b")})
     cfg = resolved(run("sys_eval_inturn.sh", ["--exp_name", "sys-medmcqa-q25-7b", "evaluate.ood_tasks=[ifeval]"],

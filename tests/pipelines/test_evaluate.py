@@ -8,7 +8,7 @@ import pytest
 
 from opcd.config import load_config
 from opcd.errors import ConfigError
-from opcd.evaluation import best_k_mean
+from opcd.runs.results import best_k_mean
 
 
 def test_best_k_mean_on_known_numbers():

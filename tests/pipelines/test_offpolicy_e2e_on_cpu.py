@@ -52,7 +52,7 @@ def test_generate_resumes_then_train_three_ways(tmp_path, tiny_model):
     fresh = _cfg(tmp_path, tiny_model, data, "gen2", "trainer.total_training_steps=3",
                  f"offpolicy.save_dir={tmp_path / 'data2'}")
     run_offpolicy_generate(fresh)
-    from opcd.shards import ShardReader
+    from opcd.runs.shards import ShardReader
 
     a, b = ShardReader(tmp_path / "data"), ShardReader(tmp_path / "data2")
     for step in (1, 2, 3):
@@ -98,7 +98,7 @@ def test_text_game_offpolicy_data_and_training(tmp_path, tiny_model):
     data = tmp_path / "unused.jsonl"
     summary = run_offpolicy_generate(_cfg(tmp_path, tiny_model, data, "g", *game))
     assert summary["generated"] == 1
-    from opcd.shards import ShardReader
+    from opcd.runs.shards import ShardReader
 
     shard = ShardReader(tmp_path / "data").read(1)
     assert all(k.startswith("game:") and ":turn:" in k for k in shard.keys) and 2 <= len(shard.keys) <= 4

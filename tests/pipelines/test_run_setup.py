@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 
 from opcd.config import load_config
-from opcd.domains import DatasetDomain, GameDomain
+from opcd.domains.dataset import DatasetDomain
+from opcd.domains.game import GameDomain
 from opcd.pipelines.run_setup import generation_spec, load_run_context, make_domain, student_context
-from opcd.sources import GameSource, PromptSource
+from opcd.domains.sources import GameSource, PromptSource
 
 
 def _domain(tokenizer, purpose: str, *overrides: str):

@@ -4,7 +4,7 @@ sampling reproduces, recorded top-k ids equal a full forward's, EOS handling, ch
 import pytest
 import torch
 
-from opcd.batching import prompt_response_inputs, strip_after_eos
+from opcd.data.batching import prompt_response_inputs, strip_after_eos
 from opcd.models import load_causal_lm
 from opcd.protocol import SamplingParams
 from opcd.rollout.hf import HFRollout, _batch_bucket, resolve_cache

@@ -227,7 +227,7 @@ def test_task_language_fills_the_teachers_system_prompt(tmp_path):
     from pathlib import Path
 
     from opcd.config import load_config
-    from opcd.contexts import load_context, read_context_file
+    from opcd.data.contexts import load_context, read_context_file
     from opcd.tasks import context_placeholders
 
     prompts = Path(__file__).resolve().parents[2] / "system_prompts"

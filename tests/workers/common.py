@@ -6,9 +6,9 @@ distributions, so a KL is far from rounding noise)."""
 import pytest
 import torch
 
-from opcd.batching import plan_micro_batches, prompt_response_inputs, strip_after_eos
+from opcd.data.batching import plan_micro_batches, prompt_response_inputs, strip_after_eos
 from opcd.models import load_causal_lm, load_tokenizer
-from opcd.prompts import encode_chat
+from opcd.data.prompts import encode_chat
 from opcd.protocol import SamplingParams, UpdateBatch
 from opcd.rollout.hf import HFRollout
 from opcd.workers.spec import TrainSpec, WorkerSpec

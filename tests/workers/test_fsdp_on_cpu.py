@@ -68,7 +68,7 @@ def test_two_ranks_match_one_rank(sharp_tiny_model, sharp_tiny_deeper_model, smo
 
 
 def test_sharded_distillation_runs_and_resumes(tmp_path, tiny_model):
-    from opcd.checkpoint import has_optimizer
+    from opcd.runs.checkpoint import has_optimizer
     from opcd.config import load_config
     from opcd.pipelines.distill import run_distill
 

@@ -4,7 +4,7 @@ chunked head and packing parity, save/load, non-finite steps, weight hand-over t
 import pytest
 import torch
 
-from opcd.batching import plan_micro_batches
+from opcd.data.batching import plan_micro_batches
 from opcd.models import load_causal_lm
 from opcd.protocol import UpdateBatch
 from opcd.rollout.hf import HFRollout

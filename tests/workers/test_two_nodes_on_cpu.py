@@ -28,7 +28,7 @@ def two_nodes():
 
 
 def test_a_two_rank_run_spans_two_nodes(tmp_path, tiny_model, two_nodes, monkeypatch):
-    from opcd.checkpoint import latest_checkpoint
+    from opcd.runs.checkpoint import latest_checkpoint
     from opcd.config import load_config
     from opcd.pipelines import distill
 

@@ -1,0 +1,1 @@
+"""Data and contexts: dataset rows, prompts, teacher contexts, experience, seeds and batching (pure)."""

@@ -1,0 +1,134 @@
+"""Hugging Face exports of sharded checkpoints: `opcd export RUN_DIR STEP`, and what `opcd evaluate`
+reads when a checkpoint has no export.
+
+A checkpoint written by several ranks holds its weights as torch.distributed.checkpoint shards
+(`weights/`, one file per rank) plus `model_config/` (config and tokenizer). This reads the shards on
+one process, without a process group, into full tensors and writes a folder that transformers and
+vLLM load. A one-rank checkpoint's `model/` already is such a folder.
+
+    opcd export runs/med 40          # -> runs/med/global_step_40/model
+    opcd export runs/med best        # the checkpoint with the best held-out score
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from opcd.runs.checkpoint import (COMPLETE, MODEL, MODEL_CONFIG, WEIGHTS, add_files, complete_steps, step_dir,
+                             verify_checkpoint)
+from opcd.errors import OpcdError
+
+
+def export_checkpoint(run_dir: Path, step: int) -> Path:
+    """The Hugging Face folder of checkpoint `step`, written into it (and listed in its checksums)
+    if it is not there yet."""
+    folder = step_dir(run_dir, step)
+    if not (folder / COMPLETE).is_file():
+        raise OpcdError(f"no complete checkpoint for step {step} in {run_dir} (found {complete_steps(run_dir)})")
+    target = folder / MODEL
+    if target.is_dir():
+        return target
+    problem = verify_checkpoint(folder)
+    if problem is not None:
+        raise OpcdError(f"checkpoint {folder} is damaged ({problem}); not exporting it")
+    tmp = folder / f".{MODEL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_hf_folder(folder, tmp)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    add_files(folder, MODEL)
+    return target
+
+
+def step_scores(run_dir: Path) -> tuple[dict[int, float], str]:
+    """Held-out score per step and where it was read: `opcd evaluate`'s results (evaluation/results.json,
+    every checkpoint on the same items), else the evaluations during training (eval.json,
+    trainer.eval_freq); ({}, "") when the run has neither."""
+    run_dir = Path(run_dir)
+    evaluated, during = run_dir / "evaluation" / "results.json", run_dir / "eval.json"
+    if evaluated.is_file():
+        return {int(step): float(score) for step, score in _read_json(evaluated).get("checkpoints", {}).items()}, \
+            str(evaluated)
+    if during.is_file():
+        prefix = "student_step_"
+        return {int(name[len(prefix):]): float(result["score"]) for name, result in _read_json(during).items()
+                if name.startswith(prefix)}, str(during)
+    return {}, ""
+
+
+def best_step(run_dir: Path) -> int:
+    """The complete checkpoint with the highest held-out score (the later one on a tie)."""
+    scores, source = step_scores(run_dir)
+    on_disk = set(complete_steps(run_dir))
+    kept = {step: score for step, score in scores.items() if step in on_disk}
+    if not kept:
+        found = f"scores for steps {sorted(scores)} in {source}" if scores else "no held-out scores"
+        raise OpcdError(f"{run_dir}: no best checkpoint to export ({found}; complete checkpoints {sorted(on_disk)}): "
+                        f"run `opcd evaluate {run_dir}` first, or name a step")
+    return max(kept, key=lambda step: (kept[step], step))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise OpcdError(f"cannot read {path}: {type(exc).__name__}") from None
+    if not isinstance(value, dict):
+        raise OpcdError(f"cannot read {path}: expected a JSON object")
+    return value
+
+
+@contextmanager
+def model_folder(source: str | Path, scratch: Path):
+    """A model path to load: `source` itself, unless it is a checkpoint folder, whose export is used
+    or, if it has none, written under `scratch` for the duration of the block (no disk kept)."""
+    folder = Path(source)
+    if not (folder / COMPLETE).is_file():
+        yield str(source)
+        return
+    if (folder / MODEL).is_dir():
+        yield str(folder / MODEL)
+        return
+    out = Path(scratch) / f".export_{folder.name}"
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        write_hf_folder(folder, out)
+        yield str(out)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def write_hf_folder(folder: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    if not (folder / WEIGHTS).is_dir() or not (folder / MODEL_CONFIG).is_dir():
+        raise OpcdError(f"{folder} has neither a Hugging Face folder ({MODEL}/) nor sharded weights "
+                        f"({WEIGHTS}/ and {MODEL_CONFIG}/) to export")
+    state = load_sharded(folder / WEIGHTS)["model"]
+    config = AutoConfig.from_pretrained(folder / MODEL_CONFIG)
+    with torch.device("meta"):  # the architecture only: the weights are the checkpoint's
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out, state_dict=state)
+    for path in (folder / MODEL_CONFIG).iterdir():  # tokenizer files (config.json is already written)
+        if path.is_file() and not (out / path.name).exists():
+            shutil.copy2(path, out / path.name)
+
+
+def load_sharded(path: Path) -> dict:
+    """A torch.distributed.checkpoint folder as full tensors, on this process (no process group)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    # what the public dcp_to_torch_save does, without its round trip through a torch.save file
+    state: dict = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return state

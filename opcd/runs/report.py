@@ -1,0 +1,197 @@
+"""`opcd report RUN_DIR [RUN_DIR...]`: what the paper shows for one or more runs, from their files.
+
+Read per run (whatever exists): `metrics.jsonl` (training curves and in-training evaluations),
+`eval.json` (before/after evaluations of `opcd distill`), `evaluation/results.json` (every
+checkpoint, the best-k mean and the baselines, written by `opcd evaluate`).
+
+Written to the output folder: `training.png` (KL, entropies, support mass, grad norm, rollout score,
+response length; one line per run), `checkpoints.png` (task metric per checkpoint, baselines as
+dashed horizontal lines), `report.md` and `report.html` (the same tables and images). Several runs
+side by side compare e.g. OPCD, the off-policy baseline and the base model.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opcd import metrics as M
+from opcd.runs.checkpoint import write_text_atomic
+from opcd.errors import DataError
+from opcd.runs.plots import pyplot, save
+
+CURVES = [(M.LOSS_KL, "KL loss"), (M.ACTOR_ENTROPY, "student entropy"), (M.TEACHER_ENTROPY, "teacher entropy"),
+          (M.STUDENT_MASS, "student mass in support"), (M.ACTOR_GRAD_NORM, "grad norm"),
+          (M.ROLLOUT_SCORE, "rollout score"), (M.ROLLOUT_RESPONSE_LENGTH, "response length"),
+          (M.EVAL_DURING, "held-out score (in training)")]
+
+
+@dataclass
+class RunData:
+    name: str
+    folder: Path
+    metrics: list[dict] = field(default_factory=list)  # metrics.jsonl rows
+    evals: dict = field(default_factory=dict)  # eval.json
+    checkpoints: dict[int, float] = field(default_factory=dict)  # step -> score (opcd evaluate)
+    best: dict | None = None  # best-k summary
+    baselines: dict[str, float] = field(default_factory=dict)
+    ood: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # name -> lm-eval task -> metric
+    # items behind each score (eval.json's who, evaluation's step_<k> / base_*): scores over 8 items and
+    # over 40 are not the same evidence
+    items: dict[str, int] = field(default_factory=dict)
+
+    def last(self, key: str) -> float | None:
+        values = [row[key] for row in self.metrics if row.get(key) is not None]
+        return values[-1] if values else None
+
+
+def load_run(folder: str | Path) -> RunData:
+    folder = Path(folder)
+    if not (folder / "config.yaml").is_file():
+        raise DataError(f"{folder} is not an opcd run folder (no config.yaml)")
+    run = RunData(folder.name, folder)
+    if (folder / "metrics.jsonl").is_file():
+        for line in (folder / "metrics.jsonl").read_text().splitlines():
+            try:
+                run.metrics.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+    if (folder / "eval.json").is_file():
+        run.evals = json.loads((folder / "eval.json").read_text())
+        run.items.update({who: v["num_items"] for who, v in run.evals.items()
+                          if isinstance(v, dict) and "num_items" in v})
+    table_csv = folder / "evaluation" / "results.csv"
+    if table_csv.is_file():
+        with open(table_csv, newline="") as fh:
+            run.items.update({row["name"]: int(row["num_items"]) for row in csv.DictReader(fh)
+                              if (row.get("num_items") or "").isdigit()})
+    results = folder / "evaluation" / "results.json"
+    if results.is_file():
+        table = json.loads(results.read_text())
+        run.checkpoints = {int(k): float(v) for k, v in table.get("checkpoints", {}).items()}
+        run.best = table.get("best")
+        run.baselines = table.get("baselines", {})
+        run.ood = table.get("ood", {})
+    return run
+
+
+def plot_training(runs: list[RunData], path: Path) -> Path | None:
+    curves = [(key, label) for key, label in CURVES if any(r.last(key) is not None for r in runs)]
+    if not curves:
+        return None
+    plt = pyplot()
+    cols = 3
+    rows = (len(curves) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), dpi=110, squeeze=False)
+    for ax, (key, label) in zip(axes.flat, curves):
+        for run in runs:
+            points = [(row["step"], row[key]) for row in run.metrics if row.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o" if len(points) < 20 else None, markersize=3, label=run.name)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(curves):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    return save(fig, path)
+
+
+def plot_checkpoints(runs: list[RunData], path: Path) -> Path | None:
+    if not any(r.checkpoints for r in runs):
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=110)
+    styles = iter(["--", ":", "-."] * 10)
+    for run in runs:
+        if run.checkpoints:
+            steps = sorted(run.checkpoints)
+            ax.plot(steps, [run.checkpoints[s] for s in steps], marker="o", label=run.name)
+        for name, score in run.baselines.items():
+            ax.axhline(score, linestyle=next(styles), color="gray", linewidth=1,
+                       label=f"{run.name}: {name.replace('_', ' ')} ({score:.3f})")
+    ax.set_xlabel("checkpoint step")
+    ax.set_ylabel("task metric (no context)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save(fig, path)
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _count(n: int | None) -> str:
+    return "" if n is None else f" (n={n})"
+
+
+def summary_tables(runs: list[RunData]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) tables shared by the Markdown and HTML reports. A score is followed by the
+    number of items behind it, "(n=40)", where the run's files record it."""
+    overview = []
+    for run in runs:
+        best = run.best or {}
+        evals = {k: v.get("score") for k, v in run.evals.items() if isinstance(v, dict)}
+        best_items = {run.items.get(f"step_{s}") for s in best.get("steps", [])}
+        overview.append([run.name, _fmt(run.metrics[-1]["step"] if run.metrics else None), _fmt(run.last(M.LOSS_KL))]
+                        + [_fmt(evals.get(who)) + _count(run.items.get(who) if who in evals else None)
+                           for who in ("student_before", "teacher_with_context", "student_after")]
+                        + [_fmt(best.get("mean")) + (f" ± {best['std']:.3g} (steps {best['steps']})" if best else "")
+                           + _count(best_items.pop() if best and len(best_items) == 1 else None)]
+                        + [_fmt(run.baselines.get(name))
+                           + _count(run.items.get(name) if name in run.baselines else None)
+                           for name in ("base_without_context", "base_with_context")])
+    tables = [("Runs", ["run", "last step", "last KL", "student before", "teacher with context", "student after",
+                        "best-k mean of checkpoints", "base without context", "base with context"], overview)]
+    for run in runs:
+        if run.checkpoints:
+            tables.append((f"{run.name}: checkpoints", ["step", "score", "items"],
+                           [[str(s), _fmt(run.checkpoints[s]), _fmt(run.items.get(f"step_{s}"))]
+                            for s in sorted(run.checkpoints)]))
+        if run.ood:
+            rows = [[name, task, metric, _fmt(value)] for name, tasks in run.ood.items()
+                    for task, metrics in tasks.items() for metric, value in metrics.items()
+                    if not metric.endswith("_stderr")]
+            tables.append((f"{run.name}: out-of-distribution (lm-eval)", ["model", "task", "metric", "value"], rows))
+    return tables
+
+
+def _markdown(tables, images: list[Path]) -> str:
+    lines = ["# opcd report", ""]
+    for title, header, rows in tables:
+        lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines.append("")
+    lines += [f"![{p.stem}]({p.name})" for p in images]
+    return "\n".join(lines) + "\n"
+
+
+def _html(tables, images: list[Path]) -> str:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>opcd report</title>",
+             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}</style>",
+             "</head><body><h1>opcd report</h1>"]
+    for title, header, rows in tables:
+        parts.append(f"<h2>{html.escape(title)}</h2><table><tr>"
+                     + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
+        parts.append("</table>")
+    parts += [f"<p><img src='{html.escape(p.name)}' alt='{html.escape(p.stem)}'></p>" for p in images]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> dict:
+    runs = [load_run(d) for d in run_dirs]
+    out = Path(out) if out else runs[0].folder / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    images = [p for p in (plot_training(runs, out / "training.png"), plot_checkpoints(runs, out / "checkpoints.png"))
+              if p is not None]
+    tables = summary_tables(runs)
+    write_text_atomic(out / "report.md", _markdown(tables, images))
+    write_text_atomic(out / "report.html", _html(tables, images))
+    return {"out": str(out), "files": sorted(p.name for p in out.iterdir())}

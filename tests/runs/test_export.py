@@ -1,0 +1,106 @@
+"""Hugging Face exports of sharded checkpoints (opcd/runs/export.py): `opcd export`, and the temporary
+export `opcd evaluate` reads. The shards here are written by one process (torch.distributed.checkpoint
+without a process group, the same format the FSDP2 ranks write; the two-rank path is in
+tests/workers/test_fsdp_on_cpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opcd.runs.checkpoint import save_checkpoint, step_dir, verify_checkpoint
+from opcd.cli import main
+from opcd.errors import OpcdError
+from opcd.runs.export import export_checkpoint, model_folder
+
+
+def _sharded_checkpoint(run_dir, model_path, step: int = 3):
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(0.5)  # differs from the base model's weights
+
+    def write(folder):
+        dcp.save({"model": model.state_dict()}, checkpoint_id=folder / "weights", no_dist=True)
+        model.config.save_pretrained(folder / "model_config")
+        AutoTokenizer.from_pretrained(model_path).save_pretrained(folder / "model_config")
+
+    save_checkpoint(run_dir, step, write, {"step": step})
+    return model
+
+
+def test_export_writes_a_loadable_folder_with_the_checkpoint_weights(tmp_path, tiny_model, capsys):
+    from transformers import AutoModelForCausalLM
+
+    trained = _sharded_checkpoint(tmp_path, tiny_model)
+    assert main(["export", str(tmp_path), "3"]) == 0
+    out = step_dir(tmp_path, 3) / "model"
+    assert capsys.readouterr().out.strip() == str(out)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    expected = trained.state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in loaded.state_dict().items())
+    assert (out / "tokenizer.json").is_file()
+    assert verify_checkpoint(step_dir(tmp_path, 3)) is None  # the export is listed in the checksums
+    assert export_checkpoint(tmp_path, 3) == out  # a second call finds it
+
+
+def test_export_of_a_missing_or_damaged_checkpoint_is_one_line(tmp_path, tiny_model, capsys):
+    _sharded_checkpoint(tmp_path, tiny_model)
+    capsys.readouterr()  # the model loading's progress bars
+    assert main(["export", str(tmp_path), "4"]) == 2
+    assert capsys.readouterr().err.strip() == f"opcd: error: no complete checkpoint for step 4 in {tmp_path} (found [3])"
+    shard = next((step_dir(tmp_path, 3) / "weights").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(OpcdError, match=r"global_step_3 is damaged \(weights/__0_0.distcp does not match"):
+        export_checkpoint(tmp_path, 3)
+
+
+def test_evaluation_reads_a_temporary_export_and_keeps_no_copy(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    _sharded_checkpoint(tmp_path, tiny_model)
+    scratch = tmp_path / "evaluation"
+    scratch.mkdir()
+    with model_folder(str(step_dir(tmp_path, 3)), scratch) as path:
+        assert AutoModelForCausalLM.from_pretrained(path).model.norm.weight.eq(0.5).all()
+    assert list(scratch.iterdir()) == [] and not (step_dir(tmp_path, 3) / "model").exists()
+    with model_folder(str(tiny_model), scratch) as path:  # a plain model path is used as it is
+        assert path == str(tiny_model)
+
+
+def _published(run_dir, step: int) -> None:
+    def write(folder):
+        (folder / "weights.txt").write_text(str(step))
+    save_checkpoint(run_dir, step, write, {"step": step})
+
+
+def test_best_step_reads_opcd_evaluate_first_and_only_counts_checkpoints_on_disk(tmp_path):
+    import json
+
+    from opcd.runs.export import best_step
+
+    for step in (2, 4, 6):
+        _published(tmp_path, step)
+    (tmp_path / "eval.json").write_text(json.dumps({
+        "student_before": {"score": 0.9}, "student_step_2": {"score": 0.8}, "student_step_4": {"score": 0.3}}))
+    assert best_step(tmp_path) == 2  # the in-training evaluations, without `student_before`
+    (tmp_path / "evaluation").mkdir()
+    # opcd evaluate's scores win; step 8 scored best but its checkpoint is gone; 4 and 6 tie: the later
+    (tmp_path / "evaluation" / "results.json").write_text(json.dumps(
+        {"checkpoints": {"2": 0.1, "4": 0.5, "6": 0.5, "8": 0.9}}))
+    assert best_step(tmp_path) == 6
+
+
+def test_best_export_without_scores_or_with_a_bad_argument_is_one_line(tmp_path, capsys):
+    _published(tmp_path, 2)
+    assert main(["export", str(tmp_path), "best"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"opcd: error: {tmp_path}: no best checkpoint to export (no held-out scores; complete checkpoints [2]): "
+        f"run `opcd evaluate {tmp_path}` first, or name a step")
+    (tmp_path / "eval.json").write_text("{not json")
+    assert main(["export", str(tmp_path), "best"]) == 2
+    assert capsys.readouterr().err.strip() == f"opcd: error: cannot read {tmp_path / 'eval.json'}: JSONDecodeError"
+    assert main(["export", str(tmp_path), "last"]) == 2
+    assert capsys.readouterr().err.strip() == "opcd: error: opcd export: step 'last': expected a step number or best"

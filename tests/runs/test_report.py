@@ -1,0 +1,81 @@
+"""`opcd report` from run folders written by hand: plots, tables, several runs side by side."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from opcd.cli import main
+from opcd.runs.report import load_run, summary_tables, write_report
+
+
+def _run(folder, kl: list[float], checkpoints: dict[int, float] | None = None, baselines: dict | None = None):
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("trainer:\n  exp_name: x\n")
+    rows = [{"step": i + 1, "loss/kl": v, "actor/entropy": 1.0 - 0.1 * i, "rollout/score": 0.1 * i}
+            for i, v in enumerate(kl)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "loss')
+    (folder / "eval.json").write_text(json.dumps({"student_before": {"score": 0.1}, "student_after": {"score": 0.6}}))
+    if checkpoints is not None:
+        (folder / "evaluation").mkdir()
+        best = sorted(checkpoints.values(), reverse=True)[:3]
+        (folder / "evaluation" / "results.json").write_text(json.dumps({
+            "checkpoints": {str(k): v for k, v in checkpoints.items()},
+            "best": {"k": 3, "mean": sum(best) / 3, "std": 0.01, "steps": [2, 4, 6]},
+            "baselines": baselines or {}}))
+    return folder
+
+
+def test_report_of_two_runs_side_by_side(tmp_path, capsys):
+    a = _run(tmp_path / "opcd", [0.5, 0.3, 0.2], {2: 0.5, 4: 0.7, 6: 0.6},
+             {"base_without_context": 0.1, "base_with_context": 0.8})
+    b = _run(tmp_path / "offp", [0.9, 0.8, 0.85])
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {"training.png", "checkpoints.png", "report.md", "report.html"}
+    for png in ("training.png", "checkpoints.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    text = (out / "report.md").read_text()
+    assert "| opcd | 3 | 0.2 | 0.1 |  | 0.6 | 0.6 ± 0.01 (steps [2, 4, 6]) | 0.1 | 0.8 |" in text
+    assert "| offp | 3 | 0.85 |" in text and "## opcd: checkpoints" in text and "## offp: checkpoints" not in text
+    assert "<td>0.6 ± 0.01 (steps [2, 4, 6])</td>" in (out / "report.html").read_text()
+
+
+def test_a_truncated_metrics_line_is_skipped_and_missing_files_are_fine(tmp_path):
+    run = _run(tmp_path / "r", [0.4])
+    data = load_run(run)
+    assert len(data.metrics) == 1 and data.checkpoints == {}
+    (title, header, rows), = summary_tables([data])
+    assert rows[0][:3] == ["r", "1", "0.4"]
+    result = write_report([run])
+    assert result["out"] == str(run / "report") and "checkpoints.png" not in result["files"]
+
+
+def test_not_a_run_folder(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"opcd: error: {tmp_path} is not an opcd run folder (no config.yaml)"
+
+
+def test_best_k_mean_known_numbers():
+    from opcd.runs.results import best_k_mean
+
+    summary = best_k_mean({2: 0.5, 4: 0.7, 6: 0.6, 8: 0.2, 10: 0.7}, 3)
+    assert summary["steps"] == [4, 10, 6] and summary["mean"] == pytest.approx(2.0 / 3)
+    assert summary["std"] == pytest.approx(((0.7 - 2 / 3) ** 2 * 2 + (0.6 - 2 / 3) ** 2) ** 0.5 / 3 ** 0.5)
+
+
+def test_scores_show_how_many_items_they_are_over(tmp_path):
+    """Regression: a score over 40 items sat beside one over 8 with nothing to tell them apart."""
+    run = _run(tmp_path / "r", [0.4], {2: 0.5, 4: 0.75, 6: 0.25}, {"base_without_context": 0.1})
+    (run / "eval.json").write_text(json.dumps({"student_before": {"score": 0.1, "num_items": 40},
+                                               "teacher_with_context": {"score": 0.85, "num_items": 40},
+                                               "student_after": {"score": 0.6, "num_items": 40}}))
+    (run / "evaluation" / "results.csv").write_text(
+        "name,step,score,num_items\nstep_2,2,0.5000,8\nstep_4,4,0.7500,8\nstep_6,6,0.2500,8\n"
+        "base_without_context,,0.1000,8\n")
+    overview, checkpoints = summary_tables([load_run(run)])
+    assert overview[2][0][3:] == ["0.1 (n=40)", "0.85 (n=40)", "0.6 (n=40)",
+                                  "0.5 ± 0.01 (steps [2, 4, 6]) (n=8)", "0.1 (n=8)", ""]
+    assert checkpoints[1] == ["step", "score", "items"]
+    assert checkpoints[2] == [["2", "0.5", "8"], ["4", "0.75", "8"], ["6", "0.25", "8"]]

@@ -1,0 +1,43 @@
+"""Trackers: jsonl rows per step, tensorboard events, wandb offline with no network and no key."""
+
+from __future__ import annotations
+
+import json
+from opcd.runs.tracking import Tracker
+
+
+def test_every_logger_writes_its_files(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tracker = Tracker(["console", "jsonl", "tensorboard", "wandb"], tmp_path, "unit", {"trainer": {"lr": 1e-5}},
+                      total_steps=2)
+    tracker.log({"loss/kl": 0.5, "rollout/score": 0.25}, step=1)
+    tracker.log({"loss/kl": float("nan"), "rollout/score": 0.5}, step=2)
+    tracker.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == {"step": 1, "loss/kl": 0.5, "rollout/score": 0.25}
+    assert rows[1]["step"] == 2 and rows[1]["loss/kl"] == "nan"  # JSON has no NaN: kept as a string
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    assert (tmp_path / "wandb_run_id.txt").is_file()
+
+
+def test_wandb_run_id_is_stable_across_resumes(tmp_path):
+    """A resumed run must continue the same wandb run, not start a new one."""
+    from opcd.runs.tracking import _wandb_id
+
+    assert _wandb_id(tmp_path, "exp") == _wandb_id(tmp_path, "exp")
+
+
+SECRET = "k" * 40
+
+
+def test_no_secret_in_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    tracker = Tracker(["jsonl", "wandb"], tmp_path, "unit", {"a": 1}, total_steps=1)
+    tracker.log({"loss/kl": 1.0}, step=1)
+    tracker.close()
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
