@@ -52,10 +52,12 @@ class FrozenModelWorker:
         self.pad_id = self.tokenizer.pad_token_id
         self.scorer = Scorer.for_model(self.model, spec.lm_head_chunk_size, spec.padding_free, spec.temperature,
                                        self.pad_id, self.device, vocab_rows=spec.vocab_rows)
+        self.memory = gpu_memory.PhaseMemory()
 
     def gpu_memory(self) -> dict[str, float]:
-        """Peak GPU memory since the previous call (opcd/runtime/gpu_memory.py); {} on CPU."""
-        return gpu_memory.read_and_reset()
+        """Peak GPU memory since the previous call and the device's memory in use after scoring
+        (opcd/runtime/gpu_memory.py); {} on CPU."""
+        return {**gpu_memory.read_and_reset(), **self.memory.take()}
 
     @torch.no_grad()
     def score(self, prompts: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor,
@@ -77,6 +79,8 @@ class FrozenModelWorker:
             if rows:
                 parts.append(scores)
         D.release(self.model)
+        gpu_memory.release_cached()  # the scoring's activations: the student's update and engine come next
+        self.memory.mark("score")
         if not parts:  # more ranks than sequences
             return None
         logprobs, entropy, ids, mask = (list(x) for x in zip(*parts))
