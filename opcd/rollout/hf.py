@@ -121,7 +121,7 @@ class HFRollout:
         self._static: StaticCache | None = None
         self._static_shape = (0, 0)  # (rows, slots) of the kept static cache
 
-    def sync_weights(self, named_tensors) -> None:
+    def sync_weights(self, named_tensors=None) -> None:
         """Nothing to load: the engine generates with the training module."""
 
     def sleep(self) -> None:
@@ -191,9 +191,6 @@ class HFRollout:
         # transformers compiles a static cache's decoding on its own on a GPU: say explicitly which we want
         return {"cache": self._static, **({"compile_config": self.compile_config} if self.compile
                                           else {"disable_compile": True})}
-
-    def sync_weights(self, named_tensors=None) -> None:
-        """Nothing to do: the engine generates with the training module itself."""
 
 
 def _batch_bucket(rows: int, cap: int) -> int:

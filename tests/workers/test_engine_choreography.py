@@ -18,8 +18,8 @@ from opcd.protocol import Example, SamplingParams
 from opcd.rollout.vllm import VLLMRollout
 from opcd.runtime import gpu_memory
 from opcd.trainer import Trainer
-from tests.workers.common import (  # noqa: F401 (fixtures are registered by importing them)
-    _student, _teacher, one_thread, prompts, teacher_prompts, tokenizer)
+from tests.workers.common import _student, _teacher
+from tests.workers.common import one_thread, prompts, teacher_prompts, tokenizer  # noqa: F401 (fixtures)
 
 
 class RecordingEngine:
