@@ -39,7 +39,8 @@ class VLLMRollout:
 
     def __init__(self, model_path: str, tokenizer, dtype: str = "float32", max_model_len: int = 4096, seed: int = 0,
                  gpu_memory_utilization: float = 0.5, cpu_kv_cache_gb: float = 1.0, enforce_eager: bool = True,
-                 trust_remote_code: bool = False, max_logprobs: int = 20, tensor_parallel_size: int = 1):
+                 trust_remote_code: bool = False, max_logprobs: int = 20, tensor_parallel_size: int = 1,
+                 local_rank: int = 0):
         # The in-process engine: weights can be handed over as tensors (a separate engine process
         # cannot receive them), and the engine shares the worker's devices.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -55,7 +56,7 @@ class VLLMRollout:
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed, enforce_eager=enforce_eager,
                        enable_prefix_caching=False, max_model_len=max_model_len,
                        trust_remote_code=trust_remote_code, max_logprobs=max_logprobs,
-                       **memory, **_parallel(tensor_parallel_size))
+                       **memory, **_parallel(tensor_parallel_size, local_rank))
         torch.set_num_threads(threads)
         self.pad_id = tokenizer.pad_token_id
         generation_eos = getattr(self.llm.llm_engine.model_config.hf_config, "eos_token_id", None)
@@ -152,21 +153,31 @@ def topk_ids(flat, positions: int, k: int) -> torch.Tensor:
     return torch.where(filled, out, out[:, :1].expand(-1, k))
 
 
-def _parallel(tensor_parallel_size: int) -> dict:
-    """Engine options for a tensor-parallel shard in this rank's process (the ranks' process group
-    is already up: vLLM joins it through the torchrun-style variables)."""
+def _parallel(tensor_parallel_size: int, local_rank: int) -> dict:
+    """Engine options for a tensor-parallel shard in this rank's process (the ranks' process group is
+    already up: vLLM's `external_launcher` joins it through the torchrun-style variables set here)."""
     if tensor_parallel_size == 1:
         return {}
     import torch.distributed as dist
 
-    world, rank = dist.get_world_size(), dist.get_rank()
+    args, env = tensor_parallel_engine(tensor_parallel_size, dist.get_rank(), dist.get_world_size(), local_rank)
+    os.environ.update(env)
+    return args
+
+
+def tensor_parallel_engine(tensor_parallel_size: int, rank: int, world: int, local_rank: int) -> tuple[dict, dict]:
+    """(vLLM engine arguments, environment) for rank `rank` of `world` in engines of `tensor_parallel_size`
+    consecutive ranks. Tensor parallelism and the external launcher only: `data_parallel_size` would switch
+    on vLLM's own data-parallel coordination between the engines, which here are independent (each
+    generates its own share of the prompts). Custom all-reduce is off: it needs peer access between the
+    GPUs of one process's view, and a Ray actor sees only its own GPU. `local_rank`: this process's CUDA
+    device index (Ray makes an actor's GPU cuda:0), not the global rank modulo a device count."""
     if world % tensor_parallel_size:
         raise ConfigError(f"config rollout.vllm_tensor_parallel_size={tensor_parallel_size}: expected a divisor "
                           f"of the student's {world} ranks")
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_RANK": str(rank % max(torch.cuda.device_count(), 1))})
-    return {"tensor_parallel_size": tensor_parallel_size, "data_parallel_size": world // tensor_parallel_size,
-            "distributed_executor_backend": "external_launcher"}
+    env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank)}
+    return ({"tensor_parallel_size": tensor_parallel_size, "distributed_executor_backend": "external_launcher",
+             "disable_custom_all_reduce": True}, env)
 
 
 def _as_list(value) -> list[int]:
