@@ -86,8 +86,9 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source: Ro
                 return {M.EVAL_DURING: result["score"]}
             final_step = trainer.fit(tracker, start_step, evaluate_during)
             if cfg.trainer.eval_after:
-                results["student_after"] = _record_eval(run_eval("student_after", student, "student"), run_dir, results,
-                                                        tracker)
+                after = run_eval("student_after", student, "student")
+                after.extra["step"] = final_step  # the checkpoint it scored: `opcd export RUN best` counts it
+                results["student_after"] = _record_eval(after, run_dir, results, tracker)
                 tracker.message(_describe(results["student_after"]))
             tracker.summary({f"eval/{k}/score": v["score"] for k, v in results.items()})
         finally:
