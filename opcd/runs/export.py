@@ -18,8 +18,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from opcd.runs.checkpoint import (COMPLETE, MODEL, MODEL_CONFIG, WEIGHTS, add_files, complete_steps, step_dir,
-                             verify_checkpoint)
+from opcd.runs.checkpoint import (COMPLETE, MODEL, MODEL_CONFIG, WEIGHTS, add_files, complete_steps,
+                                  open_like_umask, step_dir, verify_checkpoint)
 from opcd.errors import OpcdError
 
 
@@ -39,6 +39,7 @@ def export_checkpoint(run_dir: Path, step: int) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write_hf_folder(folder, tmp)
+        open_like_umask(tmp)
         os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
