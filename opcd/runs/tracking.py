@@ -76,7 +76,8 @@ class Tracker:
             self.bar.set_postfix({short: f"{clean[key]:.4g}" for key, short in _BAR_KEYS.items() if key in clean},
                                  refresh=False)
             self.bar.n = step
-            self.bar.refresh()
+            if step < self.bar.total:  # the last step's line is drawn once, by end_progress
+                self.bar.refresh()
 
     def table(self, name: str, rows: list[dict]) -> None:
         """Per-item evaluation results as a wandb table (no-op for the other loggers: the run folder
