@@ -196,7 +196,7 @@ def render() -> str:
         f"Generated from `opcd/config/schema.py` by `{REGENERATE}`; do not edit by hand",
         "(`tests/config/test_reference.py` fails when this file and the schema disagree).",
         "",
-        "Every key can be set on the command line in Hydra syntax (`opcd distill trainer.lr=5e-6`);",
+        "Every key can be set on the command line in Hydra syntax (`opcd distill trainer.exp_name=lr-test trainer.lr=5e-6`);",
         "`opcd distill --cfg` prints the resolved, validated config. Defaults are the schema's; the presets",
         "below change some of them (`opcd distill` starts from `model=smollm2 rollout=auto trainer=demo",
         "task=language`). `null` and `auto` values are decided at start-up by whether the run has GPUs;",
