@@ -12,6 +12,7 @@ flash kernel unless trainer.padding_free says otherwise), so the fallback also t
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def flash_attn_importable() -> bool:
     """Whether `import flash_attn` works (not only whether it is installed: a wheel built for another
     torch fails at import with an undefined symbol)."""
     try:
-        import flash_attn  # noqa: F401
+        importlib.import_module("flash_attn")
     except Exception:  # ImportError, OSError from the extension, RuntimeError from a CUDA check
         return False
     return True
