@@ -256,3 +256,81 @@ def test_wait_tool_refuses_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         ray_wait_nodes.main(["--nodes", "0"])
     assert "--nodes 0" in capsys.readouterr().err
+
+
+# -- the real paths, with recording stand-ins for docker, srun, ssh and the venv's programs ----------------
+
+def _recorder(path: Path, log: Path, rc: str = "0") -> None:
+    """An executable that appends its name and arguments (one line, shell-quoted) to `log`, exits `rc`."""
+    # one write per call (line built first): a backgrounded call must not interleave with another's
+    path.write_text(f'#!/usr/bin/env bash\nline="$(printf "%q " "$(basename "$0")" "$@")"\n'
+                    f'echo "$line" >> "{log}"\nexit {rc}\n')
+    path.chmod(0o755)
+
+
+def _recorded(log: Path) -> list[list[str]]:
+    return [shlex.split(line) for line in log.read_text().splitlines()]
+
+
+def test_docker_runs_what_its_dry_run_prints(tmp_path):
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    _recorder(bin_dir / "docker", log)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "OPCD_IB_DEVICES": str(tmp_path / "none")}
+    proc = _run(["bash", "run_docker.sh", "nvidia-smi"], env)
+    assert proc.returncode == 0, proc.stderr
+    printed = _lines(_run(["bash", "run_docker.sh", "nvidia-smi"], {**env, "OPCD_DRY_RUN": "1"}))
+    assert _recorded(log) == printed
+
+
+@pytest.fixture
+def fake_venv(tmp_path) -> tuple[Path, Path]:
+    """A venv whose python, ray and opcd only record their calls; opcd exits $FAKE_OPCD_RC."""
+    venv, log = tmp_path / "venv", tmp_path / "calls"
+    (venv / "bin").mkdir(parents=True)
+    for name in ("python", "ray"):
+        _recorder(venv / "bin" / name, log)
+    _recorder(venv / "bin" / "opcd", log, rc='"${FAKE_OPCD_RC:-0}"')
+    return venv, log
+
+
+@pytest.mark.parametrize("opcd_rc", [0, 3])
+def test_sbatch_stops_ray_on_every_node_however_the_launcher_ends(fake_slurm_bin, fake_venv, tmp_path, opcd_rc):
+    venv, log = fake_venv
+    _recorder(fake_slurm_bin / "srun", log)
+    proc = _sbatch(fake_slurm_bin, tmp_path, *LAUNCHER, OPCD_DRY_RUN="0", OPCD_VENV=str(venv),
+                   FAKE_OPCD_RC=str(opcd_rc), OPCD_NUM_GPUS="8")
+    assert proc.returncode == opcd_rc, proc.stderr
+    calls = _recorded(log)
+    # the node step runs in the background: its record may land anywhere; the stop is the last one
+    assert calls[-1][:2] == ["srun", "--overlap"], calls
+    assert calls[-1][-3:] == [str(venv / "bin" / "ray"), "stop", "--force"], calls
+    names = [c[0] for c in calls]
+    # (the node step's own record may be missing: the cleanup kills that background step)
+    assert names.count("python") == 1 and names.count("opcd") == 1 and [c[:2] for c in calls].count(
+        ["srun", "--overlap"]) == 1
+    opcd = next(c for c in calls if c[0] == "opcd")
+    assert opcd[1] == "distill" and "ray.nnodes=3" in opcd and "ray.address=auto" in opcd
+    assert names.index("python") < names.index("opcd")  # the launcher waits for every node
+
+
+@pytest.mark.parametrize("opcd_rc", [0, 3])
+def test_ssh_stops_ray_on_every_host_however_the_launcher_ends(tmp_path, opcd_rc):
+    log = tmp_path / "calls"
+    ssh = tmp_path / "ssh"
+    # the launcher's line fails with opcd_rc, every other remote command succeeds
+    ssh.write_text(f'#!/usr/bin/env bash\nline="$(printf "%q " ssh "$@")"\necho "$line" >> "{log}"\n'
+                   f'[[ "$2" == *sys_consolidate.sh* ]] && exit {opcd_rc}\nexit 0\n')
+    ssh.chmod(0o755)
+    proc = _run(["bash", "scripts/ssh/two_hosts.sh", *LAUNCHER], {"OPCD_SSH": str(ssh),
+                                                                  "OPCD_HOSTS": "10.0.0.1 10.0.0.2"})
+    assert proc.returncode == opcd_rc, proc.stderr
+    remote = [shlex.split(c[2].split(" && ", 1)[1]) for c in _recorded(log)]
+    hosts = [c[1] for c in _recorded(log)]
+    stops = [i for i, r in enumerate(remote) if r[-2:] == ["stop", "--force"]]
+    assert sorted(hosts[i] for i in stops) == ["10.0.0.1", "10.0.0.2"]
+    launch = next(i for i, r in enumerate(remote) if "scripts/sys_consolidate.sh" in r)
+    wait = next(i for i, r in enumerate(remote) if "tools/ray_wait_nodes.py" in r)
+    assert hosts[launch] == hosts[wait] == "10.0.0.1" and wait < launch < min(stops)
+    # the second host's join runs in the background (its ssh holds `ray start --block`) and is killed at
+    # cleanup: its record may land anywhere, or nowhere
