@@ -61,3 +61,11 @@ def test_the_hf_preset_loads_on_cpu_with_sdpa_and_no_packing(tiny_model, caplog)
     assert model.config._attn_implementation == "sdpa"
     assert not packing_pays(model)  # today's rule: packed rows pay with a flash kernel only
     assert len(caplog.records) == 1
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_choice_follows_flash_attn(tiny_model):
+    """With CUDA: flash_attention_2 when flash_attn imports, else SDPA, and the model loads either way."""
+    expected = "flash_attention_2" if A.flash_attn_importable() else "sdpa"
+    model = load_causal_lm(str(tiny_model), "bfloat16", attn_implementation="flash_attention_2")
+    assert model.config._attn_implementation == expected

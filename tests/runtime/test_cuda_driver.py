@@ -3,6 +3,7 @@
 nvidia-smi made absent so that a fake /proc file given by path is what is read."""
 
 import logging
+import os
 import sys
 
 import pytest
@@ -161,3 +162,14 @@ def test_a_gpu_worker_checks_the_driver_and_a_cpu_worker_does_not(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     assert devices.worker_device() == torch.device("cuda", 0)
     assert seen == ["13.0"]
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_machine_every_source_reads_the_same_driver_and_the_check_passes():
+    """On a real driver: nvidia-smi and /proc agree (pynvml too when installed), and a working machine passes."""
+    driver, source = C.probe_driver_version()
+    assert driver is not None and driver >= (450,), source
+    if os.path.exists(C.PROC_VERSION_FILE):  # some containers hide it
+        with open(C.PROC_VERSION_FILE) as f:
+            assert C.driver_from_proc_text(f.read()) == driver
+    C.check_driver(torch.version.cuda)  # the GPU is in use by this very test run: the driver runs it
