@@ -151,8 +151,15 @@ def load_model_config(path: str, trust_remote_code: bool = False):
 
 def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False,
                    attn_implementation: str | None = None):
+    """The model, with `attn_implementation` (None: transformers' choice); flash-attention that cannot run
+    in this process (no CUDA, or flash_attn not importable) becomes SDPA with one warning line
+    (opcd/runtime/attention.py)."""
     from transformers import AutoModelForCausalLM
 
+    from opcd.runtime.attention import resolve_attention
+
+    # a worker without a GPU has CUDA hidden (opcd/runtime/devices.py actor_env), so this is its device
+    attn_implementation = resolve_attention(attn_implementation, torch.cuda.is_available())
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code,
                                                     attn_implementation=attn_implementation)

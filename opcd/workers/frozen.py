@@ -39,7 +39,7 @@ class FrozenModelWorker:
         self.rank, self.world_size = rank, world_size
         self.device = worker_device()
         if world_size > 1:
-            D.init_process_group(rendezvous, rank, world_size, self.device)
+            D.init_process_group(rendezvous, rank, world_size, self.device, spec.cpu_offload)
         self.tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
         self.model = load_causal_lm(spec.model_path, spec.dtype, spec.trust_remote_code,
                                     spec.attn_implementation).eval()

@@ -36,7 +36,7 @@ class StudentWorker:
         self.rank, self.world_size = rank, world_size
         self.device = worker_device()
         if world_size > 1:
-            D.init_process_group(rendezvous, rank, world_size, self.device)
+            D.init_process_group(rendezvous, rank, world_size, self.device, spec.cpu_offload)
         self.tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
         on_gpu = self.device.type == "cuda"
         mixed = on_gpu and spec.dtype != "float32"
