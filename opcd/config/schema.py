@@ -1,12 +1,12 @@
 """The config schema: typed sections, their defaults (here and only here), bounds and cross-field
 checks. A wrong value becomes one `ConfigError` line naming the key, the value and what was expected.
 
-The `auto` values are resolved by `opcd.config.load` (for now inside `DistillConfig.__post_init__`).
+Nothing here looks at the machine: the values left to it (`auto`, `null` GPUs, `0` ranks) are decided
+in one explicit step, `opcd.config.resolve`, from a description of the machine.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,30 +250,14 @@ class RayConfig:
     def __post_init__(self):
         _check(self.num_cpus is None or (0 < self.num_cpus <= MAX_RAY_CPUS), "ray.num_cpus", self.num_cpus,
                f"null (automatic) or a number in (0, {MAX_RAY_CPUS}]")
-        if self.gpus_per_node is None:
-            from opcd.runtime.devices import visible_gpu_count
-
-            self.gpus_per_node = visible_gpu_count()
-        _check(self.gpus_per_node >= 0, "ray.gpus_per_node", self.gpus_per_node,
+        _check(self.gpus_per_node is None or self.gpus_per_node >= 0, "ray.gpus_per_node", self.gpus_per_node,
                "an integer >= 0 (0 = CPU only), or null for the GPUs visible here")
         _check(self.nnodes >= 1, "ray.nnodes", self.nnodes, "an integer >= 1")
         _check(self.ranks_per_group >= 0, "ray.ranks_per_group", self.ranks_per_group,
                "an integer >= 0 (0 = every GPU: ray.nnodes x ray.gpus_per_node)")
-        if self.ranks_per_group == 0:
-            gpus = self.nnodes * self.gpus_per_node
-            if self.placement == "separate":
-                gpus -= self.teacher_ranks or gpus // 2
-            self.ranks_per_group = max(1, gpus)
         _check(self.collective_timeout_s is None or 0 < self.collective_timeout_s < 1e7, "ray.collective_timeout_s",
                self.collective_timeout_s, "a number of seconds in (0, 1e7), or null")
         _check(self.teacher_ranks >= 0, "ray.teacher_ranks", self.teacher_ranks, "an integer >= 0 (0 = ray.ranks_per_group)")
-        if self.gpus_per_node > 0:
-            gpus = self.nnodes * self.gpus_per_node
-            teacher = self.teacher_ranks or self.ranks_per_group
-            need = max(self.ranks_per_group, teacher) if self.placement == "colocate" else self.ranks_per_group + teacher
-            _check(need <= gpus, "ray.ranks_per_group", self.ranks_per_group,
-                   f"at most {gpus} GPU ranks in all (ray.nnodes x ray.gpus_per_node; {self.placement} placement "
-                   f"with {teacher} teacher ranks needs {need})")
         _check(not (self.nnodes > 1 and self.address is None), "ray.address", self.address,
                "a cluster address ('auto' or host:port) when ray.nnodes > 1")
 
@@ -371,35 +355,12 @@ class DistillConfig:
         for key in self.trainer.resume_override:
             _check(key in known, "trainer.resume_override", list(self.trainer.resume_override),
                    f"dotted config keys such as trainer.lr ({key!r} is not one)")
-        self._resolve_auto()
-        tp = self.rollout.vllm_tensor_parallel_size
-        if tp > 1:
-            _check(self.rollout.backend == "vllm", "rollout.vllm_tensor_parallel_size", tp,
-                   "1 unless rollout.backend=vllm")
-            _check(self.ray.gpus_per_node > 0, "rollout.vllm_tensor_parallel_size", tp,
-                   "1 on CPU (tensor parallelism splits a model over GPUs; set ray.gpus_per_node)")
-            _check(self.ray.ranks_per_group % tp == 0 and tp <= self.ray.gpus_per_node,
-                   "rollout.vllm_tensor_parallel_size", tp,
-                   f"a divisor of ray.ranks_per_group={self.ray.ranks_per_group} and at most "
-                   f"ray.gpus_per_node={self.ray.gpus_per_node} (an engine's GPUs are on one node)")
+        _check(self.rollout.vllm_tensor_parallel_size == 1 or self.rollout.backend in ("vllm", "auto"),
+               "rollout.vllm_tensor_parallel_size", self.rollout.vllm_tensor_parallel_size,
+               "1 unless rollout.backend=vllm")
         _check(self.trainer.micro_batch_size <= self.trainer.batch_size * self.rollout.n,
                "trainer.micro_batch_size", self.trainer.micro_batch_size,
                f"<= trainer.batch_size * rollout.n = {self.trainer.batch_size * self.rollout.n}")
-
-    def _resolve_auto(self) -> None:
-        """The `auto` settings, decided by whether the run has GPUs (ray.gpus_per_node > 0), so that
-        `--cfg` and the saved config.yaml show what runs: GPU = bf16, the vLLM rollout (when vLLM is
-        installed), activation checkpointing; CPU = fp32, transformers generate, no checkpointing."""
-        gpu = self.ray.gpus_per_node > 0
-        if self.model.dtype == "auto":
-            self.model.dtype = "bfloat16" if gpu else "float32"
-        if self.model.activation_checkpointing is None:
-            self.model.activation_checkpointing = gpu
-        vllm = gpu and importlib.util.find_spec("vllm") is not None
-        if self.rollout.backend == "auto":
-            self.rollout.backend = "vllm" if vllm else "hf"
-        if self.evaluate.ood_backend == "auto":
-            self.evaluate.ood_backend = "vllm" if vllm else "hf"
 
     @property
     def run_dir(self) -> Path:

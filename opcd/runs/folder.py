@@ -32,7 +32,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from opcd.runs.checkpoint import latest_checkpoint
-from opcd.config import GAME_TASK, DistillConfig, to_yaml
+from opcd.config import GAME_TASK, DistillConfig, Machine, resolve, to_yaml
 from opcd.errors import ConfigError, OpcdError
 from opcd.data.files import read_text
 
@@ -216,7 +216,7 @@ def check_resume(cfg: DistillConfig, run_dir: Path) -> dict | None:
 def config_changes(saved: dict, now: dict) -> list[tuple[str, object, object]]:
     """(dotted key, saved value, new value) for every key whose value differs; a key the saved config
     lacks (written by an older opcd) counts as its default."""
-    defaults = _flatten(_plain(DistillConfig()))
+    defaults = _flatten(_plain(resolve(DistillConfig(), Machine.here())))
     return [(key, saved.get(key, defaults.get(key)), value) for key, value in now.items()
             if saved.get(key, defaults.get(key)) != value]
 
