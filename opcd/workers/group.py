@@ -62,8 +62,12 @@ class WorkerGroup:
         self.world_size = world_size
         self.ranks_per_engine = ranks_per_engine
         self._pad_id = None
-        actor_cls = ray.remote(faults.with_fault(worker_cls, name))
+        env, secret_env = envforward.split_secrets(envforward.forwarded())
+        actor_cls = faults.with_fault(worker_cls, name)
         extra = {}
+        if secret_env:  # not in runtime_env, which Ray logs with its values
+            actor_cls, extra[envforward.SECRETS_KWARG] = envforward.receiving_secrets(actor_cls), secret_env
+        actor_cls = ray.remote(actor_cls)
         if world_size > 1:  # the ranks meet at a store hosted here, on the driver
             from opcd.workers.distributed import Rendezvous
 
@@ -72,16 +76,16 @@ class WorkerGroup:
         self.workers = []
         for rank in range(world_size):
             options = pool.actor_options(rank) if pool is not None else {"num_cpus": num_cpus, "num_gpus": num_gpus}
-            env = {**envforward.forwarded(), **WORKER_ENV, **devices.actor_env(options["num_gpus"])}
-            self.workers.append(actor_cls.options(**options, max_concurrency=1, runtime_env={"env_vars": env})
+            actor_env = {**env, **WORKER_ENV, **devices.actor_env(options["num_gpus"])}
+            self.workers.append(actor_cls.options(**options, max_concurrency=1, runtime_env={"env_vars": actor_env})
                                 .remote(**kwargs, **extra, rank=rank, world_size=world_size))
-        self.nodes: list[str] = []  # each rank's "ip (hostname)", for the failure lines
+        self.nodes: list[str] = []  # each rank's node (see _node), for the failure lines
         self.call("__ray_ready__")  # surface construction errors (e.g. a bad model path) now
         self.nodes = self.call("__ray_call__", _node)
         where = self.call("__ray_call__", _where)
         log.info("worker group %s on %s; environment forwarded: %s", name,
                  ", ".join(f"rank {rank}: {device} on {node}" for rank, (device, node) in enumerate(zip(where, self.nodes))),
-                 envforward.describe(envforward.forwarded()))
+                 envforward.describe({**env, **secret_env}))
 
     def call(self, method: str, *args, **kwargs) -> list:
         refs = [getattr(worker, method).remote(*args, **kwargs) for worker in self.workers]
@@ -168,8 +172,10 @@ def _where(worker) -> str:
 
 
 def _node(worker) -> str:
-    """Run inside an actor: its node's IP address and host name."""
-    return f"{ray.util.get_node_ip_address()} ({socket.gethostname()})"
+    """Run inside an actor: its node's IP address, host name and Ray node id (short, as `ray status` shows
+    it: several nodes can share a host)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    return f"{ray.util.get_node_ip_address()} ({socket.gethostname()}, Ray node {node_id[:8]})"
 
 
 def _death_cause(exc: RayActorError) -> str:

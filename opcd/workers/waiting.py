@@ -12,21 +12,30 @@ out. `gather_ranks` waits on all the ranks' object refs at once (`ray.wait`) and
   waiting in their next collective: they are not waited for).
 
 A survivor's symptom often arrives before the dead rank's notice (both come within milliseconds of
-the death), so after the first failure the other refs get a short grace period to report too.
+a process's death; a lost node's notice comes only after it missed Ray's health checks), so after
+the first failure the other refs get a grace period to report too.
 Nothing here knows about groups, nodes or messages' wording: `opcd/workers/group.py` turns a
 `RankFailure` into the run's one line.
 """
 
 from __future__ import annotations
 
+import re
+import time
 from dataclasses import dataclass
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-# Long enough for Ray to report a dead worker's pending task (measured: ~0.05 s locally; a lost node is
-# noticed by missed heartbeats, which this does not wait for), short enough not to delay the error line.
+# Long enough for Ray to report a dead worker's pending task (measured: ~0.05 s locally), short enough
+# not to delay the error line.
 GRACE_S = 3.0
+# When a survivor's error says its peer is gone but no rank's death was reported yet, the peer's node
+# may be gone: Ray reports that only once the node misses its health checks (about 15-30 s with Ray's
+# defaults, measured in tests/workers/test_cluster_on_cpu.py), so wait that long for the notice.
+PEER_LOST_GRACE_S = 60.0
+PEER_LOST = re.compile(r"Read error|Connection (reset|closed) by peer|Socket closed|Broken pipe|remote process exit"
+                       r"|communicator was aborted|NCCL error", re.IGNORECASE)
 
 
 @dataclass
@@ -55,10 +64,31 @@ def gather_ranks(refs: list, grace_s: float = GRACE_S) -> list:
         ready, pending = ray.wait(pending, num_returns=1)
         failures = _collect(ready, rank_of, results)
         if failures:
-            more_ready, _ = ray.wait(pending, num_returns=len(pending), timeout=grace_s) if pending else ([], [])
-            failures += _collect(more_ready, rank_of, results)
+            failures += _settle(pending, rank_of, results, grace_s, failures)
             raise _cause(failures)
     return [results[rank] for rank in range(len(refs))]
+
+
+def _settle(pending: list, rank_of: dict, results: dict, grace_s: float, failures: list) -> list[tuple[int, Exception]]:
+    """The other ranks' failures within the grace period (longer while a survivor says its peer is gone
+    and no death is known yet); stops early once every rank has answered or a death is known."""
+    found: list[tuple[int, Exception]] = []
+    deadline = time.monotonic() + grace_s
+    peer_lost_deadline = time.monotonic() + max(grace_s, PEER_LOST_GRACE_S)
+    while pending:
+        known = failures + found
+        if any(isinstance(error, RayActorError) for _, error in known):
+            wait_until = deadline  # the cause is known: collect consequences for the short grace only
+        elif any(PEER_LOST.search(str(error)) for _, error in known):
+            wait_until = peer_lost_deadline
+        else:
+            wait_until = deadline
+        left = wait_until - time.monotonic()
+        if left <= 0:
+            break
+        ready, pending = ray.wait(pending, num_returns=1, timeout=min(left, 1.0))
+        found += _collect(ready, rank_of, results)
+    return found
 
 
 def _collect(ready: list, rank_of: dict, results: dict) -> list[tuple[int, Exception]]:

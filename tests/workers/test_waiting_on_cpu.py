@@ -71,7 +71,8 @@ def test_a_dead_rank_is_the_cause_and_a_survivors_error_its_consequence(local_ra
 
 def test_the_groups_line_names_rank_node_method_and_the_errors_last_line(local_ray):
     group = WorkerGroup("student", Rank, {}, world_size=2, num_cpus=0.5)
-    assert group.nodes == [f"{ray.util.get_node_ip_address()} ({socket.gethostname()})"] * 2
+    node_id = ray.get_runtime_context().get_node_id()[:8]
+    assert group.nodes == [f"{ray.util.get_node_ip_address()} ({socket.gethostname()}, Ray node {node_id})"] * 2
     with pytest.raises(WorkerError) as caught:
         group.call("step", {1: ("raise", 0)})
     assert str(caught.value) == (f"student worker rank 1 on node {group.nodes[1]} failed in step: ValueError: "
