@@ -21,6 +21,9 @@ PERF_MAX_RSS_GB = "perf/driver_max_rss_gb"
 PERF_GPU = "perf/{group}_gpu_{reading}"  # group: student | teacher; reading: peak_allocated_gb | peak_reserved_gb
 PERF_STUDENT_GPU_PEAK = "perf/student_gpu_peak_allocated_gb"  # per step; absent on CPU
 PERF_STUDENT_GPU_RESERVED = "perf/student_gpu_peak_reserved_gb"
+# + reading "used_gb_after_<phase>" (rollout | update | sync for the student, score for the teacher): the
+# device's memory in use at the end of the phase, vLLM's pools and other processes included
+PERF_GPU_USED_MAX = "perf/gpu_used_gb_max"  # the largest of those readings this step, any group and rank
 TIMING = "timing/"  # + phase name, seconds
 EVAL = "eval/"  # + "<who>/score"
 EVAL_DURING = "eval/student/score"  # held-out score of the student (no context) every trainer.eval_freq steps

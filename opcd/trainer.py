@@ -5,7 +5,8 @@
                   recording its own top-k ids at every position (a game source plays whole episodes)
         teacher   the frozen teacher scores the same tokens WITH the context: log-probs at the support
         update    the student minimises the top-k reverse KL to the teacher (one optimiser step)
-        sync      the rollout engine gets the new weights (free for the colocated `hf` engine)
+        sync      the rollout engine gets the new weights (free for the colocated `hf` engine); a vLLM
+                  engine on GPU sleeps from the end of the rollout to the sync (opcd/rollout/__init__.py)
         log, checkpoint
 
 Departures from the reference: the student's top-k ids come from the rollout itself instead of a
@@ -79,6 +80,7 @@ class Trainer:
         with timer("step"):
             with timer("rollout"):
                 batch: RolloutBatch = self.source.rollout(step, self._generate, self.sampling, self._seed(step))
+                self.student.call("sleep_rollout")  # its memory goes to the teacher's scoring and the update
             with timer("teacher"):
                 scores = self._teacher_scores(batch)
             with timer("update"):
@@ -151,12 +153,16 @@ class Trainer:
         return out
 
     def _gpu_memory(self) -> dict[str, float]:
-        """Each group's peak GPU memory over this step, its largest rank's (opcd/runtime/gpu_memory.py); {} on CPU."""
+        """Each group's peak GPU memory over this step and the device's memory in use after each phase, its
+        largest rank's (opcd/runtime/gpu_memory.py); {} on CPU."""
         out = {}
         for name, group in (("student", self.student), ("teacher", self.teacher)):
             readings = [r for r in (group.call("gpu_memory") if group is not None else []) if r]
             for key in readings[0] if readings else {}:
                 out[M.PERF_GPU.format(group=name, reading=key)] = max(r[key] for r in readings)
+        used = [value for key, value in out.items() if "_gpu_used_gb_after_" in key]
+        if used:
+            out[M.PERF_GPU_USED_MAX] = max(used)
         return out
 
     def _check_nonfinite(self, metrics: dict[str, float], step: int) -> None:

@@ -18,8 +18,8 @@ from opcd.runs.checkpoint import latest_checkpoint, write_text_atomic
 from opcd.config import DistillConfig, to_yaml
 from opcd.runs.results import EvalResult
 from opcd import metrics as M
-from opcd.pipelines.run_setup import (Prepared, engine_ranks, generation_spec, naming_last_checkpoint, prepare,
-                                      reserved_pools, sampling, student_context, teacher_ranks, train_spec, worker_spec)
+from opcd.pipelines.run_setup import (Prepared, engine_ranks, frozen_context, generation_spec, naming_last_checkpoint,
+                                      prepare, reserved_pools, sampling, student_context, teacher_ranks, train_spec)
 from opcd.runs.report import write_report
 from opcd.runs.folder import claims_run_folder
 from opcd.data.seeds import eval_seed
@@ -60,11 +60,13 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source: Ro
                                "train": train_spec(cfg, objective)},
                               world_size=cfg.ray.ranks_per_group, pool=pools["student"],
                               collective_timeout_s=cfg.ray.collective_timeout_s, ranks_per_engine=engine_ranks(cfg))
-        # a padded teacher scores over the student's ids (opcd/workers/scoring.py)
+        # a padded teacher scores over the student's ids (opcd/workers/scoring.py); its held-out
+        # evaluation generates with the configured engine (vLLM per rank), not with the sharded model
         teacher = WorkerGroup("teacher", FrozenModelWorker,
-                              {"spec": worker_spec(cfg, teacher_path, vocab_rows=prepared.student_vocab_rows)},
+                              {"spec": generation_spec(cfg, teacher_path, frozen_context(cfg, prepared.domain),
+                                                       vocab_rows=prepared.student_vocab_rows)},
                               world_size=teacher_ranks(cfg), pool=pools["teacher"],
-                              collective_timeout_s=cfg.ray.collective_timeout_s)
+                              collective_timeout_s=cfg.ray.collective_timeout_s, ranks_per_engine=engine_ranks(cfg))
         check_shared_storage(run_dir, [student, teacher])
         trainer = Trainer(cfg.trainer, cfg.loss, sampling(cfg, evaluation=False), source, student,
                           teacher if teacher_scores_needed else None, run_dir, objective)
@@ -82,6 +84,7 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source: Ro
                 for who, group, side in (("student_before", student, "student"), ("teacher_with_context", teacher, "teacher")):
                     results[who] = _record_eval(run_eval(who, group, side), run_dir, results, tracker)
                     tracker.message(_describe(results[who]))
+                teacher.call("release_rollout")  # the teacher only scores from here on
 
             def evaluate_during(step: int) -> dict:
                 result = _record_eval(run_eval(f"student_step_{step}", student, "student"), run_dir, results, tracker)

@@ -18,9 +18,29 @@ from opcd.protocol import Generation, SamplingParams
 from opcd.data.seeds import prompt_seed  # noqa: F401 (the engines' and WorkerGroup's per-prompt seeds)
 
 class RolloutEngine(Protocol):
+    """What a worker asks of its engine. The memory choreography of a colocated engine on GPU, one
+    training step (opcd/workers/student.py):
+
+        generate ... generate   sleep   (teacher scores, student updates, grads freed)
+        wake_weights   sync_weights   (allocator cache emptied)   wake_cache   generate ...
+
+    `sleep` discards the engine's weights, not only its KV cache: the sync overwrites them anyway, so
+    keeping a host copy would only move the whole model over PCIe twice per step. An engine that
+    shares the training module (`shares_module`) needs no sync, and its sleep and wakes are no-ops, as
+    they are for any engine on CPU.
+    """
+
+    shares_module: bool  # generates with the training nn.Module itself: its weights are always current
+
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation: ...
 
     def sync_weights(self, named_tensors) -> None: ...
+
+    def sleep(self) -> None: ...
+
+    def wake_weights(self) -> None: ...
+
+    def wake_cache(self) -> None: ...
 
 
 def concat_generations(parts: list[Generation], pad_id: int) -> Generation:

@@ -13,5 +13,5 @@ def make_rollout(spec, model, tokenizer, device, autocast=None) -> RolloutEngine
         from opcd.rollout.vllm import VLLMRollout  # vLLM is heavy and optional: imported only when used
 
         return VLLMRollout(spec.model_path, tokenizer, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code,
-                           **spec.vllm)
+                           local_rank=device.index or 0 if device is not None else 0, **spec.vllm)
     return HFRollout(model, tokenizer, device=device, **({"autocast": autocast} if autocast else {}), **spec.hf)

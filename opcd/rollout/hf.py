@@ -98,6 +98,10 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 class HFRollout:
+    # Generates with the training module itself: no sync, and nothing to put to sleep (a static cache
+    # stays allocated on purpose, its captured CUDA graphs read its addresses).
+    shares_module = True
+
     def __init__(self, model, tokenizer, batch_size: int = 64, autocast=contextlib.nullcontext,
                  cache: str | None = "dynamic", compile: bool | None = False,
                  device: torch.device | str | None = None):
@@ -116,6 +120,18 @@ class HFRollout:
         self.compile_config._compile_all_devices = True  # honour an explicit compile on CPU too (tests)
         self._static: StaticCache | None = None
         self._static_shape = (0, 0)  # (rows, slots) of the kept static cache
+
+    def sync_weights(self, named_tensors=None) -> None:
+        """Nothing to load: the engine generates with the training module."""
+
+    def sleep(self) -> None:
+        """Nothing to free (see `shares_module`)."""
+
+    def wake_weights(self) -> None:
+        """Nothing to allocate."""
+
+    def wake_cache(self) -> None:
+        """Nothing to allocate."""
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
@@ -175,9 +191,6 @@ class HFRollout:
         # transformers compiles a static cache's decoding on its own on a GPU: say explicitly which we want
         return {"cache": self._static, **({"compile_config": self.compile_config} if self.compile
                                           else {"disable_compile": True})}
-
-    def sync_weights(self, named_tensors=None) -> None:
-        """Nothing to do: the engine generates with the training module itself."""
 
 
 def _batch_bucket(rows: int, cap: int) -> int:

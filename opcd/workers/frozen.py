@@ -17,6 +17,7 @@ the student lacks.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -47,15 +48,19 @@ class FrozenModelWorker:
             D.shard(self.model, cpu_offload=spec.cpu_offload)
         else:
             self.model.to(self.device)
-        # generation-heavy stages (extraction, evaluation, off-policy data) may run vLLM here
-        self.rollout = make_rollout(spec, self.model, self.tokenizer, self.device)
+        # Generation-heavy stages (extraction, evaluation, off-policy data, the teacher's held-out
+        # evaluation) run the configured engine, vLLM included; it is built on the first generate call,
+        # so a teacher that only scores never holds one, and released when the generating is done.
+        self.rollout = None
         self.pad_id = self.tokenizer.pad_token_id
         self.scorer = Scorer.for_model(self.model, spec.lm_head_chunk_size, spec.padding_free, spec.temperature,
                                        self.pad_id, self.device, vocab_rows=spec.vocab_rows)
+        self.memory = gpu_memory.PhaseMemory()
 
     def gpu_memory(self) -> dict[str, float]:
-        """Peak GPU memory since the previous call (opcd/runtime/gpu_memory.py); {} on CPU."""
-        return gpu_memory.read_and_reset()
+        """Peak GPU memory since the previous call and the device's memory in use after scoring
+        (opcd/runtime/gpu_memory.py); {} on CPU."""
+        return {**gpu_memory.read_and_reset(), **self.memory.take()}
 
     @torch.no_grad()
     def score(self, prompts: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor,
@@ -77,6 +82,8 @@ class FrozenModelWorker:
             if rows:
                 parts.append(scores)
         D.release(self.model)
+        gpu_memory.release_cached()  # the scoring's activations: the student's update and engine come next
+        self.memory.mark("score")
         if not parts:  # more ranks than sequences
             return None
         logprobs, entropy, ids, mask = (list(x) for x in zip(*parts))
@@ -84,4 +91,14 @@ class FrozenModelWorker:
                              None if mask[0] is None else torch.cat(mask))
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
+        if self.rollout is None:
+            self.rollout = make_rollout(self.spec, self.model, self.tokenizer, self.device)
         return self.rollout.generate(prompts, params, seed)
+
+    def release_rollout(self) -> None:
+        """Drop an engine that holds its own copy of the weights (vLLM), with its KV cache: a teacher
+        evaluated before training needs the memory for scoring afterwards."""
+        if self.rollout is not None and not self.rollout.shares_module:
+            self.rollout = None
+            gc.collect()  # vLLM's engine holds reference cycles: free its memory now, not at some later collection
+            gpu_memory.release_cached()

@@ -73,6 +73,8 @@ class WorkerGroup:
 
             rendezvous, self._store = Rendezvous.create(name, collective_timeout_s)
             extra["rendezvous"] = rendezvous
+        if pool is not None:
+            pool.check_engines(ranks_per_engine)
         self.workers = []
         for rank in range(world_size):
             options = pool.actor_options(rank) if pool is not None else {"num_cpus": num_cpus, "num_gpus": num_gpus}

@@ -23,7 +23,6 @@ from opcd.models import load_causal_lm, load_tokenizer
 from opcd.loss.objective import per_token_loss
 from opcd.protocol import Generation, SamplingParams, UpdateBatch
 from opcd.rollout.engines import make_rollout
-from opcd.rollout.hf import HFRollout
 from opcd.workers import checkpoint_io
 from opcd.workers import distributed as D
 from opcd.workers.scoring import Scorer
@@ -64,27 +63,40 @@ class StudentWorker:
         self.scorer = Scorer.for_model(self.model, spec.lm_head_chunk_size, spec.padding_free, spec.temperature,
                                        self.pad_id, self.device, autocast)
         self.token_loss = functools.partial(per_token_loss, train.kl_loss_type, train.support_mode)
+        self.memory = gpu_memory.PhaseMemory()
 
     # -- rollout ---------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
         """This rank's share of a rollout (WorkerGroup.generate splits the prompts)."""
         return self.rollout.generate(prompts, params, seed)
 
+    def sleep_rollout(self) -> None:
+        """After a step's rollout: the engine gives its memory to the teacher's scoring and the update
+        (a no-op for an engine that shares this module, and on CPU)."""
+        self.rollout.sleep()
+        gpu_memory.release_cached()
+        self.memory.mark("rollout")
+
     def sync_rollout(self) -> None:
-        """Hand the updated weights to the rollout engine (free for `hf`: it is the training module)."""
-        if isinstance(self.rollout, HFRollout):
+        """Hand the weights to the rollout engine, waking it in stages: its weights, the sync, the
+        trainer's cached blocks back to the device, then its KV cache (free for an engine that shares
+        the training module)."""
+        if self.rollout.shares_module:
             return
+        self.rollout.wake_weights()
         # every rank's engine gets the full weights, gathered tensor by tensor on every rank
         self.rollout.sync_weights(D.full_tensors(self.model) if self.world_size > 1 else self.model.state_dict().items())
+        gpu_memory.release_cached()  # the gather's buffers: the KV cache is allocated outside PyTorch's cache
+        self.rollout.wake_cache()
+        self.memory.mark("sync")
 
     def gpu_memory(self) -> dict[str, float]:
-        """Peak GPU memory since the previous call (opcd/runtime/gpu_memory.py); {} on CPU."""
-        return gpu_memory.read_and_reset()
+        """Peak GPU memory since the previous call and the device's memory in use after each phase
+        (opcd/runtime/gpu_memory.py); {} on CPU."""
+        return {**gpu_memory.read_and_reset(), **self.memory.take()}
 
     # -- update ----------------------------------------------------------------------------------
     def update(self, batch: UpdateBatch) -> dict[str, float]:
-        if hasattr(self.rollout, "sleep"):
-            self.rollout.sleep()  # colocated vLLM on GPU frees its memory for the update (woken by the sync)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "entropy": 0.0, "student_mass": 0.0, "teacher_mass": 0.0}
@@ -104,10 +116,13 @@ class StudentWorker:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         skipped = not math.isfinite(grad_norm)
-        if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
+        if not skipped:
             self.optimizer.step()
+        # Gradients are dead weight until the next backward (a full fp32 copy of this rank's shard):
+        # freed now, so the engine's KV cache can have their memory when it wakes.
+        self.optimizer.zero_grad(set_to_none=True)
+        gpu_memory.release_cached()
+        self.memory.mark("update")
         tokens = max(batch.num_tokens, 1)
         return {"loss": sums["loss"], "entropy": sums["entropy"] / tokens,
                 "student_mass": sums["student_mass"] / tokens, "teacher_mass": sums["teacher_mass"] / tokens,

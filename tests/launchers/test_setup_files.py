@@ -35,10 +35,22 @@ def test_bash_syntax(name):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_ci_runs_setup_then_the_readme_test_command():
+def _readme_test_command() -> str:
+    readme = (REPO / "README.md").read_text()
+    block = readme[readme.index("Set up and run the tests"):]
+    block = block[block.index("```bash\n") + len("```bash\n"):]
+    return block[:block.index("\n```")].strip()
+
+
+def test_ci_runs_setup_then_the_readme_test_command_then_the_slow_tests():
+    readme_command = _readme_test_command()
+    assert readme_command.startswith("bash setup.sh && ") and '-m "not slow"' in readme_command
     lines = [l.strip() for l in (REPO / ".ci" / "run").read_text().splitlines()
              if l.strip() and not l.startswith("#")]
-    assert lines == ["set -euo pipefail", 'cd "$(dirname "$0")/.."', "bash setup.sh", ".venv/bin/python -m pytest -q"]
+    setup, test = readme_command.split(" && ")
+    assert lines.index("bash setup.sh || exit $?") < lines.index(test) < lines.index(".venv/bin/python -m pytest -q -m slow")
+    # the slow tests run even when the quick ones fail, and the job fails if either does
+    assert "set -uo pipefail" in lines and lines[-1] == '[ "$quick" -eq 0 ] && [ "$slow" -eq 0 ]'
 
 
 def test_setup_sh_options():

@@ -57,9 +57,17 @@ _TRAIN_FIELDS = {f for f in TrainSpec.__dataclass_fields__}
 
 
 def _student(path, **settings) -> StudentWorker:
-    """A student worker; `settings` are fields of WorkerSpec or TrainSpec."""
+    """A student worker; `settings` are fields of WorkerSpec or TrainSpec. `worker.step_grads` holds the
+    gradients its last optimiser step used (the update frees them right after the step)."""
     train = {k: settings.pop(k) for k in list(settings) if k in _TRAIN_FIELDS}
-    return StudentWorker(WorkerSpec(str(path), num_threads=1, **settings), TrainSpec(**train))
+    worker = StudentWorker(WorkerSpec(str(path), num_threads=1, **settings), TrainSpec(**train))
+    worker.step_grads = {}
+
+    def keep(optimizer, args, kwargs):
+        worker.step_grads = {name: p.grad.detach().clone() for name, p in worker.model.named_parameters()
+                             if p.grad is not None}
+    worker.optimizer.register_step_pre_hook(keep)
+    return worker
 
 
 def _teacher(path, **settings) -> FrozenModelWorker:

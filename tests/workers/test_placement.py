@@ -7,7 +7,8 @@ import ray
 
 from opcd.errors import ConfigError
 from opcd.workers.group import WorkerGroup
-from opcd.workers.placement import bundles_needed, gpus_per_actor, make_pools, remove_pools
+from opcd.workers.placement import (Pool, bundles_needed, check_engines_on_one_node, gpus_per_actor, make_pools,
+                                    rank_order, remove_pools)
 
 
 def test_colocate_is_one_pool_with_a_bundle_per_rank_shared_by_every_group():
@@ -123,3 +124,32 @@ def test_both_layouts_build_their_groups_and_train_a_step(tmp_path, tiny_model, 
         assert (student["ranks"], teacher["ranks"]) == (1, 2) and student["pool"] != teacher["pool"]
     else:
         assert (student["ranks"], teacher["ranks"]) == (1, 1) and student["pool"] == teacher["pool"]
+
+
+def test_ranks_take_the_bundles_node_by_node():
+    # Ray put bundles 0, 2, 4, 6 on node a and 1, 3, 5, 7 on node b (PACK promises no order)
+    nodes = ["a", "b"] * 4
+    order = rank_order(nodes)
+    assert order == (0, 2, 4, 6, 1, 3, 5, 7)
+    assert [nodes[b] for b in order] == ["a"] * 4 + ["b"] * 4
+    check_engines_on_one_node(nodes, order, ranks_per_engine=4)  # two engines of 4, one per node
+    assert rank_order(["b", "b", "a", "a"]) == (0, 1, 2, 3)  # nodes in the order of their first bundle
+
+
+def test_an_engine_across_nodes_is_refused_in_one_line():
+    nodes = ["a", "a", "a", "b", "b", "b"]  # 3 GPUs a node cannot hold engines of 2
+    with pytest.raises(ConfigError, match=r"^config rollout\.vllm_tensor_parallel_size=2: the ranks 2-3 of one "
+                                          r"engine were placed on 2 nodes"):
+        check_engines_on_one_node(nodes, rank_order(nodes), ranks_per_engine=2)
+    Pool(group=None, gpus_per_actor=1.0, order=(0, 1, 2, 3, 4, 5), nodes=tuple(nodes)).check_engines(3)
+    with pytest.raises(ConfigError):
+        Pool(group=None, gpus_per_actor=1.0, order=(0, 1, 2, 3, 4, 5), nodes=tuple(nodes)).check_engines(2)
+
+
+def test_pools_on_a_local_node_record_where_their_bundles_are(local_ray):
+    pools = make_pools({"student": 2, "teacher": 2}, gpus=False, placement="colocate")
+    try:
+        pool = pools["student"]
+        assert pool.order == (0, 1) and len(set(pool.nodes)) == 1
+    finally:
+        remove_pools(pools.values())

@@ -51,7 +51,7 @@ def test_generating_workers_get_the_configured_engine_with_a_context_for_their_p
     assert frozen_context(cfg, domain) == 110 + 50 + 10 + 7
     spec = generation_spec(cfg, "/models/x", frozen_context(cfg, domain))
     assert spec.rollout_backend == "vllm" and spec.vllm == vllm_kwargs(cfg, 177) and spec.vllm["max_model_len"] == 177
-    assert worker_spec(cfg, "/models/x").rollout_backend == "hf"  # the scoring teacher runs no engine
+    assert worker_spec(cfg, "/models/x").rollout_backend == "hf"  # no vLLM unless it generates for a living
     assert generation_spec(cfg, "/models/x", 10, vocab_rows=5).vocab_rows == 5  # a padded off-policy teacher
     unlimited = load_config(["rollout.backend=vllm", "task.experience_max_length=0"])
     assert frozen_context(unlimited, domain) is None

@@ -9,6 +9,7 @@ from opcd.models import load_causal_lm
 from opcd.protocol import UpdateBatch
 from opcd.rollout.hf import HFRollout
 from opcd.workers.student import StudentWorker
+from tests.numerics import entropy_rtol, softmax_rtol
 from tests.workers.common import (  # noqa: F401 (fixtures are registered by importing them)
     GREEDY, _assert_same_weights, _logprobs_alone, _max_weight_change, _student, _teacher, _update_batch, one_thread, prompts, teacher_prompts, tiny_lm, tokenizer)
 
@@ -150,8 +151,9 @@ def test_gradient_accumulation_equals_one_big_batch(sharp_tiny_model, sharp_tiny
     stats_small, stats_whole = small.update(batch), whole.update(batch)
     assert stats_small["loss"] == pytest.approx(stats_whole["loss"], rel=1e-5)
     assert stats_small["grad_norm"] == pytest.approx(stats_whole["grad_norm"], rel=1e-4)
-    for (name, p_small), p_whole in zip(small.model.named_parameters(), whole.model.parameters()):
-        torch.testing.assert_close(p_small.grad, p_whole.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert small.step_grads.keys() == whole.step_grads.keys() and small.step_grads
+    for name, grad in whole.step_grads.items():
+        torch.testing.assert_close(small.step_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
     # (weights are not compared: Adam's first step is ~lr * sign(g), and differently packed micro-batches
     # round near-zero gradient entries differently)
     assert _max_weight_change(small.state_dict(), _student(sharp_tiny_model).state_dict()) > 1e-4
@@ -171,22 +173,26 @@ def test_chunked_head_update_equals_full_logits(sharp_tiny_model, sharp_tiny_dee
     batch = _update_batch(full, teacher, prompts, teacher_prompts, k=1 if kl_loss_type == "k3" else 8,
                           lengths=[5, 1, 3, 6])
     a, b = chunked.update(batch), full.update(batch)
-    for key in ("loss", "entropy", "student_mass", "teacher_mass"):
-        assert a[key] == pytest.approx(b[key], rel=2e-5, abs=1e-6), key
-    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    vocab = full.model.config.vocab_size
+    rtol = softmax_rtol(vocab)  # ~1.1e-4 at V = 49k; AVX2 and AVX-512 kernels differ by up to 2.3e-5 here
+    for key in ("loss", "student_mass", "teacher_mass", "grad_norm"):
+        assert a[key] == pytest.approx(b[key], rel=rtol, abs=1e-9), key
+    assert a["entropy"] == pytest.approx(b["entropy"], rel=entropy_rtol(vocab, b["entropy"])), "entropy"
     # gradients, not weights: Adam's first step is ~lr * sign(g), so rounding-level differences in
     # near-zero gradient entries would flip whole lr-sized steps
-    for (name, p_chunked), p_full in zip(chunked.model.named_parameters(), full.model.parameters()):
-        norm = p_full.grad.norm().item()
-        assert norm > 0 and (p_chunked.grad - p_full.grad).norm().item() < 1e-4 * norm, name
+    assert chunked.step_grads.keys() == full.step_grads.keys() and full.step_grads
+    for name, grad in full.step_grads.items():
+        norm = grad.norm().item()
+        assert norm > 0 and (chunked.step_grads[name] - grad).norm().item() < rtol * norm, name
 
 
 def _assert_same_step(a: StudentWorker, b: StudentWorker, stats_a: dict, stats_b: dict):
     for key in ("loss", "entropy", "student_mass", "teacher_mass", "grad_norm"):
         assert stats_a[key] == pytest.approx(stats_b[key], rel=1e-4, abs=1e-6), key
-    for (name, p_a), p_b in zip(a.model.named_parameters(), b.model.parameters()):
-        norm = p_b.grad.norm().item()
-        assert norm > 0 and (p_a.grad - p_b.grad).norm().item() < 1e-4 * norm, name
+    assert a.step_grads.keys() == b.step_grads.keys() and b.step_grads
+    for name, grad in b.step_grads.items():
+        norm = grad.norm().item()
+        assert norm > 0 and (a.step_grads[name] - grad).norm().item() < 1e-4 * norm, name
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
