@@ -16,6 +16,7 @@
 # Environment: NODE_RANK (or RANK; default 0), MASTER_ADDR (default 127.0.0.1), RAY_PORT (6379),
 # RAY_NUM_GPUS (default: counted with nvidia-smi -L, 0 without a GPU), RAY_WAIT_S (how long a worker
 # waits for the head, default 600), OPCD_VENV (the venv with ray; default .venv, else ray on PATH).
+# NCCL_*, GLOO_SOCKET_IFNAME, HF_HOME, ... set here reach this node's workers (list below).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -41,6 +42,22 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
 else
     NUM_GPUS=0
 fi
+
+# The variables this node's Ray processes (and so its workers) get from here: the allow-list of
+# opcd/runtime/envforward.py (the driver also forwards its own values in every actor's runtime_env,
+# which win). Exported even when only set in this shell; names are printed, never values.
+FORWARD_PREFIXES="NCCL_ GLOO_ TP_SOCKET_IFNAME HF_ HUGGING_FACE_HUB_TOKEN TRANSFORMERS_ WANDB_ CUDA_ TORCH_ PYTORCH_ VLLM_ OPCD_"
+forwarded=()
+for name in $(compgen -v); do
+    for prefix in $FORWARD_PREFIXES; do
+        if [[ "$name" == "$prefix"* && "$name" != CUDA_VISIBLE_DEVICES ]]; then
+            export "${name?}"
+            forwarded+=("$name")
+            break
+        fi
+    done
+done
+echo "[ray_node_setup] environment for this node's workers: ${forwarded[*]:-none}"
 
 if [[ "$RANK_" == 0 ]]; then
     echo "[ray_node_setup] rank 0: starting the Ray head at $MASTER_ADDR:$RAY_PORT with $NUM_GPUS GPUs"

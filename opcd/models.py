@@ -45,7 +45,7 @@ def resolve_model(name_or_path: str) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(f"model folder {path} has no config.json (expected a Hugging Face model folder)")
-        return str(path)
+        return str(path.absolute())  # the workers, maybe on other nodes and in other folders, load it
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise ModelError(f"model path not found: {name_or_path} (expected a Hugging Face folder, a hub id like "
                          f"'Qwen/Qwen3-8B', or '{BUILTIN_SMOLLM2}')")

@@ -280,7 +280,8 @@ opcd_task_data() {  # opcd_task_data math|medmcqa|safety [train,validation,test]
 
 opcd_exec() {  # opcd_exec SUBCOMMAND [STAGE]: set the environment, then exec opcd (or print the command)
     export TOKENIZERS_PARALLELISM=true
-    export NCCL_TIMEOUT="${NCCL_TIMEOUT:-36000}"  # seconds; long collectives around checkpoints
+    # The collective timeout is ray.collective_timeout_s (default 30 min); an NCCL_TIMEOUT exported by the
+    # user still applies (seconds), none is set here (a 10 h default left failed runs hanging for hours).
     export HYDRA_FULL_ERROR=1
     # WANDB_API_KEY / WANDB_PROJECT are read by wandb from the environment; never printed here.
 

@@ -56,11 +56,12 @@ def launch(tmp_path):
     started: list[subprocess.Popen] = []
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always a private local Ray
 
-    def start(command: list[str], name: str) -> subprocess.Popen:
+    def start(command: list[str], name: str, **extra_env: str) -> subprocess.Popen:
         logs = tmp_path / "logs"
         logs.mkdir(exist_ok=True)
         with open(logs / f"{name}.out", "w") as out, open(logs / f"{name}.err", "w") as err:
-            proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True)
+            proc = subprocess.Popen(command, cwd=REPO, env={**env, **extra_env}, stdout=out, stderr=err,
+                                    start_new_session=True)
         proc.out, proc.err = logs / f"{name}.out", logs / f"{name}.err"
         started.append(proc)
         return proc
@@ -189,8 +190,9 @@ def test_dead_student_worker_ends_the_run_with_one_line_and_the_checkpoint_resum
 
     assert _finish(doomed) == 2
     last = doomed.err.read_text().strip().splitlines()[-1]
-    assert re.fullmatch(rf"opcd: error: student worker rank 0 died during \w+: its process \(pid {student[0]}\) "
-                        r"exited unexpectedly.*", last), last
+    assert re.fullmatch(rf"opcd: error: student worker rank 0 on node \S+ \(.+\) died during \w+: its process "
+                        rf"\(pid {student[0]}\) exited unexpectedly.*; last intact checkpoint: {run_dir}/global_step_[24] "
+                        r"\(run the same command to resume\)", last), last
     assert _wait_session_gone(doomed.pid) == {}, "Ray processes of the failed run outlived it"
     assert latest_checkpoint(run_dir)[0] in (2, 4)
 
@@ -199,6 +201,79 @@ def test_dead_student_worker_ends_the_run_with_one_line_and_the_checkpoint_resum
     assert re.search(rf"resumed {run_dir} from step [24]\b", rerun.out.read_text())
     assert json.loads((run_dir / "summary.json").read_text())["final_step"] == STEPS
     assert [row["step"] for row in _metrics(run_dir)] == list(range(1, STEPS + 1))
+
+
+# -- 2b. one rank of several fails: the run ends at once, naming the rank that caused it -------------
+
+FAIL_AT_STEP = 3  # after the checkpoint of step 2
+END_WITHIN_S = 60  # from the last checkpoint before the fault to the run's exit (issue 22 §3)
+
+
+def _failing_run(tmp_path: Path, tiny_model: Path, launch, ranks: int, action: str, rank: int):
+    """A run whose rank `rank` fails (`action`: raise or kill, opcd/runtime/faults.py) in the update of
+    step FAIL_AT_STEP; -> (process, run folder, seconds from step 2's checkpoint to the exit)."""
+    command = _command(tmp_path / "failing", tiny_model, save_freq=2, ranks=ranks)
+    doomed = launch(command, f"failing-{action}", OPCD_TEST_FAULT=f"student:update:{rank}:{FAIL_AT_STEP}:{action}")
+    run_dir = tmp_path / "failing" / "run"
+    _wait_for(run_dir / "global_step_2" / "COMPLETE", doomed)
+    saved = time.monotonic()
+    try:
+        doomed.wait(timeout=END_WITHIN_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the run did not end within {END_WITHIN_S} s of the fault:\n{_tail(doomed.err)}")
+    return doomed, run_dir, time.monotonic() - saved
+
+
+def _plain_rerun_resumes_exactly(tmp_path: Path, tiny_model: Path, launch, ranks: int, straight=None) -> None:
+    """The same command without the fault resumes from step 2 and ends as an uninterrupted run does."""
+    run_dir = tmp_path / "failing" / "run"
+    rerun = launch(_command(tmp_path / "failing", tiny_model, save_freq=2, ranks=ranks), "rerun")
+    assert _finish(rerun) == 0, _tail(rerun.err)
+    assert f"resumed {run_dir} from step 2" in rerun.out.read_text()
+    assert [row["step"] for row in _metrics(run_dir)] == list(range(1, STEPS + 1))
+    if straight is not None:
+        assert _finish(straight) == 0, _tail(straight.err)
+        a, b = _weights(tmp_path / "straight" / "run", STEPS), _weights(run_dir, STEPS)
+        assert [name for name in a if not torch.equal(a[name], b[name])] == []
+        assert _metrics(run_dir) == _metrics(tmp_path / "straight" / "run")
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_a_rank_that_raises_in_update_ends_the_run_at_once_naming_it(tmp_path, tiny_model, launch, ranks):
+    """Regression (issue 22 §3): the driver fetched results rank by rank, so when the last rank raised
+    rank 0 sat in a collective and the run hung until the collective timeout (10 h). The run must end
+    within a minute with one line naming the rank, its node, the method, the error's last line and
+    the last intact checkpoint, leave no Ray process, and a plain rerun must resume exactly."""
+    straight = launch(_command(tmp_path / "straight", tiny_model, save_freq=2, ranks=ranks), "straight")
+    doomed, run_dir, seconds = _failing_run(tmp_path, tiny_model, launch, ranks, "raise", ranks - 1)
+    assert doomed.returncode == 2
+    last = doomed.err.read_text().strip().splitlines()[-1]
+    assert re.fullmatch(rf"opcd: error: student worker rank {ranks - 1} on node \S+ \(.+\) failed in update: "
+                        rf"RuntimeError: injected fault \(OPCD_TEST_FAULT\): student rank {ranks - 1} raises in call "
+                        rf"{FAIL_AT_STEP} of update; last intact checkpoint: {run_dir}/global_step_2 "
+                        r"\(run the same command to resume\)", last), last
+    print(f"{ranks} ranks, a rank raises: the run ended {seconds:.1f} s after step 2's checkpoint")
+    assert _wait_session_gone(doomed.pid) == {}, "Ray processes of the failed run outlived it"
+    _plain_rerun_resumes_exactly(tmp_path, tiny_model, launch, ranks, straight)
+
+
+@pytest.mark.timeout(900)
+def test_sigkill_of_rank_1_names_the_dead_rank_not_the_survivors_symptom(tmp_path, tiny_model, launch):
+    """Regression (issue 24 §3): SIGKILL of student rank 1 ended with `student worker rank 0 failed in
+    update: RuntimeError: [...gloo...] Read error`, the survivor's symptom. The dead rank comes first,
+    with its node; rank 0's collective error follows as a consequence."""
+    doomed, run_dir, seconds = _failing_run(tmp_path, tiny_model, launch, 2, "kill", 1)
+    assert doomed.returncode == 2
+    last = doomed.err.read_text().strip().splitlines()[-1]
+    assert re.fullmatch(r"opcd: error: student worker rank 1 on node \S+ \(.+\) died during update: its process "
+                        r"\(pid \d+\) exited unexpectedly \(killed by a signal - SIGKILL, .*\)"
+                        r"(; rank 0 failed in update as a consequence: .*)?"
+                        rf"; last intact checkpoint: {run_dir}/global_step_2 \(run the same command to resume\)",
+                        last), last
+    print(f"2 ranks, SIGKILL of rank 1: the run ended {seconds:.1f} s after step 2's checkpoint; line: {last}")
+    assert _wait_session_gone(doomed.pid) == {}, "Ray processes of the failed run outlived it"
+    _plain_rerun_resumes_exactly(tmp_path, tiny_model, launch, 2)
 
 
 # -- 3. SIGTERM, and SIGKILL of the driver alone ---------------------------------------------------

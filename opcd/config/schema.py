@@ -244,7 +244,8 @@ class RayConfig:
     # colocate: rank r of every group on bundle r of one pool (GPU shared); separate: a pool (whole GPUs) per group
     placement: Literal["colocate", "separate"] = "colocate"
     # how long a rank waits in a collective (all-reduce, shard gather) before failing; None = $NCCL_TIMEOUT
-    # (seconds, exported by the launchers), else 3600
+    # (seconds) when set, else 1800 (30 min: longer than any healthy collective, short enough that a
+    # hung run is noticed; see docs/failures.md)
     collective_timeout_s: float | None = None
 
     def __post_init__(self):
@@ -364,7 +365,9 @@ class DistillConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.trainer.runs_dir) / self.trainer.exp_name
+        """Absolute, resolved against the driver's working folder: workers on other nodes start in
+        folders of their own, where a relative path would name another place (docs/failures.md)."""
+        return Path(self.trainer.runs_dir).expanduser().absolute() / self.trainer.exp_name
 
 
 def _plain_name(name: str) -> bool:

@@ -18,8 +18,8 @@ from opcd.runs.checkpoint import latest_checkpoint, write_text_atomic
 from opcd.config import DistillConfig, to_yaml
 from opcd.runs.results import EvalResult
 from opcd import metrics as M
-from opcd.pipelines.run_setup import (Prepared, engine_ranks, frozen_context, generation_spec, prepare, reserved_pools,
-                                      sampling, student_context, teacher_ranks, train_spec)
+from opcd.pipelines.run_setup import (Prepared, engine_ranks, frozen_context, generation_spec, naming_last_checkpoint,
+                                      prepare, reserved_pools, sampling, student_context, teacher_ranks, train_spec)
 from opcd.runs.report import write_report
 from opcd.runs.folder import claims_run_folder
 from opcd.data.seeds import eval_seed
@@ -28,6 +28,7 @@ from opcd.runs.tracking import Tracker
 from opcd.trainer import Trainer
 from opcd.workers.frozen import FrozenModelWorker
 from opcd.workers.group import WorkerGroup, init_ray
+from opcd.workers.shared_storage import check_shared_storage
 from opcd.workers.student import StudentWorker
 
 log = logging.getLogger("opcd")
@@ -52,7 +53,8 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source: Ro
     write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    with reserved_pools({"student": cfg.ray.ranks_per_group, "teacher": teacher_ranks(cfg)}, cfg.ray) as pools:
+    with naming_last_checkpoint(run_dir), \
+            reserved_pools({"student": cfg.ray.ranks_per_group, "teacher": teacher_ranks(cfg)}, cfg.ray) as pools:
         student = WorkerGroup("student", StudentWorker,
                               {"spec": generation_spec(cfg, student_path, student_context(cfg, prepared.domain)),
                                "train": train_spec(cfg, objective)},
@@ -65,6 +67,7 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source: Ro
                                                        vocab_rows=prepared.student_vocab_rows)},
                               world_size=teacher_ranks(cfg), pool=pools["teacher"],
                               collective_timeout_s=cfg.ray.collective_timeout_s, ranks_per_engine=engine_ranks(cfg))
+        check_shared_storage(run_dir, [student, teacher])
         trainer = Trainer(cfg.trainer, cfg.loss, sampling(cfg, evaluation=False), source, student,
                           teacher if teacher_scores_needed else None, run_dir, objective)
         start_step = trainer.resume()

@@ -68,7 +68,7 @@ def checkpoints(run_dir: Path, steps: list[int] | None) -> list[int]:
 def run_evaluate(run_dir: Path, cfg: DistillConfig, base_only: bool = False) -> dict:
     """Evaluate the run's checkpoints (and baselines); `base_only`: the base model `model.path` alone,
     without the context and, with evaluate.with_context, with it (no run folder needed)."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).absolute()  # checkpoint paths go to workers, which may run in other folders
     out = run_dir / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     steps = [] if base_only else checkpoints(run_dir, cfg.evaluate.steps)

@@ -20,7 +20,7 @@ from opcd.data.contexts import ContextSource, load_context
 from opcd.domains import Domain
 from opcd.domains.dataset import DatasetDomain
 from opcd.domains.game import GameDomain
-from opcd.errors import ConfigError, DataError
+from opcd.errors import ConfigError, DataError, WorkerError
 from opcd.games.play import GamePlayer
 from opcd.games.registry import make_game
 from opcd.games.states import MoveFormat, read_states, state_examples
@@ -33,6 +33,7 @@ from opcd.domains.sources import RolloutSource
 from opcd.tasks import check_answer, context_placeholders, get_task
 from opcd.tasks.loading import load_rows
 from opcd.workers.frozen import FrozenModelWorker
+from opcd.runs.checkpoint import latest_checkpoint
 from opcd.workers.group import WorkerGroup
 from opcd.workers.placement import make_pools, remove_pools
 from opcd.workers.spec import TrainSpec, WorkerSpec
@@ -222,6 +223,18 @@ def engine_ranks(cfg: DistillConfig) -> int:
 
 def teacher_ranks(cfg: DistillConfig) -> int:
     return cfg.ray.teacher_ranks or cfg.ray.ranks_per_group
+
+
+@contextmanager
+def naming_last_checkpoint(run_dir: Path):
+    """A worker failure inside the block ends with the run's last intact checkpoint in its line: what a
+    rerun of the same command resumes from."""
+    try:
+        yield
+    except WorkerError as exc:
+        found = latest_checkpoint(run_dir)
+        where = f"last intact checkpoint: {found[1]}" if found else f"no checkpoint in {run_dir} yet"
+        raise WorkerError(f"{exc}; {where} (run the same command to resume)") from exc.__cause__
 
 
 @contextmanager

@@ -34,12 +34,12 @@ from opcd.data.batching import plan_micro_batches
 from opcd.errors import ConfigError
 
 
-DEFAULT_COLLECTIVE_TIMEOUT_S = 3600.0
+DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0  # 30 minutes (docs/failures.md)
 
 
 def collective_timeout_s(configured: float | None = None) -> float:
-    """How long a rank waits in a collective: the config's value, else $NCCL_TIMEOUT (seconds; the
-    launchers export it), else an hour. Read on the driver, so one value reaches every node."""
+    """How long a rank waits in a collective: the config's value, else $NCCL_TIMEOUT (seconds), else 30
+    minutes. Read on the driver, so one value reaches every node."""
     if configured is not None:
         return float(configured)
     value = os.environ.get("NCCL_TIMEOUT", "").strip()

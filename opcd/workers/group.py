@@ -12,16 +12,18 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError
 
-from opcd.runtime import devices
+from opcd.runtime import devices, envforward, faults
 from opcd.runtime import raywatch
 from opcd.errors import OpcdError, WorkerError
 from opcd.runtime.interrupt import handle_sigterm
 from opcd.protocol import Generation, RankShares, SamplingParams
 from opcd.rollout import concat_generations, prompt_seed
+from opcd.workers.waiting import RankFailure, gather_ranks
 
 log = logging.getLogger("opcd")
 
@@ -60,8 +62,12 @@ class WorkerGroup:
         self.world_size = world_size
         self.ranks_per_engine = ranks_per_engine
         self._pad_id = None
-        actor_cls = ray.remote(worker_cls)
+        env, secret_env = envforward.split_secrets(envforward.forwarded())
+        actor_cls = faults.with_fault(worker_cls, name)
         extra = {}
+        if secret_env:  # not in runtime_env, which Ray logs with its values
+            actor_cls, extra[envforward.SECRETS_KWARG] = envforward.receiving_secrets(actor_cls), secret_env
+        actor_cls = ray.remote(actor_cls)
         if world_size > 1:  # the ranks meet at a store hosted here, on the driver
             from opcd.workers.distributed import Rendezvous
 
@@ -72,17 +78,20 @@ class WorkerGroup:
         self.workers = []
         for rank in range(world_size):
             options = pool.actor_options(rank) if pool is not None else {"num_cpus": num_cpus, "num_gpus": num_gpus}
-            env = {**WORKER_ENV, **devices.actor_env(options["num_gpus"])}
-            self.workers.append(actor_cls.options(**options, max_concurrency=1, runtime_env={"env_vars": env})
+            actor_env = {**env, **WORKER_ENV, **devices.actor_env(options["num_gpus"])}
+            self.workers.append(actor_cls.options(**options, max_concurrency=1, runtime_env={"env_vars": actor_env})
                                 .remote(**kwargs, **extra, rank=rank, world_size=world_size))
+        self.nodes: list[str] = []  # each rank's node (see _node), for the failure lines
         self.call("__ray_ready__")  # surface construction errors (e.g. a bad model path) now
+        self.nodes = self.call("__ray_call__", _node)
         where = self.call("__ray_call__", _where)
-        log.info("worker group %s on %s", name, where[0] if world_size == 1 else
-                 ", ".join(f"rank {rank}: {device}" for rank, device in enumerate(where)))
+        log.info("worker group %s on %s; environment forwarded: %s", name,
+                 ", ".join(f"rank {rank}: {device} on {node}" for rank, (device, node) in enumerate(zip(where, self.nodes))),
+                 envforward.describe({**env, **secret_env}))
 
     def call(self, method: str, *args, **kwargs) -> list:
         refs = [getattr(worker, method).remote(*args, **kwargs) for worker in self.workers]
-        return [self._get(ref, rank, method) for rank, ref in enumerate(refs)]
+        return self._wait(refs, method)
 
     def gather(self, method: str, *args, **kwargs):
         """Run `method` on every rank (with several ranks all must take part: FSDP2 collectives) and
@@ -105,23 +114,40 @@ class WorkerGroup:
         for rank, worker in enumerate(self.workers):
             start, end = bounds[rank // self.ranks_per_engine]
             refs.append(worker.generate.remote(prompts[start:end], params, prompt_seed(seed, start)))
-        results = [self._get(ref, rank, "generate") for rank, ref in enumerate(refs)]
+        results = self._wait(refs, "generate")
         parts = [results[engine * self.ranks_per_engine] for engine in range(engines)]
         if self._pad_id is None:  # the workers' tokenizer's, asked once
-            self._pad_id = self._get(self.workers[0].__ray_call__.remote(lambda worker: worker.pad_id), 0, "pad_id")
+            self._pad_id = self._wait([self.workers[0].__ray_call__.remote(lambda worker: worker.pad_id)], "pad_id")[0]
         return concat_generations(parts, self._pad_id)
 
-    def _get(self, ref, rank: int, method: str):
+    def _wait(self, refs: list, method: str) -> list:
+        """Every rank's result of `method`, waited for together (opcd/workers/waiting.py); the first
+        failure ends the wait with one line naming its cause's rank and node (a user error raised
+        inside a worker keeps its type)."""
         try:
-            return ray.get(ref)
-        except RayTaskError as exc:
-            root = exc.cause if getattr(exc, "cause", None) is not None else exc
-            if isinstance(root, OpcdError):
+            return gather_ranks(refs)
+        except RankFailure as failure:
+            root = getattr(failure.error, "cause", None)
+            if isinstance(root, OpcdError) and not failure.consequences:
                 raise root from None
-            raise WorkerError(f"{self.name} worker rank {rank} failed in {method}: "
-                              f"{type(root).__name__}: {_first_line(root)}") from exc
-        except RayActorError as exc:
-            raise WorkerError(f"{self.name} worker rank {rank} died during {method}: {_death_cause(exc)}") from exc
+            raise WorkerError(self._failure_line(failure, method)) from failure.error
+
+    def _failure_line(self, failure: RankFailure, method: str) -> str:
+        """The cause first (a dead rank, with its node), then what the other ranks did because of it."""
+        line = f"{self.name} worker rank {failure.rank}{self._on_node(failure.rank, failure.error)} " + (
+            f"died during {method}: {_death_cause(failure.error)}" if failure.died
+            else f"failed in {method}: {_error_line(failure.error)}")
+        for rank, error in failure.consequences:
+            line += (f"; rank {rank}{self._on_node(rank, error)} also died" if isinstance(error, RayActorError)
+                     else f"; rank {rank} failed in {method} as a consequence: {_error_line(error)}")
+        return line
+
+    def _on_node(self, rank: int, error: Exception) -> str:
+        """" on node IP (HOST)" as the rank reported it at start-up, else the ip in Ray's death notice."""
+        if rank < len(self.nodes):
+            return f" on node {self.nodes[rank]}"
+        ip = re.search(r"\bip: (\S+)", str(error))
+        return f" on node {ip.group(1)}" if ip else ""
 
     def shutdown(self) -> None:
         for worker in self.workers:
@@ -147,19 +173,34 @@ def _where(worker) -> str:
     return devices.describe(device if device is not None else devices.worker_device())
 
 
+def _node(worker) -> str:
+    """Run inside an actor: its node's IP address, host name and Ray node id (short, as `ray status` shows
+    it: several nodes can share a host)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    return f"{ray.util.get_node_ip_address()} ({socket.gethostname()}, Ray node {node_id[:8]})"
+
+
 def _death_cause(exc: RayActorError) -> str:
     """Why an actor is gone, in one line. Ray's own first line says neither: "The actor died
     unexpectedly before finishing this task." when the process died, and a colourised task header
-    when the constructor raised (the exception itself is only in the traceback's last line)."""
+    when the constructor raised (the exception itself is only in the traceback's last line). Ray does
+    not pass on the signal that ended the process (measured with 2.60: a SIGKILL and a crash read the
+    same), so the line lists the usual ones."""
     text = str(exc).strip()
     if exc.actor_init_failed:
         error = re.sub(r"^[\w.]+\.(?=\w+: )", "", text.splitlines()[-1])  # "a.b.ModelError: x" -> "ModelError: x"
         return f"its constructor raised {error}"
+    if re.search(r"node (has )?died|NODE_DIED|node .* (is )?dead", text, re.IGNORECASE):
+        return "its node left the Ray cluster (stopped, lost its network or power)"
     pid = re.search(r"\bpid: (\d+)", text)
-    return (f"its process{f' (pid {pid.group(1)})' if pid else ''} exited unexpectedly (killed, out of memory "
-            f"- see dmesg - or crashed)")
+    return (f"its process{f' (pid {pid.group(1)})' if pid else ''} exited unexpectedly (killed by a signal - "
+            f"SIGKILL, the out-of-memory killer: see dmesg on that node - or crashed)")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
+def _error_line(error: Exception) -> str:
+    """"Type: last line" of the exception a worker raised (the last line of a multi-line message is
+    the one that says what went wrong; long ones are cut)."""
+    root = getattr(error, "cause", None) or error
+    text = str(root).strip()
+    last = text.splitlines()[-1] if text else ""
+    return f"{type(root).__name__}: {last[:300]}{'...' if len(last) > 300 else ''}"

@@ -98,7 +98,7 @@ def test_default_values():
     assert cfg.trainer.total_training_steps == 30 and cfg.trainer.resume == "auto"
     assert cfg.task.name == "language" and cfg.task.context_kind == "system_prompt"
     assert cfg.ray.address is None and cfg.ray.nnodes == 1
-    assert cfg.run_dir == Path("runs") / "french-demo"
+    assert cfg.run_dir == Path.cwd() / "runs" / "french-demo"  # absolute: workers on other nodes start elsewhere
 
 
 def test_overrides_are_typed():

@@ -1,5 +1,5 @@
 """The collective timeout of a worker group's process group: the config's value, else $NCCL_TIMEOUT
-(which the launchers export), else an hour; read on the driver and carried to every rank."""
+(seconds), else 30 minutes; read on the driver and carried to every rank."""
 
 import pytest
 
@@ -7,10 +7,11 @@ from opcd.errors import ConfigError
 from opcd.workers.distributed import Rendezvous, collective_timeout_s
 
 
-def test_the_config_wins_then_nccl_timeout_then_an_hour(monkeypatch):
-    """Regression: NCCL_TIMEOUT exported by the launchers was never read (60 minutes hard-coded)."""
+def test_the_config_wins_then_nccl_timeout_then_30_minutes(monkeypatch):
+    """Regression: NCCL_TIMEOUT was never read (60 minutes hard-coded); then the launchers exported
+    10 hours, so a run whose rank failed hung for hours (issue 22 §3: 30 minutes by default)."""
     monkeypatch.delenv("NCCL_TIMEOUT", raising=False)
-    assert collective_timeout_s() == 3600.0
+    assert collective_timeout_s() == 1800.0
     monkeypatch.setenv("NCCL_TIMEOUT", "36000")
     assert collective_timeout_s() == 36000.0
     assert collective_timeout_s(90) == 90.0
@@ -36,3 +37,11 @@ def test_a_bad_configured_timeout_is_refused():
 
     with pytest.raises(ConfigError, match=r"^config ray.collective_timeout_s=0: expected a number of seconds"):
         RayConfig(collective_timeout_s=0)
+
+
+def test_the_launchers_do_not_override_the_default():
+    """Regression: scripts/common.sh exported NCCL_TIMEOUT=36000 (10 h) for every launcher."""
+    from pathlib import Path
+
+    common = (Path(__file__).resolve().parents[2] / "scripts" / "common.sh").read_text()
+    assert "NCCL_TIMEOUT=" not in common
