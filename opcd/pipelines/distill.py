@@ -72,8 +72,9 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source: Ro
                           teacher if teacher_scores_needed else None, run_dir, objective)
         start_step = trainer.resume()
         _trim_metrics(run_dir, start_step)
-        tracker = Tracker(cfg.trainer.loggers, run_dir, cfg.trainer.exp_name, json.loads(json.dumps(_plain(cfg))),
-                          cfg.trainer.total_training_steps, start_step, cfg.trainer.wandb_project)
+        tracker = Tracker(cfg.trainer.loggers, run_dir, exp_name=cfg.trainer.exp_name,
+                          config=json.loads(json.dumps(_plain(cfg))), total_steps=cfg.trainer.total_training_steps,
+                          start_step=start_step, wandb_project=cfg.trainer.wandb_project)
         if start_step:
             tracker.message(f"resumed {run_dir} from step {start_step}")
         results = _load_results(run_dir) if start_step else {}

@@ -27,8 +27,8 @@ _BAR_KEYS = {M.LOSS_KL: "kl", M.ROLLOUT_SCORE: "score", M.PERF_TOKENS_PER_S: "to
 
 
 class Tracker:
-    def __init__(self, loggers: list[str], run_dir: Path, exp_name: str, config: dict,
-                 total_steps: int, start_step: int = 0, wandb_project: str | None = None):
+    def __init__(self, loggers: list[str], run_dir: Path, *, exp_name: str, config: dict, total_steps: int,
+                 start_step: int = 0, wandb_project: str | None = None):
         self.run_dir = Path(run_dir)
         self.bar = None
         self._bar_settings = dict(total=total_steps, initial=start_step, desc=exp_name, unit="step",
