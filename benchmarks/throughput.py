@@ -101,7 +101,7 @@ def training_part(ranks: int, model: str, batch: int, new_tokens: int, repeats: 
     spec = WorkerSpec(model_path=model, num_threads=threads, micro_batch_size=max(1, batch // ranks))
     group = WorkerGroup(f"bench{ranks}", StudentWorker, {"spec": spec, "train": TrainSpec(lr=1e-6)},
                         world_size=ranks, num_gpus=1 if torch.cuda.is_available() else 0)
-    seconds = _median_time(lambda: group.gather("update", update), repeats)
+    seconds = _median_time(lambda: group.gather(StudentWorker.update, update), repeats)
     group.shutdown()
     ray.shutdown()
     return {"part": f"training-{ranks}-rank", "seconds": seconds, "tokens_per_s": batch * new_tokens / seconds}

@@ -97,6 +97,6 @@ def test_ray_actor_without_gpus_computes_on_cpu_and_sees_none(local_ray):
 
     group = WorkerGroup("probe", Probe, {}, num_gpus=0)
     try:
-        assert group.gather("facts") == ("", "cpu", [])
+        assert group.gather(Probe.facts) == ("", "cpu", [])
     finally:
         group.shutdown()

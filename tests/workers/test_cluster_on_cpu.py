@@ -73,7 +73,7 @@ def test_the_drivers_environment_reaches_every_worker_on_both_nodes(nodes, monke
     monkeypatch.setenv(*SECRET)
     ray.init(address=nodes.address)
     group = WorkerGroup("probe", Probe, {}, world_size=2, num_cpus=2)  # 2 CPUs: one rank per node
-    seen = group.call("seen")
+    seen = group.call(Probe.seen)
     assert len({s["node"] for s in seen}) == 2
     assert {s["cwd"] for s in seen} == {str(nodes.folders["head"]), str(nodes.folders["node2"])}
     assert [(s["plain"], s["secret"]) for s in seen] == [(PLAIN[1], SECRET[1])] * 2
