@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Literal
 
 from opcd.config.hints import schema_keys
-from opcd.errors import ConfigError
+from opcd.errors import require
+from opcd.loss.kl import Aggregation, SupportMode
+from opcd.loss.objective import KLLossType, OffPolicyObjective
 
 
 
 def _check(ok: bool, key: str, value, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"config {key}={value!r}: expected {expected}")
+    require(ok, f"config {key}", value, expected)
 
 
 def _finite(value: float) -> bool:
@@ -156,11 +157,11 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    kl_loss_type: Literal["full", "k1", "k2", "k3", "abs"] = "full"  # full = top-k reverse KL (seqkd: offpolicy)
+    kl_loss_type: KLLossType = "full"  # full = top-k reverse KL (seqkd: offpolicy)
     kl_topk: int = 64  # support size per token; <= 0 = the whole vocabulary (exact KL)
-    support_mode: Literal["partial", "renorm", "tail"] = "tail"  # reference default is partial
+    support_mode: SupportMode = "tail"  # reference default is partial
     kl_merge_indice: bool = False  # support = student top-k union teacher top-k
-    aggregation: Literal["token_mean", "seq_mean"] = "token_mean"  # mean over all response tokens, or per sequence first
+    aggregation: Aggregation = "token_mean"  # mean over all response tokens, or per sequence first
     # tokens per lm_head chunk when scoring: no [tokens, vocab] logits are ever held; 0 = full logits
     lm_head_chunk_size: int = 512
 
@@ -311,7 +312,7 @@ class OffPolicyConfig:
     """`opcd offpolicy generate | train`: the off-policy baseline (method.md §6)."""
 
     save_dir: str | None = None  # shard folder (--off_policy_save_dir); None = <run folder>/off_policy_data
-    objective: Literal["forward_kl", "seqkd"] = "forward_kl"  # forward KL over the teacher's top-k, or NLL
+    objective: OffPolicyObjective = "forward_kl"  # forward KL over the teacher's top-k, or NLL
     teacher_logprobs: Literal["recompute", "stored"] = "recompute"  # recompute with the teacher, or read shards
 
 
