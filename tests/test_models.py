@@ -228,3 +228,10 @@ def test_prepare_accepts_a_padded_teacher(tiny_model, tiny_padded_teacher, tmp_p
 def test_load_causal_lm_dtype(tiny_model):
     model = load_causal_lm(str(tiny_model), dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_a_relative_model_folder_resolves_to_an_absolute_path(tiny_model, monkeypatch):
+    """Regression (issue 23 §3): a relative model.path went to the workers as it was, and a worker on
+    another node resolves it against its own working folder (its node's, not the driver's)."""
+    monkeypatch.chdir(tiny_model.parent)
+    assert resolve_model(tiny_model.name) == str(tiny_model)

@@ -2,9 +2,11 @@
 
 The driver calls `group.gather("method", ...)` for the group's one answer (or `group.call` for every
 rank's result), or `group.generate(prompts, ...)` to have the ranks split a list of prompts and get one
-`Generation` back in order; failures come back as
-one-line errors naming the group, rank and cause (a user error raised inside a worker keeps its
-type, so the CLI prints it the same way as on the driver).
+`Generation` back in order. The ranks' results are awaited together (opcd/workers/waiting.py): the
+first failure comes back at once as a one-line error naming the group, the rank that caused it, its
+node, the call and the cause, then what the other ranks did as a consequence (a user error raised
+inside a worker keeps its type, so the CLI prints it the same way as on the driver). Every actor gets
+the driver's allow-listed environment (opcd/runtime/envforward.py).
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ class WorkerGroup:
         return line
 
     def _on_node(self, rank: int, error: Exception) -> str:
-        """" on node IP (HOST)" as the rank reported it at start-up, else the ip in Ray's death notice."""
+        """The words ' on node ...': the node the rank reported at start-up, else the ip in Ray's death notice."""
         if rank < len(self.nodes):
             return f" on node {self.nodes[rank]}"
         ip = re.search(r"\bip: (\S+)", str(error))
@@ -198,7 +200,7 @@ def _death_cause(exc: RayActorError) -> str:
 
 
 def _error_line(error: Exception) -> str:
-    """"Type: last line" of the exception a worker raised (the last line of a multi-line message is
+    """'Type: last line' of the exception a worker raised (the last line of a multi-line message is
     the one that says what went wrong; long ones are cut)."""
     root = getattr(error, "cause", None) or error
     text = str(root).strip()
