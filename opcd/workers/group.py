@@ -17,7 +17,7 @@ import re
 import socket
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from opcd.runtime import devices, envforward, faults
 from opcd.runtime import raywatch
@@ -194,6 +194,9 @@ def _death_cause(exc: RayActorError) -> str:
         return f"its constructor raised {error}"
     if re.search(r"node (has )?died|NODE_DIED|node .* (is )?dead", text, re.IGNORECASE):
         return "its node left the Ray cluster (stopped, lost its network or power)"
+    if isinstance(exc, ActorUnavailableError):  # Ray cannot reach it: the process, or its node's Ray, is gone
+        return ("it cannot be reached (its process or its node's Ray is gone: killed, out of memory, node stopped "
+                "or lost)")
     pid = re.search(r"\bpid: (\d+)", text)
     return (f"its process{f' (pid {pid.group(1)})' if pid else ''} exited unexpectedly (killed by a signal - "
             f"SIGKILL, the out-of-memory killer: see dmesg on that node - or crashed)")
