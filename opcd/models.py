@@ -40,7 +40,7 @@ def cache_dir() -> Path:
 def resolve_model(name_or_path: str) -> str:
     """Return something `from_pretrained` accepts: a local folder or a hub id."""
     if name_or_path == BUILTIN_SMOLLM2:
-        return str(ensure_builtin_smollm2())
+        return str(ensure_builtin_smollm2().absolute())
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

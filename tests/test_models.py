@@ -250,3 +250,10 @@ def test_a_cached_conversion_with_owner_only_weights_is_opened_to_the_umask(tmp_
     os.umask(mask)
     assert stat.S_IMODE((target / "model.safetensors").stat().st_mode) == 0o666 & ~mask
     assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~mask
+
+
+def test_a_relative_model_folder_resolves_to_an_absolute_path(tiny_model, monkeypatch):
+    """Regression (issue 23 §3): a relative model.path went to the workers as it was, and a worker on
+    another node resolves it against its own working folder (its node's, not the driver's)."""
+    monkeypatch.chdir(tiny_model.parent)
+    assert resolve_model(tiny_model.name) == str(tiny_model)

@@ -1,11 +1,13 @@
 """Worker groups: a plain worker class wrapped as Ray actors, one actor per rank.
 
 The driver calls a worker method through its class, `group.gather(StudentWorker.update, ...)`, for the
-group's one answer (or `group.call` for every rank's result): an IDE follows the call, and a method
-the worker class lacks is refused before anything is sent, or `group.generate(prompts, ...)` to have the ranks split a list of prompts and get one
-`Generation` back in order; failures come back as
-one-line errors naming the group, rank and cause (a user error raised inside a worker keeps its
-type, so the CLI prints it the same way as on the driver).
+group's one answer (or `group.call` for every rank's result; a method the worker class lacks is
+refused before anything is sent), or `group.generate(prompts, ...)` to have the ranks split a list of
+prompts and get one `Generation` back in order. The ranks' results are awaited together
+(opcd/workers/waiting.py): the first failure comes back at once as a one-line error naming the group,
+the rank that caused it, its node, the call and the cause, then what the other ranks did as a
+consequence (a user error raised inside a worker keeps its type, so the CLI prints it the same way as
+on the driver). Every actor gets the driver's allow-listed environment (opcd/runtime/envforward.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import re
 import socket
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from opcd.runtime import devices, envforward, faults
 from opcd.runtime import raywatch
@@ -157,7 +159,7 @@ class WorkerGroup:
         return line
 
     def _on_node(self, rank: int, error: Exception) -> str:
-        """" on node IP (HOST)" as the rank reported it at start-up, else the ip in Ray's death notice."""
+        """The words ' on node ...': the node the rank reported at start-up, else the ip in Ray's death notice."""
         if rank < len(self.nodes):
             return f" on node {self.nodes[rank]}"
         ip = re.search(r"\bip: (\S+)", str(error))
@@ -206,13 +208,16 @@ def _death_cause(exc: RayActorError) -> str:
         return f"its constructor raised {error}"
     if re.search(r"node (has )?died|NODE_DIED|node .* (is )?dead", text, re.IGNORECASE):
         return "its node left the Ray cluster (stopped, lost its network or power)"
+    if isinstance(exc, ActorUnavailableError):  # Ray cannot reach it: the process, or its node's Ray, is gone
+        return ("it cannot be reached (its process or its node's Ray is gone: killed, out of memory, node stopped "
+                "or lost)")
     pid = re.search(r"\bpid: (\d+)", text)
     return (f"its process{f' (pid {pid.group(1)})' if pid else ''} exited unexpectedly (killed by a signal - "
             f"SIGKILL, the out-of-memory killer: see dmesg on that node - or crashed)")
 
 
 def _error_line(error: Exception) -> str:
-    """"Type: last line" of the exception a worker raised (the last line of a multi-line message is
+    """'Type: last line' of the exception a worker raised (the last line of a multi-line message is
     the one that says what went wrong; long ones are cut)."""
     root = getattr(error, "cause", None) or error
     text = str(root).strip()
