@@ -190,6 +190,10 @@ def _run(args) -> int:
         return 0
     if args.cfg:
         print(to_yaml(cfg))
+        if args.command == "distill":
+            from opcd.runtime.plan_cli import plan_comment
+
+            print(plan_comment(cfg, args.gpu_memory))  # comments: the output stays the YAML of the config
         return 0
     if args.command == "extract":
         from opcd.pipelines.extract import run_extract

@@ -67,6 +67,28 @@ def card_bytes(text: str | None) -> tuple[int, str]:
 
 def print_plan(cfg, gpu_memory: str | None) -> str:
     """The plan's text; ConfigError (one line) when a phase exceeds the card."""
+    text, memory, layout = _plan_text(cfg, gpu_memory)
+    if layout.gpu:
+        check_fits(memory)
+    return text
+
+
+def plan_comment(cfg, gpu_memory: str | None = None) -> str:
+    """The plan as YAML comment lines, for `opcd distill --cfg` (which stays valid YAML and never
+    refuses: a plan that cannot be made, or does not fit, is said in a comment)."""
+    lines = []
+    try:
+        text, memory, layout = _plan_text(cfg, gpu_memory)
+        lines = text.splitlines()
+        if layout.gpu:
+            check_fits(memory)
+    except ConfigError as exc:
+        message = str(exc)
+        lines.append(message if message.startswith("memory plan") else f"memory plan: {message}")
+    return "\n".join("# " + line for line in lines)
+
+
+def _plan_text(cfg, gpu_memory: str | None):
     student_cfg, student_src = read_model_config(cfg.model.path)
     teacher_name = cfg.model.teacher_path or cfg.model.path
     teacher_cfg, teacher_src = read_model_config(teacher_name)
@@ -89,7 +111,4 @@ def print_plan(cfg, gpu_memory: str | None) -> str:
               f"{layout.activation_checkpointing}, dtype {cfg.model.dtype}; card: {card_src}"]
     if not layout.gpu:
         header.append("CPU run (ray.gpus_per_node=0): figures are per rank in host memory; no card check")
-    text = format_plan(memory, header)
-    if layout.gpu:
-        check_fits(memory)
-    return text
+    return format_plan(memory, header), memory, layout

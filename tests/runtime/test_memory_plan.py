@@ -125,3 +125,15 @@ def test_cli_refuses_a_plan_over_the_card_and_a_bad_size():
     assert proc.returncode == 2 and proc.stderr.startswith("opcd: error: memory plan: the ")
     proc = _cli("--gpu-memory", "lots")
     assert proc.returncode == 2 and "--gpu-memory 'lots': expected a size" in proc.stderr
+
+
+def test_cfg_carries_the_plan_as_yaml_comments():
+    """`opcd distill --cfg` stays the config's YAML; the plan (or why it cannot be made) is in comments."""
+    import yaml
+
+    env = {**os.environ, "OPCD_NUM_GPUS": "8", "OPCD_VLLM": "1", "PYTHONPATH": str(REPO)}
+    for model, expected in (("Qwen/Qwen3-8B", "#   headroom at the peak"), ("no/such-model", "# memory plan: no config")):
+        proc = subprocess.run([sys.executable, "-m", "opcd.cli", "distill", "--cfg", "model=hf", f"model.path={model}"],
+                              env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        assert expected in proc.stdout and yaml.safe_load(proc.stdout)["model"]["path"] == model
