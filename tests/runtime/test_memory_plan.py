@@ -137,3 +137,19 @@ def test_cfg_carries_the_plan_as_yaml_comments():
                               env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
         assert proc.returncode == 0, proc.stderr
         assert expected in proc.stdout and yaml.safe_load(proc.stdout)["model"]["path"] == model
+
+
+def test_tensor_parallel_engines_and_separate_teacher_gpus():
+    """TP 2: half the engine's weights and KV heads per GPU, twice the rows per engine; KV heads are
+    replicated, not split, past their count; a separate teacher is planned on GPUs of its own."""
+    from dataclasses import replace
+
+    lay = Layout.from_config(_launcher_config("math_consolidate.sh", MATH))
+    tp2 = plan(QWEN3_8B, QWEN3_8B, replace(lay, tensor_parallel=2), 80 * GiB)
+    assert tp2.items["engine weights (TP shard)"] == 16_381_470_720 // 2
+    assert tp2.kv_needed == 32 * 21_504 * 147_456 // 2  # 4 engines of 32 rows, 4 of 8 KV heads per GPU
+    assert QWEN3_8B.kv_bytes_per_token(2, 16) == 2 * 36 * 1 * 128 * 2
+    apart = plan(QWEN3_8B, QWEN3_8B, replace(lay, colocated=False, teacher_ranks=8), 80 * GiB)
+    assert apart.teacher_gpu == GiB + 8_190_735_360 * 2 // 8 + apart.items["teacher FSDP2 buffers"] \
+        + apart.items["teacher scoring activations"]
+    assert apart.phases["teacher scoring"] == apart.phases["generate"] - int(0.5 * 80 * GiB)  # no teacher here
