@@ -1,6 +1,7 @@
 """The `opcd` command.
 
     opcd distill [--cfg] [HYDRA_OVERRIDE ...]   on-policy context distillation (default: the CPU demo)
+    opcd distill --plan [--gpu-memory 80GiB] [...]  the per-GPU memory plan of the resolved config
     opcd extract [--cfg] [HYDRA_OVERRIDE ...]   experiential knowledge extraction + best selection
     opcd evaluate [--cfg] RUN_DIR [KEY=VALUE ...]  every checkpoint + baselines, mean of the best 3
     opcd evaluate [--cfg] --base [OVERRIDE ...]    a base model alone, without (and with) the context
@@ -68,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     distill = sub.add_parser("distill", help="train a student to behave without the context as the teacher does "
                                              "with it (default: a CPU demo on SmolLM2-135M)", **hydra_help)
     distill.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
+    distill.add_argument("--plan", action="store_true", help="print the per-GPU memory plan of the resolved config "
+                         "and exit (loads no model; refuses when a phase exceeds the card)")
+    distill.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                         help="the card for --plan, e.g. 80GiB or 141GiB (default: this machine's GPU, else 80GiB)")
     _add_overrides(distill, "task=medmcqa trainer.lr=5e-6")
     extract = sub.add_parser("extract", help="write experiential knowledge from solved problems over a stream "
                                              "and seeds, then pick the best by held-out score", **hydra_help)
@@ -178,8 +183,17 @@ def _run(args) -> int:
         print(json.dumps(write_report(args.run_dirs, args.out), indent=1))
         return 0
     cfg = load_config(args.overrides)
+    if getattr(args, "plan", False):
+        from opcd.runtime.plan_cli import print_plan
+
+        print(print_plan(cfg, args.gpu_memory))
+        return 0
     if args.cfg:
         print(to_yaml(cfg))
+        if args.command == "distill":
+            from opcd.runtime.plan_cli import plan_comment
+
+            print(plan_comment(cfg, args.gpu_memory))  # comments: the output stays the YAML of the config
         return 0
     if args.command == "extract":
         from opcd.pipelines.extract import run_extract
