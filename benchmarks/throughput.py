@@ -66,7 +66,14 @@ def rollout_part(engine: str, model: str, batch: int, new_tokens: int, repeats: 
 
         rollout = VLLMRollout(model, tokenizer, max_model_len=1024, cpu_kv_cache_gb=1.0,
                               enforce_eager=not torch.cuda.is_available())
-        rollout.ignore_eos, rollout.eos_ids = True, []
+        rollout.eos_ids = []
+        generate = rollout.llm.generate
+
+        def without_eos(prompts, requests, **kwargs):  # every request makes exactly new_tokens tokens
+            for request in requests:
+                request.ignore_eos = True
+            return generate(prompts, requests, **kwargs)
+        rollout.llm.generate = without_eos
     params = SamplingParams(temperature=1.0, max_new_tokens=new_tokens)
     seconds = _median_time(lambda: rollout.generate(prompts, params, 0), repeats)
     return {"part": f"rollout-{engine}", "seconds": seconds, "tokens_per_s": batch * new_tokens / seconds}
@@ -94,7 +101,7 @@ def training_part(ranks: int, model: str, batch: int, new_tokens: int, repeats: 
     spec = WorkerSpec(model_path=model, num_threads=threads, micro_batch_size=max(1, batch // ranks))
     group = WorkerGroup(f"bench{ranks}", StudentWorker, {"spec": spec, "train": TrainSpec(lr=1e-6)},
                         world_size=ranks, num_gpus=1 if torch.cuda.is_available() else 0)
-    seconds = _median_time(lambda: group.gather("update", update), repeats)
+    seconds = _median_time(lambda: group.gather(StudentWorker.update, update), repeats)
     group.shutdown()
     ray.shutdown()
     return {"part": f"training-{ranks}-rank", "seconds": seconds, "tokens_per_s": batch * new_tokens / seconds}

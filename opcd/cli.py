@@ -23,7 +23,7 @@ import sys
 
 from opcd.errors import ConfigError, OpcdError
 from opcd.runtime.interrupt import Terminated, handle_sigterm
-from opcd.runtime.quiet import quiet_third_party_logs
+from opcd.runtime.quiet import no_colour_reset_at_exit, quiet_third_party_logs
 
 
 # The keys most runs touch, shown by `opcd distill --help` (tests/test_cli.py checks they exist).
@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
                                            "saved by several ranks into global_step_<STEP>/model")
     export.add_argument("run_dir", help="a run folder written by opcd distill")
     export.add_argument("step", help="the checkpoint's step, or `best`: the highest held-out score "
-                        "(opcd evaluate's results, else the evaluations during training)")
+                        "(opcd evaluate's results, else opcd distill's evaluations during and after training)")
     return parser
 
 
@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"opcd: {why} (the last complete checkpoint is kept; run the same command to resume)",
               file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        no_colour_reset_at_exit()  # imported libraries are loaded by now
 
 
 def _print_run_end(summary: dict) -> None:

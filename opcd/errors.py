@@ -16,6 +16,13 @@ class ConfigError(OpcdError):
     """A configuration value is missing, of the wrong type, or out of range."""
 
 
+def require(ok: bool, where: str, value, expected: str) -> None:
+    """ConfigError `<where>=<value>: expected <expected>` unless `ok` (the config's and the worker
+    specs' one check)."""
+    if not ok:
+        raise ConfigError(f"{where}={value!r}: expected {expected}")
+
+
 class DataError(OpcdError):
     """A dataset cannot be found, read, or contains a malformed row."""
 

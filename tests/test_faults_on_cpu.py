@@ -323,8 +323,8 @@ class _FakeStudent:
         return Generation(ids, torch.ones(len(prompts), 3, dtype=torch.bool),
                           torch.zeros(len(prompts), 3, params.record_topk, dtype=torch.long))
 
-    def gather(self, method: str, *args):
-        match method:
+    def gather(self, method, *args):
+        match method.__name__:
             case "update":
                 self.updates += 1
                 skipped = float(self.skipped[self.updates - 1])
@@ -332,19 +332,19 @@ class _FakeStudent:
                         "grad_norm": float("nan") if skipped else 1.0, "lr": 1e-3, "skipped": skipped}
         return None
 
-    def call(self, method: str, *args):
-        if method == "save":
+    def call(self, method, *args):
+        if method.__name__ == "save":
             self.saved.append(Path(args[0]).name)
-        if method == "load":
+        if method.__name__ == "load":
             self.loaded.append((Path(args[0]).name, args[1]))
-        return self.gpu if method == "gpu_memory" else [None]
+        return self.gpu if method.__name__ == "gpu_memory" else [None]
 
 
 class _FakeTeacher:
-    def call(self, method: str, *args):
+    def call(self, method, *args):
         return [{}]  # a CPU worker: no reading
 
-    def gather(self, method: str, prompts, response_ids, response_mask, support, merge_topk):
+    def gather(self, method, prompts, response_ids, response_mask, support, merge_topk):
         b, t = response_ids.shape
         return TeacherScores(torch.zeros(b, t, 4), torch.ones(b, t), torch.zeros(b, t, 4, dtype=torch.long))
 

@@ -235,3 +235,25 @@ def test_a_relative_model_folder_resolves_to_an_absolute_path(tiny_model, monkey
     another node resolves it against its own working folder (its node's, not the driver's)."""
     monkeypatch.chdir(tiny_model.parent)
     assert resolve_model(tiny_model.name) == str(tiny_model)
+
+
+def test_a_cached_conversion_with_owner_only_weights_is_opened_to_the_umask(tmp_path, monkeypatch):
+    """Regression: the converted model cache held model.safetensors with mode 600 (and a 700 folder
+    from mkdtemp); a cache written that way is fixed when it is next used."""
+    import os
+    import stat
+
+    from opcd.models import ensure_builtin_smollm2
+
+    monkeypatch.setenv("OPCD_CACHE", str(tmp_path))
+    target = tmp_path / "models" / BUILTIN_SMOLLM2
+    target.mkdir(parents=True, mode=0o700)
+    target.chmod(0o700)
+    (target / "config.json").write_text("{}")
+    (target / "model.safetensors").write_bytes(b"weights")
+    (target / "model.safetensors").chmod(0o600)
+    assert ensure_builtin_smollm2() == target
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((target / "model.safetensors").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~mask

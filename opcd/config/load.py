@@ -12,6 +12,7 @@ from dataclasses import MISSING, asdict, fields, is_dataclass
 from pathlib import Path
 
 from opcd.config.hints import check_overrides, unknown_key_message
+from opcd.config.resolve import Machine, resolve
 from opcd.config.schema import DistillConfig, _check
 from opcd.errors import ConfigError
 
@@ -67,8 +68,9 @@ def compose(overrides: list[str], config_name: str = "distill"):
         raise ConfigError(f"config: {' '.join(str(exc).split())}") from exc
 
 
-def validate(raw) -> DistillConfig:
-    """Build the typed config from a composed one: unknown keys, wrong types and bad values become ConfigError."""
+def validate(raw, machine: Machine | None = None) -> DistillConfig:
+    """Build the typed config from a composed one (unknown keys, wrong types and bad values become
+    ConfigError) and resolve it for `machine` (default: this one, opcd.config.resolve)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -77,7 +79,7 @@ def validate(raw) -> DistillConfig:
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         raise ConfigError(f"config {key}: {_first_line(exc)}" if key else f"config: {_first_line(exc)}") from exc
-    return _build(DistillConfig, data, "")
+    return resolve(_build(DistillConfig, data, ""), machine or Machine.here())
 
 
 def _build(cls, data, prefix: str):
@@ -121,8 +123,8 @@ def _coerce(hint, value, key: str):
     return value
 
 
-def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DistillConfig:
-    return validate(compose(list(overrides)))
+def load_config(overrides: list[str] | tuple[str, ...] = (), machine: Machine | None = None) -> DistillConfig:
+    return validate(compose(list(overrides)), machine)
 
 
 def to_yaml(cfg: DistillConfig) -> str:

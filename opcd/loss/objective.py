@@ -8,13 +8,21 @@ sampled-token estimators, whose "support" is the sampled token itself (K = 1). O
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 from opcd.loss import kl
 
+# The names, once: the config's choices (loss.kl_loss_type, offpolicy.objective) and the student's.
+KLLossType = Literal["full", kl.SampledEstimator]
+OffPolicyObjective = Literal["forward_kl", "seqkd"]
+Objective = Literal[KLLossType, OffPolicyObjective]
+OBJECTIVES = get_args(Objective)
+
 
 def uses_sampled_token(kl_loss_type: str) -> bool:
-    return kl_loss_type in ("k1", "k2", "k3", "abs", "seqkd")
+    return kl_loss_type in (*get_args(kl.SampledEstimator), "seqkd")
 
 
 def per_token_loss(kl_loss_type: str, support_mode: str, student_logprobs: torch.Tensor,

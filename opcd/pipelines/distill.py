@@ -42,66 +42,103 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source: Ro
     scoring."""
     run_dir = cfg.run_dir
     prepared = prepared or prepare(cfg)
-    source = source or prepared.source
-    student_path, teacher_path = prepared.student_path, prepared.teacher_path
-    params, seed = sampling(cfg, evaluation=True), eval_seed(cfg.trainer.seed)
-
-    def run_eval(who: str, group, side: str) -> EvalResult:
-        return prepared.domain.evaluate(who, group, side, params, seed)
-
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
-
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     with naming_last_checkpoint(run_dir), \
             reserved_pools({"student": cfg.ray.ranks_per_group, "teacher": teacher_ranks(cfg)}, cfg.ray) as pools:
-        student = WorkerGroup("student", StudentWorker,
-                              {"spec": generation_spec(cfg, student_path, student_context(cfg, prepared.domain)),
-                               "train": train_spec(cfg, objective)},
-                              world_size=cfg.ray.ranks_per_group, pool=pools["student"],
-                              collective_timeout_s=cfg.ray.collective_timeout_s, ranks_per_engine=engine_ranks(cfg))
-        # a padded teacher scores over the student's ids (opcd/workers/scoring.py); its held-out
-        # evaluation generates with the configured engine (vLLM per rank), not with the sharded model
-        teacher = WorkerGroup("teacher", FrozenModelWorker,
-                              {"spec": generation_spec(cfg, teacher_path, frozen_context(cfg, prepared.domain),
-                                                       vocab_rows=prepared.student_vocab_rows)},
-                              world_size=teacher_ranks(cfg), pool=pools["teacher"],
-                              collective_timeout_s=cfg.ray.collective_timeout_s, ranks_per_engine=engine_ranks(cfg))
-        check_shared_storage(run_dir, [student, teacher])
-        trainer = Trainer(cfg.trainer, cfg.loss, sampling(cfg, evaluation=False), source, student,
-                          teacher if teacher_scores_needed else None, run_dir, objective)
-        start_step = trainer.resume()
-        _trim_metrics(run_dir, start_step)
-        tracker = Tracker(cfg.trainer.loggers, run_dir, cfg.trainer.exp_name, json.loads(json.dumps(_plain(cfg))),
-                          cfg.trainer.total_training_steps, start_step, cfg.trainer.wandb_project)
-        if start_step:
-            tracker.message(f"resumed {run_dir} from step {start_step}")
-        results = _load_results(run_dir) if start_step else {}
+        student, teacher = _place_groups(cfg, prepared, pools, objective)
         try:
-            if cfg.trainer.eval_before and "student_before" not in results:
-                tracker.message("evaluating the student (no context) and the teacher (context) on the held-out "
-                                "set before training (trainer.eval_before=false skips it)")
-                for who, group, side in (("student_before", student, "student"), ("teacher_with_context", teacher, "teacher")):
-                    results[who] = _record_eval(run_eval(who, group, side), run_dir, results, tracker)
-                    tracker.message(_describe(results[who]))
-                teacher.call("release_rollout")  # the teacher only scores from here on
-
-            def evaluate_during(step: int) -> dict:
-                result = _record_eval(run_eval(f"student_step_{step}", student, "student"), run_dir, results, tracker)
-                results[f"student_step_{step}"] = result
-                return {M.EVAL_DURING: result["score"]}
-            final_step = trainer.fit(tracker, start_step, evaluate_during)
-            if cfg.trainer.eval_after:
-                results["student_after"] = _record_eval(run_eval("student_after", student, "student"), run_dir, results,
-                                                        tracker)
-                tracker.message(_describe(results["student_after"]))
-            tracker.summary({f"eval/{k}/score": v["score"] for k, v in results.items()})
+            trainer = Trainer(cfg.trainer, cfg.loss, sampling(cfg, evaluation=False), source or prepared.source,
+                              student, teacher if teacher_scores_needed else None, run_dir, objective)
+            start_step = trainer.resume()
+            _trim_metrics(run_dir, start_step)
+            tracker = _tracker(cfg, start_step)
+            evaluations = Evaluations(cfg, prepared, tracker, _load_results(run_dir) if start_step else {})
+            try:
+                evaluations.before_training(student, teacher)
+                tracker.start_progress()  # after the evaluation before training: rate and ETA count steps only
+                final_step = trainer.fit(tracker, start_step, evaluations.during_training(student))
+                tracker.end_progress()
+                evaluations.after_training(student, final_step)
+            finally:
+                tracker.close()
         finally:
-            tracker.close()
             student.shutdown()
             teacher.shutdown()
+    return _finish(run_dir, final_step, evaluations.results)
+
+
+def _place_groups(cfg: DistillConfig, prepared: Prepared, pools, objective: str | None):
+    """The student group (trainable model + its rollout engine) and the frozen teacher group, on their pools."""
+    student = WorkerGroup("student", StudentWorker,
+                          {"spec": generation_spec(cfg, prepared.student_path, student_context(cfg, prepared.domain)),
+                           "train": train_spec(cfg, objective)},
+                          world_size=cfg.ray.ranks_per_group, pool=pools["student"],
+                          collective_timeout_s=cfg.ray.collective_timeout_s, ranks_per_engine=engine_ranks(cfg))
+    # a padded teacher scores over the student's ids (opcd/workers/scoring.py); its held-out
+    # evaluation generates with the configured engine (vLLM per rank), not with the sharded model
+    teacher = WorkerGroup("teacher", FrozenModelWorker,
+                          {"spec": generation_spec(cfg, prepared.teacher_path, frozen_context(cfg, prepared.domain),
+                                                   vocab_rows=prepared.student_vocab_rows)},
+                          world_size=teacher_ranks(cfg), pool=pools["teacher"],
+                          collective_timeout_s=cfg.ray.collective_timeout_s, ranks_per_engine=engine_ranks(cfg))
+    check_shared_storage(cfg.run_dir, [student, teacher])
+    return student, teacher
+
+
+def _tracker(cfg: DistillConfig, start_step: int) -> Tracker:
+    tracker = Tracker(cfg.trainer.loggers, cfg.run_dir, exp_name=cfg.trainer.exp_name,
+                      config=json.loads(json.dumps(_plain(cfg))), total_steps=cfg.trainer.total_training_steps,
+                      start_step=start_step, wandb_project=cfg.trainer.wandb_project)
+    if start_step:
+        tracker.message(f"resumed {cfg.run_dir} from step {start_step}")
+    return tracker
+
+
+class Evaluations:
+    """The run's held-out evaluations: before training (the student without the context, the teacher
+    with it), every trainer.eval_freq steps, and after training; each one recorded in eval.json,
+    eval_<who>.jsonl and the tracker. A resumed run keeps the results it already has."""
+
+    def __init__(self, cfg: DistillConfig, prepared: Prepared, tracker: Tracker, results: dict):
+        self.cfg, self.domain, self.tracker, self.results = cfg, prepared.domain, tracker, results
+        self.params, self.seed = sampling(cfg, evaluation=True), eval_seed(cfg.trainer.seed)
+
+    def run(self, who: str, group, side: str, step: int | None = None) -> dict:
+        result = self.domain.evaluate(who, group, side, self.params, self.seed)
+        if step is not None:
+            result.extra["step"] = step  # the checkpoint it scored: `opcd export RUN best` counts it
+        self.results[who] = _record_eval(result, self.cfg.run_dir, self.results, self.tracker)
+        return self.results[who]
+
+    def before_training(self, student, teacher) -> None:
+        if not self.cfg.trainer.eval_before or "student_before" in self.results:
+            return
+        self.tracker.message("evaluating the student (no context) and the teacher (context) on the held-out "
+                             "set before training (trainer.eval_before=false skips it)")
+        for who, group, side in (("student_before", student, "student"), ("teacher_with_context", teacher, "teacher")):
+            self.tracker.message(_describe(self.run(who, group, side)))
+        teacher.call(FrozenModelWorker.release_rollout)  # the teacher only scores from here on
+
+    def during_training(self, student):
+        """`evaluate(step) -> metrics` for Trainer.fit."""
+        def evaluate(step: int) -> dict:
+            return {M.EVAL_DURING: self.run(f"student_step_{step}", student, "student")["score"]}
+        return evaluate
+
+    def after_training(self, student, final_step: int) -> None:
+        if self.cfg.trainer.eval_after:
+            self.tracker.message("evaluating the trained student (no context) on the held-out set "
+                                 "(trainer.eval_after=false skips it)")
+            self.tracker.message(_describe(self.run("student_after", student, "student", step=final_step)))
+        self.tracker.summary({f"eval/{k}/score": v["score"] for k, v in self.results.items()})
+
+
+def _finish(run_dir: Path, final_step: int, results: dict) -> dict:
+    """The report (a convenience: a plotting problem must not fail a finished run) and summary.json."""
     report = None
-    try:  # the report is a convenience: a plotting problem must not fail a finished run
+    try:
         report = write_report([run_dir])["out"]
     except Exception as exc:  # noqa: BLE001
         log.warning("could not write the report of %s: %s", run_dir, exc)

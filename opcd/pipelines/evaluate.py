@@ -23,7 +23,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from opcd.runs.checkpoint import COMPLETE, step_dir, write_text_atomic
+from opcd.runs.checkpoint import complete_steps, step_dir, write_text_atomic
 from opcd.config import DistillConfig, validate
 from opcd.errors import ConfigError
 from opcd.runs.results import best_k_mean
@@ -55,8 +55,7 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> DistillConfig:
 
 
 def checkpoints(run_dir: Path, steps: list[int] | None) -> list[int]:
-    found = sorted(int(p.name.rsplit("_", 1)[1]) for p in Path(run_dir).glob("global_step_*")
-                   if p.name.rsplit("_", 1)[1].isdigit() and (p / COMPLETE).is_file())
+    found = complete_steps(run_dir)
     if steps is None:
         return found
     missing = sorted(set(steps) - set(found))

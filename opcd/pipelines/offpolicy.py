@@ -33,6 +33,7 @@ from opcd.protocol import Generation, RolloutBatch, SamplingParams, TeacherScore
 from opcd.data.seeds import step_seed
 from opcd.runs.shards import Shard, ShardReader, ShardWriter, tokenizer_fingerprint
 from opcd.domains.sources import PromptSource
+from opcd.workers.frozen import FrozenModelWorker
 from opcd.workers.group import init_ray
 
 log = logging.getLogger("opcd.offpolicy")
@@ -95,7 +96,7 @@ def run_offpolicy_generate(cfg: DistillConfig) -> dict:
 
 def _teacher_logprobs(teacher, batch: RolloutBatch) -> TeacherScores:
     g = batch.generation
-    return teacher.gather("score", batch.teacher_prompts, g.response_ids, g.response_mask, g.topk_ids, 0)
+    return teacher.gather(FrozenModelWorker.score, batch.teacher_prompts, g.response_ids, g.response_mask, g.topk_ids, 0)
 
 
 def _shard(step: int, batch: RolloutBatch, scores: TeacherScores) -> Shard:

@@ -30,7 +30,6 @@ def lm_eval_model_args(model_path: str, backend: str, dtype: str, enable_thinkin
     return args
 
 
-REFERENCE_GEN_KWARGS = "temperature=0.7,top_p=0.8,top_k=20,min_p=0,do_sample=True"  # its IFEval command
 REFERENCE_SEED = 42
 
 

@@ -152,9 +152,10 @@ def _game_domain(cfg: DistillConfig, tokenizer, context: ContextSource, purpose:
     if purpose == "train" and cfg.game.states_path:  # OEL: the states a policy visited without experience
         rows = read_states(resolve_user_path(cfg.game.states_path))
         states = state_examples(rows, player, context, cfg.trainer.seed)
-    return GameDomain(player, context, tokenizer, cfg.trainer.seed, cfg.game.episodes_per_step,
-                      heldout_seeds(cfg.game.eval_episodes), cfg.trainer.batch_size, cfg.rollout.n, states,
-                      MoveFormat(), settings={"game": asdict(cfg.game)})
+    return GameDomain(player=player, context=context, tokenizer=tokenizer, seed=cfg.trainer.seed,
+                      episodes_per_step=cfg.game.episodes_per_step, eval_seeds=heldout_seeds(cfg.game.eval_episodes),
+                      batch_size=cfg.trainer.batch_size, samples_per_prompt=cfg.rollout.n, states=states,
+                      state_score=MoveFormat(), settings={"game": asdict(cfg.game)})
 
 
 # -- workers ------------------------------------------------------------------------------------------

@@ -21,8 +21,10 @@ recorded top-k are the same code:
 The first call at a new shape pays the compile and the graph capture (README, "GPU rollout").
 
 Sampling draws each prompt's tokens from its own random stream (`opcd.rollout.prompt_seed`), by
-inverse-CDF sampling in a logits processor, so a prompt's response does not depend on the other
-prompts of the batch, nor on how the batch is split over ranks. With several FSDP ranks (the model is
+counter-based draws on the device in a logits processor (opcd/rollout/draws.py: one hashed uniform per
+row and position, inverted through the row's CDF), so a
+prompt's response does not depend on the other prompts of the batch, nor on how the batch is split
+over ranks. With several FSDP ranks (the model is
 sharded: every forward is a collective) each rank generates its own prompts; the ranks run the same
 number of `generate` calls, and `synced_gpus` keeps their decoding steps in step.
 """
@@ -39,6 +41,7 @@ from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList, St
 from opcd.data.batching import left_pad, strip_after_eos
 from opcd.protocol import Generation, SamplingParams
 from opcd.rollout import concat_generations, prompt_seed
+from opcd.rollout.draws import inverse_cdf_sample
 
 CACHE_LEN_STEP = 256  # static cache slots are rounded up to this: one compiled shape per 256 tokens of length
 
@@ -66,20 +69,27 @@ def resolve_cache(cache: str | None, compile: bool | None, device: torch.device,
 
 
 class _SeededSampler(LogitsProcessor):
-    """Samples every row from its own generator (temperature, then top-k, then top-p, as transformers
-    does) and leaves only the chosen token finite, so greedy decoding picks it."""
+    """Samples every row from its own counter-based stream (opcd/rollout/draws.py: noise keyed by the
+    prompt's seed and the decoding position), after temperature, top-k and top-p as transformers
+    applies them, and leaves only the chosen token finite, so greedy decoding picks it."""
 
-    def __init__(self, seeds: list[int], params: SamplingParams):
-        self.generators = [torch.Generator().manual_seed(seed % 2**63) for seed in seeds]
+    def __init__(self, seeds: list[int], params: SamplingParams, prompt_width: int):
+        # two's-complement int64 view of the 64-bit seeds: the hash reads their bits
+        self.seeds = torch.tensor([_as_int64(seed) for seed in seeds], dtype=torch.int64)
         self.params = params
+        self.prompt_width = prompt_width  # the left-padded prompts' width: positions count from there
 
     def __call__(self, input_ids, scores):  # scores [B, V], raw logits
-        probs = torch.softmax(warp(scores.float(), self.params), dim=-1).double()
-        cdf = probs.cumsum(-1)
-        cdf = cdf / cdf[:, -1:]
-        draws = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.generators])
-        token = torch.searchsorted(cdf, draws.to(cdf.device).unsqueeze(-1), right=True).clamp(max=cdf.shape[-1] - 1)
-        return torch.full_like(scores, -float("inf")).scatter_(-1, token, 0.0)
+        position = input_ids.shape[1] - self.prompt_width
+        if self.seeds.device != scores.device:  # once per call: then every step stays on the device
+            self.seeds = self.seeds.to(scores.device)
+        token = inverse_cdf_sample(warp(scores.float(), self.params), self.seeds, position)
+        return torch.full_like(scores, -float("inf")).scatter_(-1, token.unsqueeze(-1), 0.0)
+
+
+def _as_int64(seed: int) -> int:
+    bits = seed % 2**64
+    return bits - 2**64 if bits >= 2**63 else bits
 
 
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -160,7 +170,8 @@ class HFRollout:
         greedy = params.temperature == 0
         processors = [recorder] if recorder else []
         if not greedy:  # after the recorder: it records the raw distribution
-            processors.append(_SeededSampler([prompt_seed(seed, first + i) for i in range(len(prompts))], params))
+            processors.append(_SeededSampler([prompt_seed(seed, first + i) for i in range(len(prompts))], params,
+                                             ids.shape[1]))
         was_training = self.model.training
         self.model.eval()
         with self.autocast():

@@ -63,7 +63,6 @@ class VLLMRollout:
         self.eos_ids = sorted({tokenizer.eos_token_id} | set(_as_list(generation_eos)))
         self.asleep = False
         self.weights_asleep = False
-        self.ignore_eos = False  # benchmarks: every request makes exactly max_new_tokens tokens
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
         from vllm import SamplingParams as VLLMSampling
@@ -80,7 +79,6 @@ class VLLMRollout:
                                  max_tokens=params.max_new_tokens, seed=prompt_seed(seed, i) % 2**63,
                                  stop_token_ids=self.eos_ids, logprobs=params.record_topk or None,
                                  skip_special_tokens=False,
-                                 ignore_eos=self.ignore_eos,
                                  # ids only: the callers decode; flat log-probs are a few lists per request
                                  detokenize=False, flat_logprobs=True)
                     for i in range(len(prompts))]

@@ -59,6 +59,7 @@ def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], dict[str, 
     tmp.mkdir(parents=True)
     try:
         known = write(tmp) or {}
+        open_like_umask(tmp)
         write_text_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=1))
         _write_checksums(tmp, {rel: known.get(rel) or file_sha256(tmp / rel) for rel in _files(tmp)})
         (tmp / COMPLETE).write_text(str(step))
@@ -213,6 +214,26 @@ def read_trainer_state(folder: Path) -> dict:
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise OpcdError(f"{path} is not a trainer state (expected a JSON object with an integer 'step')")
     return state
+
+
+def open_like_umask(folder: Path) -> None:
+    """Give the files and folders under `folder` (and itself) the permissions a plain `open` gives here
+    (0o666 / 0o777 less the umask), keeping any wider ones. transformers' `save_pretrained` writes
+    `model.safetensors` with mode 600 and `tempfile.mkdtemp` makes 700 folders, so without this a
+    checkpoint or the converted model cache is readable by its owner only, unlike every other file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder = Path(folder)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        wanted = (0o777 if path.is_dir() else 0o666) & ~umask
+        mode = path.stat().st_mode & 0o777
+        if mode | wanted != mode:
+            try:
+                path.chmod(mode | wanted)
+            except PermissionError:  # someone else's file (a shared cache): leave it as it is
+                pass
 
 
 def file_sha256(path: Path) -> str:

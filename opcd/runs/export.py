@@ -18,8 +18,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from opcd.runs.checkpoint import (COMPLETE, MODEL, MODEL_CONFIG, WEIGHTS, add_files, complete_steps, step_dir,
-                             verify_checkpoint)
+from opcd.runs.checkpoint import (COMPLETE, MODEL, MODEL_CONFIG, WEIGHTS, add_files, complete_steps,
+                                  open_like_umask, step_dir, verify_checkpoint)
 from opcd.errors import OpcdError
 
 
@@ -39,6 +39,7 @@ def export_checkpoint(run_dir: Path, step: int) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write_hf_folder(folder, tmp)
+        open_like_umask(tmp)
         os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -48,18 +49,31 @@ def export_checkpoint(run_dir: Path, step: int) -> Path:
 
 def step_scores(run_dir: Path) -> tuple[dict[int, float], str]:
     """Held-out score per step and where it was read: `opcd evaluate`'s results (evaluation/results.json,
-    every checkpoint on the same items), else the evaluations during training (eval.json,
-    trainer.eval_freq); ({}, "") when the run has neither."""
+    every checkpoint on the same items), else the evaluations of `opcd distill` (eval.json: those during
+    training, trainer.eval_freq, and the one after training, at the last step); ({}, "") when the run
+    has neither."""
     run_dir = Path(run_dir)
     evaluated, during = run_dir / "evaluation" / "results.json", run_dir / "eval.json"
     if evaluated.is_file():
         return {int(step): float(score) for step, score in _read_json(evaluated).get("checkpoints", {}).items()}, \
             str(evaluated)
     if during.is_file():
-        prefix = "student_step_"
-        return {int(name[len(prefix):]): float(result["score"]) for name, result in _read_json(during).items()
-                if name.startswith(prefix)}, str(during)
+        prefix, evals = "student_step_", _read_json(during)
+        scores = {int(name[len(prefix):]): float(result["score"]) for name, result in evals.items()
+                  if name.startswith(prefix)}
+        after = evals.get("student_after")
+        step = after.get("step", _final_step(run_dir)) if isinstance(after, dict) else None
+        if step is not None and "score" in after:  # the after-training evaluation scored the last checkpoint
+            scores.setdefault(int(step), float(after["score"]))
+        return scores, str(during)
     return {}, ""
+
+
+def _final_step(run_dir: Path) -> int | None:
+    """The last step of a finished run (summary.json), for an eval.json written before its
+    `student_after` named its step."""
+    summary = run_dir / "summary.json"
+    return _read_json(summary).get("final_step") if summary.is_file() else None
 
 
 def best_step(run_dir: Path) -> int:

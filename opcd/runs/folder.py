@@ -32,7 +32,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from opcd.runs.checkpoint import latest_checkpoint
-from opcd.config import GAME_TASK, DistillConfig, to_yaml
+from opcd.config import GAME_TASK, DistillConfig, Machine, resolve, to_yaml
 from opcd.errors import ConfigError, OpcdError
 from opcd.data.files import read_text
 
@@ -216,7 +216,7 @@ def check_resume(cfg: DistillConfig, run_dir: Path) -> dict | None:
 def config_changes(saved: dict, now: dict) -> list[tuple[str, object, object]]:
     """(dotted key, saved value, new value) for every key whose value differs; a key the saved config
     lacks (written by an older opcd) counts as its default."""
-    defaults = _flatten(_plain(DistillConfig()))
+    defaults = _flatten(_plain(resolve(DistillConfig(), Machine.here())))
     return [(key, saved.get(key, defaults.get(key)), value) for key, value in now.items()
             if saved.get(key, defaults.get(key)) != value]
 
@@ -231,7 +231,7 @@ def _complete(cfg: DistillConfig, run_dir: Path, step: int) -> dict | None:
         return None  # an unreadable summary is rewritten by finishing the run again
     if not isinstance(summary, dict) or summary.get("final_step") != step:
         return None
-    report = run_dir / "report" / "report.md"
+    report = run_dir / "report" / "report.html"  # the name the end of a run prints (opcd/cli.py)
     log.info("%s is complete (step %d of %d); its report: %s. A larger trainer.total_training_steps continues "
              "it, trainer.resume=never starts it afresh (the old run is moved aside)", run_dir, step,
              cfg.trainer.total_training_steps, report if report.is_file() else f"none yet (opcd report {run_dir})")

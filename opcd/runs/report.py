@@ -5,9 +5,12 @@ Read per run (whatever exists): `metrics.jsonl` (training curves and in-training
 checkpoint, the best-k mean and the baselines, written by `opcd evaluate`).
 
 Written to the output folder: `training.png` (KL, entropies, support mass, grad norm, rollout score,
-response length; one line per run), `checkpoints.png` (task metric per checkpoint, baselines as
-dashed horizontal lines), `report.md` and `report.html` (the same tables and images). Several runs
-side by side compare e.g. OPCD, the off-policy baseline and the base model.
+response length; one line per run; the teacher's held-out score with the context as a dashed reference
+on the score panels), `checkpoints.png` (held-out task metric per checkpoint: `opcd evaluate`'s, else
+the evaluations `opcd distill` ran before, during and after training; baselines and the teacher as
+dashed horizontal lines), `report.md` and `report.html` (the same tables and images; a column no run
+has a value for is left out). Several runs side by side compare e.g. OPCD, the off-policy baseline and
+the base model.
 """
 
 from __future__ import annotations
@@ -46,6 +49,39 @@ class RunData:
     def last(self, key: str) -> float | None:
         values = [row[key] for row in self.metrics if row.get(key) is not None]
         return values[-1] if values else None
+
+    def eval_score(self, who: str) -> float | None:
+        result = self.evals.get(who)
+        return result.get("score") if isinstance(result, dict) else None
+
+    def held_out_by_step(self) -> dict[int, float]:
+        """Held-out score per checkpoint step: `opcd evaluate`'s when it ran, else opcd distill's own
+        evaluations (before training = step 0, every trainer.eval_freq steps, after training at the last
+        step), so a run fresh from `opcd distill` has a curve too."""
+        if self.checkpoints:
+            return dict(self.checkpoints)
+        points = {}
+        for who, result in self.evals.items():
+            if not isinstance(result, dict) or result.get("score") is None:
+                continue
+            if who == "student_before":
+                points[0] = result["score"]
+            elif who.startswith("student_step_") and who[len("student_step_"):].isdigit():
+                points[int(who[len("student_step_"):])] = result["score"]
+            elif who == "student_after":
+                step = result.get("step", self.metrics[-1].get("step") if self.metrics else None)
+                if isinstance(step, int):
+                    points[step] = result["score"]
+        return dict(sorted(points.items()))
+
+    def references(self) -> dict[str, float]:
+        """Horizontal reference lines: the base model's scores from `opcd evaluate`, and the teacher's
+        held-out score with the context from `opcd distill` (what the student is distilled towards)."""
+        lines = {name.replace("_", " "): score for name, score in self.baselines.items()}
+        teacher = self.eval_score("teacher_with_context")
+        if teacher is not None:
+            lines["teacher with context"] = teacher
+        return lines
 
 
 def load_run(folder: str | Path) -> RunData:
@@ -91,29 +127,35 @@ def plot_training(runs: list[RunData], path: Path) -> Path | None:
             points = [(row["step"], row[key]) for row in run.metrics if row.get(key) is not None]
             if points:
                 ax.plot(*zip(*points), marker="o" if len(points) < 20 else None, markersize=3, label=run.name)
+            teacher = run.eval_score("teacher_with_context")
+            if key in (M.ROLLOUT_SCORE, M.EVAL_DURING) and teacher is not None:
+                ax.axhline(teacher, linestyle="--", color="gray", linewidth=1,
+                           label=f"{run.name}: teacher with context, held-out ({teacher:.3g})")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(curves):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    for ax, (key, _) in zip(axes.flat, curves):
+        if key in (M.ROLLOUT_SCORE, M.EVAL_DURING) or ax is axes.flat[0]:
+            ax.legend(fontsize=7)
     return save(fig, path)
 
 
 def plot_checkpoints(runs: list[RunData], path: Path) -> Path | None:
-    if not any(r.checkpoints for r in runs):
+    if not any(r.held_out_by_step() for r in runs):
         return None
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=110)
     styles = iter(["--", ":", "-."] * 10)
     for run in runs:
-        if run.checkpoints:
-            steps = sorted(run.checkpoints)
-            ax.plot(steps, [run.checkpoints[s] for s in steps], marker="o", label=run.name)
-        for name, score in run.baselines.items():
+        points = run.held_out_by_step()
+        if points:
+            ax.plot(list(points), list(points.values()), marker="o", label=run.name)
+        for name, score in run.references().items():
             ax.axhline(score, linestyle=next(styles), color="gray", linewidth=1,
-                       label=f"{run.name}: {name.replace('_', ' ')} ({score:.3f})")
+                       label=f"{run.name}: {name} ({score:.3f})")
     ax.set_xlabel("checkpoint step")
     ax.set_ylabel("task metric (no context)")
     ax.grid(alpha=0.3)
@@ -145,8 +187,9 @@ def summary_tables(runs: list[RunData]) -> list[tuple[str, list[str], list[list[
                         + [_fmt(run.baselines.get(name))
                            + _count(run.items.get(name) if name in run.baselines else None)
                            for name in ("base_without_context", "base_with_context")])
-    tables = [("Runs", ["run", "last step", "last KL", "student before", "teacher with context", "student after",
-                        "best-k mean of checkpoints", "base without context", "base with context"], overview)]
+    tables = [("Runs", *_without_empty_columns(
+        ["run", "last step", "last KL", "student before", "teacher with context", "student after",
+         "best-k mean of checkpoints", "base without context", "base with context"], overview))]
     for run in runs:
         if run.checkpoints:
             tables.append((f"{run.name}: checkpoints", ["step", "score", "items"],
@@ -158,6 +201,12 @@ def summary_tables(runs: list[RunData]) -> list[tuple[str, list[str], list[list[
                     if not metric.endswith("_stderr")]
             tables.append((f"{run.name}: out-of-distribution (lm-eval)", ["model", "task", "metric", "value"], rows))
     return tables
+
+
+def _without_empty_columns(header: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """The table without the columns no row has a value in (e.g. the baselines before `opcd evaluate`)."""
+    keep = [i for i in range(len(header)) if i == 0 or any(row[i] for row in rows)]
+    return [header[i] for i in keep], [[row[i] for i in keep] for row in rows]
 
 
 def _markdown(tables, images: list[Path]) -> str:

@@ -1,5 +1,9 @@
 """Experiment tracking: a console progress bar, `metrics.jsonl`, tensorboard and wandb behind one call.
 
+The progress bar covers the training steps only: it appears when training starts (`start_progress`,
+so the evaluation before training is not counted in its rate and ETA) and is closed after the last
+step (`end_progress`), leaving its last line on screen once, before anything printed afterwards.
+
 wandb follows WANDB_MODE when set; otherwise it runs online only when WANDB_API_KEY is in the
 environment, offline otherwise (so it works with
 no network); the key itself is never read into the config or written anywhere by opcd.
@@ -23,16 +27,15 @@ _BAR_KEYS = {M.LOSS_KL: "kl", M.ROLLOUT_SCORE: "score", M.PERF_TOKENS_PER_S: "to
 
 
 class Tracker:
-    def __init__(self, loggers: list[str], run_dir: Path, exp_name: str, config: dict,
-                 total_steps: int, start_step: int = 0, wandb_project: str | None = None):
+    def __init__(self, loggers: list[str], run_dir: Path, *, exp_name: str, config: dict, total_steps: int,
+                 start_step: int = 0, wandb_project: str | None = None):
         self.run_dir = Path(run_dir)
         self.bar = None
+        self._bar_settings = dict(total=total_steps, initial=start_step, desc=exp_name, unit="step",
+                                  dynamic_ncols=True, file=sys.stderr, mininterval=0) if "console" in loggers else None
         self.jsonl = None
         self.tensorboard = None
         self.wandb = None
-        if "console" in loggers:
-            self.bar = tqdm(total=total_steps, initial=start_step, desc=exp_name, unit="step",
-                            dynamic_ncols=True, file=sys.stderr, mininterval=0)
         if "jsonl" in loggers:
             self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
         if "tensorboard" in loggers:
@@ -47,7 +50,20 @@ class Tracker:
                                     name=exp_name, dir=str(self.run_dir), config=config, mode=mode,
                                     resume="allow", id=_wandb_id(self.run_dir, exp_name))
 
+    def start_progress(self) -> None:
+        """Show the progress bar from now on (its clock starts here)."""
+        if self._bar_settings is not None and self.bar is None:
+            self.bar = tqdm(**self._bar_settings)
+            self._bar_settings = None  # one bar per run: after end_progress, messages print plainly
+
+    def end_progress(self) -> None:
+        """Close the bar after the last step; its last line stays on screen once."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
     def log(self, metrics: dict[str, float], step: int) -> None:
+        self.start_progress()  # a caller that did not start it: the bar starts with the first step logged
         clean = {k: float(v) for k, v in metrics.items()}
         if self.jsonl:
             self.jsonl.write(json.dumps({"step": step, **{k: _json_float(v) for k, v in clean.items()}}) + "\n")
@@ -61,7 +77,8 @@ class Tracker:
             self.bar.set_postfix({short: f"{clean[key]:.4g}" for key, short in _BAR_KEYS.items() if key in clean},
                                  refresh=False)
             self.bar.n = step
-            self.bar.refresh()
+            if step < self.bar.total:  # the last step's line is drawn once, by end_progress
+                self.bar.refresh()
 
     def table(self, name: str, rows: list[dict]) -> None:
         """Per-item evaluation results as a wandb table (no-op for the other loggers: the run folder
@@ -75,15 +92,17 @@ class Tracker:
             self.wandb.log({name: wandb.Table(columns=columns, data=data)})
 
     def message(self, text: str) -> None:
-        (self.bar.write if self.bar else print)(text)
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)  # where tqdm.write puts it with a bar: stdout
 
     def summary(self, values: dict[str, float]) -> None:
         if self.wandb:
             self.wandb.summary.update(values)
 
     def close(self) -> None:
-        if self.bar:
-            self.bar.close()
+        self.end_progress()
         if self.jsonl:
             self.jsonl.close()
         if self.tensorboard:

@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from opcd.runtime import cuda_driver
+
 
 def visible_gpu_count() -> int:
     """GPUs this process may use: none when CUDA_VISIBLE_DEVICES hides them all, else what torch
@@ -52,8 +54,12 @@ def choose_device(ray_gpu_ids: list | None, cuda_available: bool) -> torch.devic
 
 
 def worker_device() -> torch.device:
-    """This worker's compute device: `choose_device` with the GPUs Ray gave this actor."""
-    return choose_device(_ray_gpu_ids(), torch.cuda.is_available())
+    """This worker's compute device: `choose_device` with the GPUs Ray gave this actor. On a GPU the
+    NVIDIA driver is first checked against torch's CUDA build (once per process; too old -> OpcdError)."""
+    device = choose_device(_ray_gpu_ids(), torch.cuda.is_available())
+    if device.type == "cuda":
+        cuda_driver.check_driver_once(torch.version.cuda)
+    return device
 
 
 def actor_env(num_gpus: float) -> dict[str, str]:

@@ -25,7 +25,7 @@ class Task(Protocol):
         """Task metric for one response, in [0, 1] (accuracy-like)."""
         ...
 
-    def answer_problem(self, answer: str | None) -> str | None:
+    def answer_format_error(self, answer: str | None) -> str | None:
         """None when `answer` is a ground truth this task can score, else what it expects instead."""
         ...
 
@@ -56,7 +56,7 @@ def context_placeholders(language: str) -> dict[str, str]:
 def check_answer(task: Task, row: dict, where: str) -> None:
     """Refuse, before any model loads, a row whose `answer` the task cannot score (e.g. MedMCQA rows
     under task=language would only fail at the first evaluation, after training started)."""
-    expected = task.answer_problem(row.get("answer"))
+    expected = task.answer_format_error(row.get("answer"))
     if expected is not None:
         raise DataError(f"{where}: field 'answer'={row.get('answer')!r} does not fit task={task.name}: "
                         f"expected {expected}")

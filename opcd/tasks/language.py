@@ -70,7 +70,7 @@ class LanguageTask:
     def student_messages(self, row: dict) -> list[dict]:
         return [dict(message) for message in row["content"]]
 
-    def answer_problem(self, answer: str | None) -> str | None:
+    def answer_format_error(self, answer: str | None) -> str | None:
         return None if answer in (None, self.language) else f"null or task.language={self.language!r}"
 
     def score(self, response: str, row: dict) -> float:

@@ -83,7 +83,7 @@ class MathTask:
     def student_messages(self, row: dict) -> list[dict]:
         return [dict(message) for message in row["content"]]
 
-    def answer_problem(self, answer: str | None) -> str | None:
+    def answer_format_error(self, answer: str | None) -> str | None:
         return None if isinstance(answer, str) and answer.strip() else "the ground-truth answer as a non-empty string"
 
     def score(self, response: str, row: dict) -> float:

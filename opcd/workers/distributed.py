@@ -1,5 +1,5 @@
 """Several ranks per worker group: a torch.distributed process group per group (gloo on CPU, NCCL on
-GPU) and FSDP2 (`fully_shard`) over the model's decoder layers.
+GPU, both on GPU with model.cpu_offload) and FSDP2 (`fully_shard`) over the model's decoder layers.
 
 How the work is split, so that every rank runs the same sequence of collectives:
 
@@ -74,11 +74,22 @@ class Rendezvous:
         return cls(host, port, group, collective_timeout_s(timeout_s)), store
 
 
-def init_process_group(rendezvous: Rendezvous, rank: int, world_size: int, device: torch.device) -> None:
-    """Join the group's process group: NCCL when the rank computes on a GPU (`device`), else gloo."""
+def process_group_backend(device_type: str, cpu_offload: bool = False) -> str:
+    """The process group's backend: gloo on CPU, NCCL on GPU, and both on GPU with CPU offload. With
+    offload the parameters and gradients live on CPU between uses, so gradient clipping's norm and other
+    reductions run on CPU tensors, which NCCL refuses: "cpu:gloo,cuda:nccl" sends each tensor to the
+    backend of its device."""
+    if device_type != "cuda":
+        return "gloo"
+    return "cpu:gloo,cuda:nccl" if cpu_offload else "nccl"
+
+
+def init_process_group(rendezvous: Rendezvous, rank: int, world_size: int, device: torch.device,
+                       cpu_offload: bool = False) -> None:
+    """Join the group's process group on the backend for `device` and `cpu_offload` (process_group_backend)."""
     store = dist.PrefixStore(rendezvous.group, dist.TCPStore(rendezvous.host, rendezvous.port, is_master=False,
                                                              timeout=timedelta(minutes=30)))
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = process_group_backend(device.type, cpu_offload)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=rendezvous.timeout_s))
 

@@ -18,49 +18,29 @@ the student lacks.
 from __future__ import annotations
 
 import gc
-import os
 
 import torch
 
 from opcd.runtime import gpu_memory
-from opcd.runtime.devices import worker_device
-from opcd.models import load_causal_lm, load_tokenizer
 from opcd.protocol import Generation, SamplingParams, TeacherScores
 from opcd.rollout.engines import make_rollout
 from opcd.workers import distributed as D
+from opcd.workers.base import ModelWorker
 from opcd.workers.scoring import Scorer
 from opcd.workers.spec import WorkerSpec
 
 
-class FrozenModelWorker:
+class FrozenModelWorker(ModelWorker):
     def __init__(self, spec: WorkerSpec, rank: int = 0, world_size: int = 1, rendezvous=None):
-        torch.set_num_threads(spec.num_threads or os.cpu_count() or 1)
-        self.spec = spec
-        self.rank, self.world_size = rank, world_size
-        self.device = worker_device()
-        if world_size > 1:
-            D.init_process_group(rendezvous, rank, world_size, self.device)
-        self.tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
-        self.model = load_causal_lm(spec.model_path, spec.dtype, spec.trust_remote_code,
-                                    spec.attn_implementation).eval()
+        super().__init__(spec, rank, world_size, rendezvous)
+        self.model = self.place(self.load_model(spec.dtype).eval())
         self.model.requires_grad_(False)
-        if world_size > 1:  # fully_shard moves the shards to the device (or keeps them on CPU with offload)
-            D.shard(self.model, cpu_offload=spec.cpu_offload)
-        else:
-            self.model.to(self.device)
         # Generation-heavy stages (extraction, evaluation, off-policy data, the teacher's held-out
         # evaluation) run the configured engine, vLLM included; it is built on the first generate call,
         # so a teacher that only scores never holds one, and released when the generating is done.
         self.rollout = None
-        self.pad_id = self.tokenizer.pad_token_id
         self.scorer = Scorer.for_model(self.model, spec.lm_head_chunk_size, spec.padding_free, spec.temperature,
                                        self.pad_id, self.device, vocab_rows=spec.vocab_rows)
-        self.memory = gpu_memory.PhaseMemory()
-
-    def gpu_memory(self) -> dict[str, float]:
-        """Peak GPU memory since the previous call and the device's memory in use after scoring
-        (opcd/runtime/gpu_memory.py); {} on CPU."""
-        return {**gpu_memory.read_and_reset(), **self.memory.take()}
 
     @torch.no_grad()
     def score(self, prompts: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor,

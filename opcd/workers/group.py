@@ -1,12 +1,14 @@
 """Worker groups: a plain worker class wrapped as Ray actors, one actor per rank.
 
-The driver calls `group.gather("method", ...)` for the group's one answer (or `group.call` for every
-rank's result), or `group.generate(prompts, ...)` to have the ranks split a list of prompts and get one
-`Generation` back in order. The ranks' results are awaited together (opcd/workers/waiting.py): the
-first failure comes back at once as a one-line error naming the group, the rank that caused it, its
-node, the call and the cause, then what the other ranks did as a consequence (a user error raised
-inside a worker keeps its type, so the CLI prints it the same way as on the driver). Every actor gets
-the driver's allow-listed environment (opcd/runtime/envforward.py).
+The driver calls a worker method through its class, `group.gather(StudentWorker.update, ...)`, for the
+group's one answer (or `group.call` for every rank's result): an IDE follows the call, and a method
+the worker class lacks is refused before anything is sent; `group.generate(prompts, ...)` has the
+ranks split a list of prompts and gives one `Generation` back in order. The ranks' results are
+awaited together (opcd/workers/waiting.py): the first failure comes back at once as a one-line error
+naming the group, the rank that caused it, its node, the call and the cause, then what the other
+ranks did as a consequence (a user error raised inside a worker keeps its type, so the CLI prints it
+the same way as on the driver). Every actor gets the driver's allow-listed environment
+(opcd/runtime/envforward.py).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class WorkerGroup:
         `ranks_per_engine`: consecutive ranks that form one rollout engine (vLLM tensor parallelism) and
         so take the same share of a `generate`."""
         self.name = name
+        self.worker_cls = worker_cls
         self.world_size = world_size
         self.ranks_per_engine = ranks_per_engine
         self._pad_id = None
@@ -91,11 +94,23 @@ class WorkerGroup:
                  ", ".join(f"rank {rank}: {device} on {node}" for rank, (device, node) in enumerate(zip(where, self.nodes))),
                  envforward.describe({**env, **secret_env}))
 
-    def call(self, method: str, *args, **kwargs) -> list:
-        refs = [getattr(worker, method).remote(*args, **kwargs) for worker in self.workers]
-        return self._wait(refs, method)
+    def call(self, method, *args, **kwargs) -> list:
+        """`method`: a function of the worker class (`StudentWorker.save`); Ray's own actor methods
+        (`__ray_ready__`, `__ray_call__`) by name."""
+        name = self._method_name(method)
+        refs = [getattr(worker, name).remote(*args, **kwargs) for worker in self.workers]
+        return self._wait(refs, name)
 
-    def gather(self, method: str, *args, **kwargs):
+    def _method_name(self, method) -> str:
+        if isinstance(method, str) and method.startswith("__ray_"):
+            return method
+        name = getattr(method, "__name__", None)
+        if not callable(method) or getattr(self.worker_cls, name, None) is not method:
+            raise TypeError(f"{self.name} group: {method!r} is not a method of {self.worker_cls.__name__}; "
+                            f"call through the class, e.g. group.call({self.worker_cls.__name__}.<method>, ...)")
+        return name
+
+    def gather(self, method, *args, **kwargs):
         """Run `method` on every rank (with several ranks all must take part: FSDP2 collectives) and
         gather the group's one answer: data-parallel shares (`RankShares`, e.g. teacher scores) put
         back in the batch's order, else rank 0's result (the others hold the same)."""

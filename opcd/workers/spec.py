@@ -10,23 +10,34 @@ one line naming the field.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Literal, get_args, get_type_hints
 
-from opcd.errors import ConfigError
+from opcd.errors import require
+from opcd.loss.kl import Aggregation, SupportMode
+from opcd.loss.objective import Objective
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _check(ok: bool, spec: str, name: str, value, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{spec}.{name}={value!r}: expected {expected}")
+    require(ok, f"{spec}.{name}", value, expected)
+
+
+def _check_choices(spec) -> None:
+    """Every Literal field of `spec` holds one of its choices (the choices are written once, in the type)."""
+    hints = get_type_hints(type(spec))
+    for f in fields(spec):
+        choices = get_args(hints[f.name]) if getattr(hints[f.name], "__origin__", None) is Literal else ()
+        if choices:
+            value = getattr(spec, f.name)
+            _check(value in choices, type(spec).__name__, f.name, value, f"one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
     model_path: str
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype (fp32 master weights on GPU)
+    dtype: Literal[DTYPES] = "float32"  # compute dtype (fp32 master weights on GPU)
     trust_remote_code: bool = False
     attn_implementation: str | None = None  # None = transformers' choice
     cpu_offload: bool = False  # several ranks: parameters (and the student's optimiser state) live on CPU
@@ -43,7 +54,6 @@ class WorkerSpec:
 
     def __post_init__(self):
         _check(bool(self.model_path), "WorkerSpec", "model_path", self.model_path, "a model folder or hub id")
-        _check(self.dtype in DTYPES, "WorkerSpec", "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
         _check(self.num_threads >= 0, "WorkerSpec", "num_threads", self.num_threads, "an integer >= 0")
         _check(self.temperature > 0, "WorkerSpec", "temperature", self.temperature, "a float > 0")
         _check(self.micro_batch_size >= 1, "WorkerSpec", "micro_batch_size", self.micro_batch_size, "an integer >= 1")
@@ -53,8 +63,7 @@ class WorkerSpec:
                "an integer >= 0 (0 = full logits)")
         _check(self.vocab_rows is None or self.vocab_rows >= 1, "WorkerSpec", "vocab_rows", self.vocab_rows,
                "None or an integer >= 1")
-        _check(self.rollout_backend in ("hf", "vllm"), "WorkerSpec", "rollout_backend", self.rollout_backend,
-               "one of hf, vllm")
+        _check_choices(self)
 
 
 @dataclass(frozen=True)
@@ -62,17 +71,13 @@ class TrainSpec:
     lr: float = 1e-6  # constant, AdamW
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # gradient-norm clipping
-    kl_loss_type: Literal["full", "k1", "k2", "k3", "abs", "forward_kl", "seqkd"] = "full"  # opcd.loss.objective
-    support_mode: Literal["partial", "renorm", "tail"] = "tail"
-    aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    kl_loss_type: Objective = "full"  # opcd.loss.objective
+    support_mode: SupportMode = "tail"
+    aggregation: Aggregation = "token_mean"
     activation_checkpointing: bool = False
 
     def __post_init__(self):
         _check(self.lr > 0, "TrainSpec", "lr", self.lr, "a float > 0")
         _check(self.weight_decay >= 0, "TrainSpec", "weight_decay", self.weight_decay, "a float >= 0")
         _check(self.grad_clip > 0, "TrainSpec", "grad_clip", self.grad_clip, "a float > 0")
-        for name, choices in (("kl_loss_type", ("full", "k1", "k2", "k3", "abs", "forward_kl", "seqkd")),
-                              ("support_mode", ("partial", "renorm", "tail")),
-                              ("aggregation", ("token_mean", "seq_mean"))):
-            _check(getattr(self, name) in choices, "TrainSpec", name, getattr(self, name),
-                   f"one of {', '.join(choices)}")
+        _check_choices(self)

@@ -13,57 +13,42 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 
 import torch
 
 from opcd.runtime import gpu_memory
-from opcd.runtime.devices import worker_device
-from opcd.models import load_causal_lm, load_tokenizer
 from opcd.loss.objective import per_token_loss
 from opcd.protocol import Generation, SamplingParams, UpdateBatch
 from opcd.rollout.engines import make_rollout
 from opcd.workers import checkpoint_io
 from opcd.workers import distributed as D
+from opcd.workers.base import ModelWorker
 from opcd.workers.scoring import Scorer
 from opcd.workers.spec import TrainSpec, WorkerSpec
 
 
-class StudentWorker:
+class StudentWorker(ModelWorker):
     def __init__(self, spec: WorkerSpec, train: TrainSpec, rank: int = 0, world_size: int = 1, rendezvous=None):
-        torch.set_num_threads(spec.num_threads or os.cpu_count() or 1)
-        self.spec, self.train = spec, train
-        self.rank, self.world_size = rank, world_size
-        self.device = worker_device()
-        if world_size > 1:
-            D.init_process_group(rendezvous, rank, world_size, self.device)
-        self.tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
-        on_gpu = self.device.type == "cuda"
-        mixed = on_gpu and spec.dtype != "float32"
+        super().__init__(spec, rank, world_size, rendezvous)
+        self.train = train
+        mixed = self.device.type == "cuda" and spec.dtype != "float32"
         # On GPU: fp32 master weights computed in `dtype` (FSDP2 mixed precision with several ranks,
         # autocast with one): AdamW steps of lr ~1e-6 on 16-bit weights round away to nothing.
-        self.model = load_causal_lm(spec.model_path, "float32" if on_gpu else spec.dtype, spec.trust_remote_code,
-                                    spec.attn_implementation)
+        self.model = self.load_model("float32" if self.device.type == "cuda" else spec.dtype)
         autocast = functools.partial(torch.autocast, "cuda", dtype=getattr(torch, spec.dtype)) \
             if mixed and world_size == 1 else contextlib.nullcontext
-        if world_size > 1:  # fully_shard moves the shards to the device (or keeps them on CPU with offload)
-            D.shard(self.model, getattr(torch, spec.dtype) if mixed else None, spec.cpu_offload,
-                    train.activation_checkpointing)
-        else:
-            self.model.to(self.device)
-            if train.activation_checkpointing:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.place(self.model, getattr(torch, spec.dtype) if mixed else None, train.activation_checkpointing)
+        if world_size == 1 and train.activation_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
         # fused: one kernel over all parameters; measured 5x faster than the default loop on CPU
         fused = not (world_size > 1 and spec.cpu_offload)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
                                            fused=fused)
         self.rollout = make_rollout(spec, self.model, self.tokenizer, self.device, autocast)
-        self.pad_id = self.tokenizer.pad_token_id
         self.scorer = Scorer.for_model(self.model, spec.lm_head_chunk_size, spec.padding_free, spec.temperature,
                                        self.pad_id, self.device, autocast)
         self.token_loss = functools.partial(per_token_loss, train.kl_loss_type, train.support_mode)
-        self.memory = gpu_memory.PhaseMemory()
 
     # -- rollout ---------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
@@ -89,11 +74,6 @@ class StudentWorker:
         gpu_memory.release_cached()  # the gather's buffers: the KV cache is allocated outside PyTorch's cache
         self.rollout.wake_cache()
         self.memory.mark("sync")
-
-    def gpu_memory(self) -> dict[str, float]:
-        """Peak GPU memory since the previous call and the device's memory in use after each phase
-        (opcd/runtime/gpu_memory.py); {} on CPU."""
-        return {**gpu_memory.read_and_reset(), **self.memory.take()}
 
     # -- update ----------------------------------------------------------------------------------
     def update(self, batch: UpdateBatch) -> dict[str, float]:

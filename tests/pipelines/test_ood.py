@@ -89,7 +89,9 @@ def test_unknown_task_is_a_config_error(tasks_dir, tiny_model):
 def test_ifeval_with_the_reference_sampling_is_seeded(tasks_dir, tiny_model, monkeypatch):
     """The reference's IFEval settings (sampled: T 0.7, top-p 0.8, top-k 20, min-p 0; seed 42; thinking
     off) reach lm-eval, which accepts them, and the same seed gives the same scores."""
-    from opcd.pipelines.ood import REFERENCE_GEN_KWARGS, REFERENCE_SEED
+    from opcd.pipelines.ood import REFERENCE_SEED
+
+    REFERENCE_GEN_KWARGS = "temperature=0.7,top_p=0.8,top_k=20,min_p=0,do_sample=True"  # the reference's IFEval command
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     runs = [run_lm_eval(str(tiny_model), ["opcd_ifeval_local"], include_path=str(tasks_dir), limit=3,

@@ -209,16 +209,20 @@ def test_warp_keeps_the_tokens_transformers_warpers_keep():
 
 
 def test_seeded_sampler_draws_from_the_warped_distribution():
-    """Inverse-CDF sampling, one generator per row: the frequencies match the softmax, and a token
-    that top-k removed is never drawn."""
+    """Counter-based Gumbel-max draws, one stream per row: the frequencies match the softmax, and a
+    token that top-k removed is never drawn."""
     from opcd.rollout.hf import _SeededSampler
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -5.0]]).expand(20_000, 5)
     params = SamplingParams(temperature=1.0, top_k=4)
-    scores = _SeededSampler(list(range(20_000)), params)(None, logits.clone())
+    sampler = _SeededSampler(list(range(20_000)), params, prompt_width=3)
+    scores = sampler(torch.zeros(20_000, 3, dtype=torch.long), logits.clone())
     chosen = scores.argmax(-1)
     assert torch.isfinite(scores).sum(-1).eq(1).all()
     frequencies = torch.bincount(chosen, minlength=5).float() / 20_000
     expected = torch.softmax(torch.tensor([2.0, 1.0, 0.0, -1.0]), -1)
     torch.testing.assert_close(frequencies[:4], expected, atol=0.015, rtol=0)
     assert frequencies[4] == 0
+    # the next position of the same rows draws again (the stream advances with the generated tokens)
+    again = sampler(torch.zeros(20_000, 4, dtype=torch.long), logits.clone()).argmax(-1)
+    assert 0.3 < float((again != chosen).float().mean()) < 0.7

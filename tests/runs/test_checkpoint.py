@@ -3,6 +3,8 @@ checkpoint, retention) and opcd.data.sampler (resumable batch order)."""
 
 import errno
 import json
+import os
+import stat
 
 import pytest
 
@@ -13,6 +15,7 @@ from opcd.runs.checkpoint import (
     drop_optimizer,
     has_optimizer,
     latest_checkpoint,
+    open_like_umask,
     read_checksums,
     read_trainer_state,
     resumable_checkpoint,
@@ -348,3 +351,30 @@ def test_seeds_give_different_orders():
 def test_empty_dataset_is_refused():
     with pytest.raises(ValueError, match="at least one example"):
         BatchSampler(num_examples=0, batch_size=2, seed=0)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_model_weights_get_the_usual_file_mode(tmp_path, tiny_model):
+    """Regression: model.safetensors was written with mode 600 (transformers' save_pretrained) while
+    every other file of a checkpoint had 644."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    folder = save_checkpoint(tmp_path, 1, lambda tmp: model.save_pretrained(tmp / "model"), {"step": 1})
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert folder / "model" / "model.safetensors" in files
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask(), path
+    # wider modes are kept; a folder made by mkdtemp (700) is opened to the umask too
+    odd = tmp_path / "odd"
+    odd.mkdir(mode=0o700)
+    (odd / "run.sh").write_text("#!/bin/sh\n")
+    (odd / "run.sh").chmod(0o755)
+    open_like_umask(odd)
+    assert stat.S_IMODE(odd.stat().st_mode) == 0o777 & ~_umask()
+    assert stat.S_IMODE((odd / "run.sh").stat().st_mode) == 0o755 | (0o666 & ~_umask())

@@ -104,3 +104,26 @@ def test_best_export_without_scores_or_with_a_bad_argument_is_one_line(tmp_path,
     assert capsys.readouterr().err.strip() == f"opcd: error: cannot read {tmp_path / 'eval.json'}: JSONDecodeError"
     assert main(["export", str(tmp_path), "last"]) == 2
     assert capsys.readouterr().err.strip() == "opcd: error: opcd export: step 'last': expected a step number or best"
+
+
+def test_best_step_counts_the_after_training_evaluation_at_its_step(tmp_path):
+    """Regression: right after the demo (no eval_freq, no `opcd evaluate`), `opcd export RUN best` said
+    'no held-out scores' although eval.json held the after-training score of the last checkpoint."""
+    import json
+
+    from opcd.runs.export import best_step
+
+    for step in (20, 30):
+        _published(tmp_path, step)
+    (tmp_path / "eval.json").write_text(json.dumps({
+        "student_before": {"score": 0.0}, "teacher_with_context": {"score": 0.75},
+        "student_after": {"score": 0.75, "step": 30}}))
+    assert best_step(tmp_path) == 30
+    # an in-training score of the same step is not replaced; a better earlier one still wins
+    (tmp_path / "eval.json").write_text(json.dumps({
+        "student_step_20": {"score": 0.8}, "student_after": {"score": 0.75, "step": 30}}))
+    assert best_step(tmp_path) == 20
+    # an eval.json written before `student_after` named its step: the step is summary.json's final_step
+    (tmp_path / "eval.json").write_text(json.dumps({"student_after": {"score": 0.75}}))
+    (tmp_path / "summary.json").write_text(json.dumps({"final_step": 30}))
+    assert best_step(tmp_path) == 30

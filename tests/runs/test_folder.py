@@ -148,11 +148,11 @@ def test_a_finished_run_says_it_is_complete_without_starting_anything(tmp_path, 
     """Guards re-running a finished run: it used to start Ray, load both models and evaluate again."""
     run_dir = _saved_run(tmp_path, tiny_model, 4, summary=True)
     (run_dir / "report").mkdir()
-    (run_dir / "report" / "report.md").write_text("# report")
+    (run_dir / "report" / "report.html").write_text("<p>report</p>")
     with caplog.at_level("INFO", logger="opcd"):
         code, out, _ = _cli(capsys, *_overrides(tmp_path, tiny_model))
     assert code == 0 and json.loads(out[:out.rindex("}") + 1]) == {"student_after": {"score": 0.5}}
-    assert f"{run_dir} is complete (step 4 of 4); its report: {run_dir}/report/report.md" in caplog.text
+    assert f"{run_dir} is complete (step 4 of 4); its report: {run_dir}/report/report.html" in caplog.text
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     assert not (run_dir / LOCK).exists()
 

@@ -37,7 +37,9 @@ def test_report_of_two_runs_side_by_side(tmp_path, capsys):
     for png in ("training.png", "checkpoints.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     text = (out / "report.md").read_text()
-    assert "| opcd | 3 | 0.2 | 0.1 |  | 0.6 | 0.6 ± 0.01 (steps [2, 4, 6]) | 0.1 | 0.8 |" in text
+    # no run has a teacher score: that column is left out, not shown empty
+    assert "| run | last step | last KL | student before | student after | best-k mean" in text
+    assert "| opcd | 3 | 0.2 | 0.1 | 0.6 | 0.6 ± 0.01 (steps [2, 4, 6]) | 0.1 | 0.8 |" in text
     assert "| offp | 3 | 0.85 |" in text and "## opcd: checkpoints" in text and "## offp: checkpoints" not in text
     assert "<td>0.6 ± 0.01 (steps [2, 4, 6])</td>" in (out / "report.html").read_text()
 
@@ -49,7 +51,9 @@ def test_a_truncated_metrics_line_is_skipped_and_missing_files_are_fine(tmp_path
     (title, header, rows), = summary_tables([data])
     assert rows[0][:3] == ["r", "1", "0.4"]
     result = write_report([run])
-    assert result["out"] == str(run / "report") and "checkpoints.png" not in result["files"]
+    # without `opcd evaluate` the held-out curve is opcd distill's own: before (step 0), after (last step)
+    assert data.held_out_by_step() == {0: 0.1, 1: 0.6}
+    assert result["out"] == str(run / "report") and "checkpoints.png" in result["files"]
 
 
 def test_not_a_run_folder(tmp_path, capsys):
@@ -76,6 +80,32 @@ def test_scores_show_how_many_items_they_are_over(tmp_path):
         "base_without_context,,0.1000,8\n")
     overview, checkpoints = summary_tables([load_run(run)])
     assert overview[2][0][3:] == ["0.1 (n=40)", "0.85 (n=40)", "0.6 (n=40)",
-                                  "0.5 ± 0.01 (steps [2, 4, 6]) (n=8)", "0.1 (n=8)", ""]
+                                  "0.5 ± 0.01 (steps [2, 4, 6]) (n=8)", "0.1 (n=8)"]
     assert checkpoints[1] == ["step", "score", "items"]
     assert checkpoints[2] == [["2", "0.5", "8"], ["4", "0.75", "8"], ["6", "0.25", "8"]]
+
+
+def test_a_fresh_demo_run_has_a_checkpoint_plot_a_teacher_line_and_no_empty_columns(tmp_path):
+    """Regression: right after `opcd distill` the report had three empty columns (the baselines and
+    best-k of `opcd evaluate`), no teacher reference, and no checkpoints.png although the README
+    promised one."""
+    run = _run(tmp_path / "demo", [0.3, 0.2, 0.1])
+    (run / "eval.json").write_text(json.dumps({
+        "student_before": {"score": 0.0, "num_items": 40}, "teacher_with_context": {"score": 0.75, "num_items": 40},
+        "student_step_2": {"score": 0.5, "num_items": 40}, "student_after": {"score": 0.7, "num_items": 40, "step": 3}}))
+    data = load_run(run)
+    assert data.held_out_by_step() == {0: 0.0, 2: 0.5, 3: 0.7}
+    assert data.references() == {"teacher with context": 0.75}
+    (title, header, rows), = summary_tables([data])
+    assert header == ["run", "last step", "last KL", "student before", "teacher with context", "student after"]
+    assert rows == [["demo", "3", "0.1", "0 (n=40)", "0.75 (n=40)", "0.7 (n=40)"]]
+    result = write_report([run])
+    assert {"training.png", "checkpoints.png", "report.md", "report.html"} <= set(result["files"])
+    assert "![checkpoints](checkpoints.png)" in (run / "report" / "report.md").read_text()
+    # opcd evaluate's scores, when there, replace distill's own; the teacher line stays beside the baselines
+    (run / "evaluation").mkdir()
+    (run / "evaluation" / "results.json").write_text(json.dumps(
+        {"checkpoints": {"2": 0.4, "3": 0.6}, "baselines": {"base_without_context": 0.0}}))
+    data = load_run(run)
+    assert data.held_out_by_step() == {2: 0.4, 3: 0.6}
+    assert data.references() == {"base without context": 0.0, "teacher with context": 0.75}

@@ -9,8 +9,8 @@ from opcd.runs.tracking import Tracker
 def test_every_logger_writes_its_files(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
-    tracker = Tracker(["console", "jsonl", "tensorboard", "wandb"], tmp_path, "unit", {"trainer": {"lr": 1e-5}},
-                      total_steps=2)
+    tracker = Tracker(["console", "jsonl", "tensorboard", "wandb"], tmp_path, exp_name="unit",
+                      config={"trainer": {"lr": 1e-5}}, total_steps=2)
     tracker.log({"loss/kl": 0.5, "rollout/score": 0.25}, step=1)
     tracker.log({"loss/kl": float("nan"), "rollout/score": 0.5}, step=2)
     tracker.close()
@@ -35,9 +35,39 @@ SECRET = "k" * 40
 def test_no_secret_in_files(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    tracker = Tracker(["jsonl", "wandb"], tmp_path, "unit", {"a": 1}, total_steps=1)
+    tracker = Tracker(["jsonl", "wandb"], tmp_path, exp_name="unit", config={"a": 1}, total_steps=1)
     tracker.log({"loss/kl": 1.0}, step=1)
     tracker.close()
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_progress_bar_covers_training_steps_only_and_ends_once(tmp_path, capsys):
+    """Regression: the bar started before the evaluation before training (so its rate and ETA counted
+    it), the evaluation after training printed nothing under a frozen bar, and the last bar line was
+    printed twice."""
+    tracker = Tracker(["console"], tmp_path, exp_name="unit", config={}, total_steps=2)
+    tracker.message("evaluating before training")
+    out, err = capsys.readouterr()
+    assert out == "evaluating before training\n" and err == ""  # no bar yet: its clock has not started
+    tracker.start_progress()
+    tracker.log({"loss/kl": 0.5}, step=1)
+    tracker.log({"loss/kl": 0.25}, step=2)
+    tracker.end_progress()
+    tracker.message("evaluating the trained student")
+    tracker.close()
+    out, err = capsys.readouterr()
+    assert out == "evaluating the trained student\n"
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert sum("2/2" in line for line in lines) == 1, lines
+    assert lines[-1].startswith("unit: 100%") and "kl=0.25" in lines[-1] and err.endswith("\n")
+    assert "\x1b" not in err
+
+
+def test_a_resumed_bar_starts_at_its_step(tmp_path, capsys):
+    tracker = Tracker(["console"], tmp_path, exp_name="unit", config={}, total_steps=4, start_step=2)
+    tracker.log({"loss/kl": 0.5}, step=3)  # a caller that never called start_progress still gets the bar
+    tracker.close()
+    lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    assert "2/4" in lines[0] and "3/4" in lines[-1]

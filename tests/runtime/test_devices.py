@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from opcd.runtime import devices
-from opcd.config import RayConfig, load_config, to_yaml
+from opcd.config import Machine, RayConfig, load_config, to_yaml
 
 
 @pytest.fixture
@@ -16,19 +16,21 @@ def four_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
 
 
-def test_gpus_per_node_defaults_to_the_visible_gpus(four_gpus):
-    assert RayConfig().gpus_per_node == 4
-    assert RayConfig(gpus_per_node=None).gpus_per_node == 4
+def test_gpus_per_node_defaults_to_the_visible_gpus(four_gpus, monkeypatch):
+    monkeypatch.delenv("OPCD_NUM_GPUS", raising=False)
+    assert RayConfig().gpus_per_node is None  # the schema leaves it to the machine
+    assert Machine.here().gpus_per_node == 4
+    assert load_config([]).ray.gpus_per_node == 4
 
 
 def test_an_explicit_zero_forces_cpu(four_gpus):
-    assert RayConfig(gpus_per_node=0).gpus_per_node == 0
+    assert load_config(["ray.gpus_per_node=0"]).ray.gpus_per_node == 0
 
 
 @pytest.mark.parametrize("setting", ["", "-1", " ", "-1,0"])
 def test_hidden_gpus_are_not_counted(four_gpus, monkeypatch, setting):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", setting)
-    assert RayConfig().gpus_per_node == 0
+    assert Machine.here().gpus_per_node == 0
 
 
 def test_cfg_shows_the_resolved_count(four_gpus):
@@ -95,6 +97,6 @@ def test_ray_actor_without_gpus_computes_on_cpu_and_sees_none(local_ray):
 
     group = WorkerGroup("probe", Probe, {}, num_gpus=0)
     try:
-        assert group.gather("facts") == ("", "cpu", [])
+        assert group.gather(Probe.facts) == ("", "cpu", [])
     finally:
         group.shutdown()

@@ -55,10 +55,10 @@ class LocalGroup:
         self.worker = worker
 
     def call(self, method, *args, **kwargs):
-        return [getattr(self.worker, method)(*args, **kwargs)]
+        return [getattr(self.worker, method.__name__)(*args, **kwargs)]
 
     def gather(self, method, *args, **kwargs):
-        return getattr(self.worker, method)(*args, **kwargs)
+        return getattr(self.worker, method.__name__)(*args, **kwargs)
 
     def generate(self, prompts, params, seed):
         return self.worker.generate(prompts, params, seed)
@@ -172,7 +172,7 @@ class _Readings:
         self.per_rank = per_rank
 
     def call(self, method):
-        assert method == "gpu_memory"
+        assert method.__name__ == "gpu_memory"
         return self.per_rank
 
 

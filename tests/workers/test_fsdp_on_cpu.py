@@ -22,7 +22,7 @@ def _batch(tokenizer, teacher):
     texts = ["Why is the sky blue?", "Name a fruit.", "What is two plus two?", "Say hello.", "Count to three."]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                              tokenize=True, return_dict=False) for t in texts]
-    generation = teacher.gather("generate", prompts, SamplingParams(temperature=1.0, max_new_tokens=6,
+    generation = teacher.gather(FrozenModelWorker.generate, prompts, SamplingParams(temperature=1.0, max_new_tokens=6,
                                                                     record_topk=8), 3)
     return generation, prompts
 
@@ -31,7 +31,7 @@ def test_two_ranks_match_one_rank(sharp_tiny_model, sharp_tiny_deeper_model, smo
     teacher_spec = WorkerSpec(str(sharp_tiny_deeper_model), num_threads=1, micro_batch_size=2)
     teachers = {n: WorkerGroup(f"t{n}", FrozenModelWorker, {"spec": teacher_spec}, world_size=n) for n in (1, 2)}
     generation, prompts = _batch(smollm2_tokenizer, teachers[1])
-    scores = {n: g.gather("score", prompts, generation.response_ids, generation.response_mask,
+    scores = {n: g.gather(FrozenModelWorker.score, prompts, generation.response_ids, generation.response_mask,
                           generation.topk_ids, 0) for n, g in teachers.items()}
     assert torch.equal(scores[1].support_ids, scores[2].support_ids)
     assert torch.allclose(scores[1].logprobs, scores[2].logprobs, atol=1e-5)
@@ -47,9 +47,9 @@ def test_two_ranks_match_one_rank(sharp_tiny_model, sharp_tiny_deeper_model, smo
         student = WorkerGroup(f"s{n}", StudentWorker, {"spec": WorkerSpec(str(sharp_tiny_model), num_threads=1,
                                                                           micro_batch_size=2),
                                                        "train": TrainSpec(lr=1e-3)}, world_size=n)
-        results[n] = [student.gather("update", batch) for _ in range(2)]
-        weights[n] = student.gather("state_dict")
-        sums[n] = student.call("save", str(tmp_path / f"ckpt{n}"), True)
+        results[n] = [student.gather(StudentWorker.update, batch) for _ in range(2)]
+        weights[n] = student.gather(StudentWorker.state_dict)
+        sums[n] = student.call(StudentWorker.save, str(tmp_path / f"ckpt{n}"), True)
         student.shutdown()
     for one, two in zip(results[1], results[2]):
         for key in ("loss", "entropy", "student_mass", "teacher_mass", "grad_norm"):

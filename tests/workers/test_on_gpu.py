@@ -15,8 +15,7 @@ CPU = torch.device("cpu")
 
 
 def _pin_to_cpu(monkeypatch):
-    for module in ("opcd.workers.student", "opcd.workers.frozen"):
-        monkeypatch.setattr(f"{module}.worker_device", lambda: CPU)
+    monkeypatch.setattr("opcd.workers.base.worker_device", lambda: CPU)
 
 
 @pytest.mark.parametrize("lm_head_chunk_size", [512, 0])

@@ -51,7 +51,7 @@ def test_colocated_groups_share_one_pool_rank_by_rank(local_ray):
         assert options[0]["num_gpus"] == 0.0 and options[0]["num_cpus"] == 1.0
         student = WorkerGroup("student", _where_class(), {}, pool=pools["student"])
         teacher = WorkerGroup("teacher", _where_class(), {}, pool=pools["teacher"])
-        (s,), (t,) = student.call("where"), teacher.call("where")
+        (s,), (t,) = student.call(student.worker_cls.where), teacher.call(teacher.worker_cls.where)
         assert s == t == pools["student"].group.id.hex()
         student.shutdown()
         teacher.shutdown()
@@ -71,7 +71,7 @@ def test_separate_pools_are_distinct(local_ray):
     try:
         student = WorkerGroup("student", _where_class(), {}, pool=pools["student"])
         teacher = WorkerGroup("teacher", _where_class(), {}, pool=pools["teacher"])
-        (s,), (t,) = student.call("where"), teacher.call("where")
+        (s,), (t,) = student.call(student.worker_cls.where), teacher.call(teacher.worker_cls.where)
         assert s != t and {s, t} == {pools["student"].group.id.hex(), pools["teacher"].group.id.hex()}
         student.shutdown()
         teacher.shutdown()

@@ -91,10 +91,10 @@ def test_one_vllm_engine_per_rank_samples_and_updates_as_one_rank(sharp_tiny_mod
                               world_size=ranks)
         try:
             before = student.generate(prompts, params, 9)
-            stats = student.gather("update", _update_batch(before, prompts))
-            student.call("sync_rollout")
+            stats = student.gather(StudentWorker.update, _update_batch(before, prompts))
+            student.call(StudentWorker.sync_rollout)
             after = student.generate(prompts, params, 9)
-            runs[ranks] = before, stats, after, student.gather("state_dict")
+            runs[ranks] = before, stats, after, student.gather(StudentWorker.state_dict)
         finally:
             student.shutdown()
     (before1, stats1, after1, weights1), (before2, stats2, after2, weights2) = runs[1], runs[2]

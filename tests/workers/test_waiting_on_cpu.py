@@ -74,7 +74,7 @@ def test_the_groups_line_names_rank_node_method_and_the_errors_last_line(local_r
     node_id = ray.get_runtime_context().get_node_id()[:8]
     assert group.nodes == [f"{ray.util.get_node_ip_address()} ({socket.gethostname()}, Ray node {node_id})"] * 2
     with pytest.raises(WorkerError) as caught:
-        group.call("step", {1: ("raise", 0)})
+        group.call(Rank.step, {1: ("raise", 0)})
     assert str(caught.value) == (f"student worker rank 1 on node {group.nodes[1]} failed in step: ValueError: "
                                  f"CUDA out of memory. Tried to allocate 2.00 GiB")
     group.shutdown()
@@ -83,7 +83,7 @@ def test_the_groups_line_names_rank_node_method_and_the_errors_last_line(local_r
 def test_the_groups_line_puts_the_dead_rank_first(local_ray):
     group = WorkerGroup("student", Rank, {}, world_size=2, num_cpus=0.5)
     with pytest.raises(WorkerError) as caught:
-        group.call("step", {0: ("peer", 0), 1: ("die", 0.5)})
+        group.call(Rank.step, {0: ("peer", 0), 1: ("die", 0.5)})
     line = str(caught.value)
     assert line.startswith(f"student worker rank 1 on node {group.nodes[1]} died during step: its process (pid "), line
     assert line.endswith("; rank 0 failed in step as a consequence: RuntimeError: [../gloo/transport/tcp/pair.cc:537] "

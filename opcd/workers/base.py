@@ -1,0 +1,48 @@
+"""What every model-holding worker sets up the same way: its torch threads, its device, the ranks'
+process group, the tokenizer, the model's placement (FSDP2 shards over several ranks, the whole model
+on this rank's device otherwise) and its memory readings. StudentWorker and FrozenModelWorker add
+what differs: the optimiser and the update, or the frozen scoring."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from opcd.models import load_causal_lm, load_tokenizer
+from opcd.runtime import gpu_memory
+from opcd.runtime.devices import worker_device
+from opcd.workers import distributed as D
+from opcd.workers.spec import WorkerSpec
+
+
+class ModelWorker:
+    def __init__(self, spec: WorkerSpec, rank: int = 0, world_size: int = 1, rendezvous=None):
+        torch.set_num_threads(spec.num_threads or os.cpu_count() or 1)
+        self.spec = spec
+        self.rank, self.world_size = rank, world_size
+        self.device = worker_device()
+        if world_size > 1:
+            D.init_process_group(rendezvous, rank, world_size, self.device, spec.cpu_offload)
+        self.tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.memory = gpu_memory.PhaseMemory()
+
+    def load_model(self, dtype: str) -> torch.nn.Module:
+        """The spec's model in `dtype`, on the host (placed by `place`)."""
+        return load_causal_lm(self.spec.model_path, dtype, self.spec.trust_remote_code, self.spec.attn_implementation)
+
+    def place(self, model: torch.nn.Module, mixed_dtype: torch.dtype | None = None,
+              activation_checkpointing: bool = False) -> torch.nn.Module:
+        """Shard `model` over the ranks (fully_shard moves the shards to the device, or keeps them on CPU
+        with offload), or move it whole to this rank's device."""
+        if self.world_size > 1:
+            D.shard(model, mixed_dtype, self.spec.cpu_offload, activation_checkpointing)
+        else:
+            model.to(self.device)
+        return model
+
+    def gpu_memory(self) -> dict[str, float]:
+        """Peak GPU memory since the previous call and the device's memory in use after each phase
+        (opcd/runtime/gpu_memory.py); {} on CPU."""
+        return {**gpu_memory.read_and_reset(), **self.memory.take()}
