@@ -1,25 +1,20 @@
-"""Two Ray nodes on one machine, each started with `ray start` from a folder of its own (a Ray worker's
-working folder is its node's, measured: so a relative path names a different place on each node),
-2 CPUs each, and a driver in a third folder: the driver's environment reaches every worker (secrets
-not through Ray's logs), a 2-rank run with a relative runs folder writes ONE run folder and resumes
-from it, and the loss of a node mid-step ends the run with one line naming the node and the last
-intact checkpoint.
+"""Two Ray nodes on one machine, each started from a folder of its own (a Ray worker's working folder is
+its node's, measured: so a relative path names a different place on each node), 2 CPUs each, and a
+driver in a third folder: the driver's environment reaches every worker (secrets not through Ray's
+logs), a 2-rank run with a relative runs folder writes ONE run folder and resumes from it, and the
+loss of a node mid-step ends the run with one line naming the node and the last intact checkpoint.
 
-The nodes are started without `--block` (measured: with it, the head's GCS died as soon as a second
-node joined on this machine) as leaders of their own sessions, and stopped by killing those sessions'
-processes: `ray stop` would stop every Ray instance on the machine, other runs' included.
+The nodes are started in-process by ray.cluster_utils, each from its own folder, as
+tests/workers/test_two_nodes_on_cpu.py does. Nodes started by `ray start` subprocesses (without
+`--block`: with it the head's GCS died when a second node joined) pass these tests in a fresh pytest
+process, but not after an earlier local Ray in the same process (it leaves RAY_AUTH_MODE=token and
+its token behind, and the new cluster's workers never start), which is how CI runs the suite.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,84 +25,35 @@ import ray
 from opcd.errors import WorkerError
 from opcd.workers.group import WorkerGroup
 from opcd.workers.shared_storage import check_shared_storage
-from tests.test_faults_on_cpu import _session, _wait_session_gone
 from tests.workers.test_placement import one_step_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PLAIN = ("OPCD_CLUSTER_PROBE", "plain-7c1e")
 SECRET = ("HF_TOKEN", "hf_secret_93d0a")
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-class Nodes:
-    def __init__(self, address: str, folders: dict[str, Path], sessions: list[int], temp_dir: Path):
-        self.address, self.folders, self.sessions, self.temp_dir = address, folders, sessions, temp_dir
-
-    def raylet_of_second_node(self) -> int:
-        return next(pid for pid, cmd in _session(self.sessions[1]).items() if "raylet/raylet" in cmd)
-
-    def second_node_id(self) -> str:
-        """The Ray node id of the second node (both nodes share an IP: told apart by the raylet's socket)."""
-        raylet = _session(self.sessions[1])[self.raylet_of_second_node()]
-        ray.init(address=self.address)
-        try:
-            found = [node["NodeID"] for node in ray.nodes()
-                     if node["Alive"] and f"--raylet_socket_name={node['RayletSocketName']} " in raylet + " "]
-        finally:
-            ray.shutdown()
-        assert len(found) == 1, (raylet, ray.nodes())
-        return found[0]
-
-
-def _ray_start(args: list[str], cwd: Path, env: dict, log: Path) -> int:
-    """Run `ray start ARGS` from `cwd` as a session leader; -> the session id its daemons stay in."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen([RAY, "start", *args, "--num-cpus=2", "--disable-usage-stats"], cwd=cwd, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    assert proc.wait(timeout=180) == 0, log.read_text()[-2000:]
-    return proc.pid
 
 
 @pytest.fixture
 def nodes(tmp_path, monkeypatch):
     """A head and a second node started from different folders; the test runs in a third one."""
+    from ray.cluster_utils import Cluster
+
     assert not ray.is_initialized()
     folders = {name: tmp_path / name for name in ("head", "node2", "driver")}
     for folder in folders.values():
         folder.mkdir()
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # no token to hand around between local nodes
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    env = dict(os.environ)
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        port = probe.getsockname()[1]
-    temp_dir = Path(tempfile.mkdtemp(prefix="opcd-ray-", dir="/tmp"))  # short: Ray's socket paths are limited
-    sessions: list[int] = []
+    monkeypatch.chdir(folders["head"])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    monkeypatch.chdir(folders["node2"])
+    second = cluster.add_node(num_cpus=2)
+    monkeypatch.chdir(folders["driver"])
+    cluster.wait_for_nodes()
+    cluster.folders, cluster.second = folders, second
     try:
-        sessions.append(_ray_start(["--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp_dir}"],
-                                   folders["head"], env, tmp_path / "head.log"))
-        address = f"{ray.util.get_node_ip_address()}:{port}"
-        sessions.append(_ray_start([f"--address={address}"], folders["node2"], env, tmp_path / "node2.log"))
-        monkeypatch.chdir(folders["driver"])
-        ray.init(address=address)
-        deadline = time.monotonic() + 120
-        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
-            assert time.monotonic() < deadline, "the second node did not join"
-            time.sleep(0.5)
-        ray.shutdown()  # each test connects itself (run_distill does)
-        yield Nodes(address, folders, sessions, temp_dir)
+        yield cluster
     finally:
         ray.shutdown()
-        for sid in sessions:
-            for pid in _session(sid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for sid in sessions:
-            assert _wait_session_gone(sid) == {}, "processes of a test's Ray node outlived it"
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        cluster.shutdown()
 
 
 class Probe:
@@ -136,7 +82,7 @@ def test_the_drivers_environment_reaches_every_worker_on_both_nodes(nodes, monke
     check_shared_storage(Path.cwd(), [group])  # one machine: every node sees the driver's folder
     group.shutdown()
 
-    logs = [p for p in nodes.temp_dir.rglob("*") if p.is_file() and not p.is_socket()]
+    logs = [p for p in Path(nodes.head_node.get_session_dir_path()).rglob("*") if p.is_file()]
     found = {value: [p.name for p in logs if value.encode() in p.read_bytes()] for value in (PLAIN[1], SECRET[1])}
     assert found[PLAIN[1]], "the plain variable's value should be in Ray's runtime_env log (the scan must see it)"
     assert found[SECRET[1]] == []
@@ -180,10 +126,9 @@ def test_losing_a_node_mid_step_names_the_node_and_the_last_checkpoint(nodes, ti
         while not (run_dir / "global_step_1" / "COMPLETE").exists():
             time.sleep(0.05)
         time.sleep(0.5)  # inside the next step
-        os.kill(nodes.raylet_of_second_node(), signal.SIGKILL)
+        nodes.second.all_processes["raylet"][0].process.kill()  # SIGKILL
         killed["at"] = time.monotonic()
 
-    lost = nodes.second_node_id()
     threading.Thread(target=kill_second_raylet, daemon=True).start()
     with pytest.raises(WorkerError) as caught:
         run_distill(load_config(overrides))
@@ -194,7 +139,8 @@ def test_losing_a_node_mid_step_names_the_node_and_the_last_checkpoint(nodes, ti
     # The rank on the lost node comes first. What Ray says about it depends on timing: the node's
     # workers may die with their raylet (a dead process, or one it cannot reach), or outlive it until
     # the node misses its health checks (a lost node).
-    assert re.fullmatch(r"(student|teacher) worker rank [01] on node \S+ \(.+, Ray node " + lost[:8] + r"\) died during "
+    lost = nodes.second.node_id[:8]
+    assert re.fullmatch(r"(student|teacher) worker rank [01] on node \S+ \(.+, Ray node " + lost + r"\) died during "
                         r"\w+: (its node left the Ray cluster|its process.* exited unexpectedly|it cannot be reached).*"
                         r"; last intact checkpoint: " + re.escape(str(run_dir)) + r"/global_step_\d+ "
                         r"\(run the same command to resume\)", line), line
