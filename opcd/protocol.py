@@ -38,6 +38,38 @@ def interleave_rows(shares: list[torch.Tensor | None]) -> torch.Tensor | None:
 
 
 @dataclass(frozen=True)
+class RowShare:
+    """Which rows of a batch a rank's share holds, and what the rank needs to run as many micro-batch
+    passes as the busiest rank without seeing the others' rows: every row's length (one int a row)."""
+
+    rank: int
+    world_size: int
+    lengths: list[int]  # prompt + response tokens of EVERY row of the whole batch
+
+    @property
+    def rows(self) -> list[int]:  # the batch's rows this share holds, in order (rank r of N: r, r + N, ...)
+        return list(range(self.rank, len(self.lengths), self.world_size))
+
+
+def share_lengths(prompts: list[list[int]], response_mask: torch.Tensor) -> list[int]:
+    return [len(p) + int(n) for p, n in zip(prompts, response_mask.sum(-1))]
+
+
+def _rows(tensor: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
+    return None if tensor is None else tensor[torch.tensor(rows, dtype=torch.long)]
+
+
+def _one_token_like(tensor: torch.Tensor | None, fill=0) -> torch.Tensor | None:
+    """[1, 1, ...] of `tensor`'s dtype and trailing shape: the filler of a rank that holds no row."""
+    return None if tensor is None else torch.full((1, 1, *tensor.shape[2:]), fill, dtype=tensor.dtype)
+
+
+def _compact_ids(ids: torch.Tensor | None) -> torch.Tensor | None:
+    """Token ids cross processes as int32 (half of int64's bytes; vocabularies are far below 2**31)."""
+    return None if ids is None else ids.to(torch.int32)
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
@@ -80,7 +112,7 @@ class TeacherScores:
 
     logprobs: torch.Tensor  # [B, T, K] float32
     entropy: torch.Tensor  # [B, T] float32, teacher entropy at each response position
-    support_ids: torch.Tensor  # [B, T, K] int64
+    support_ids: torch.Tensor  # [B, T, K] int64 (None from a rank that scored a support it was sent)
     support_mask: torch.Tensor | None = None  # [B, T, K] bool
 
     @classmethod
@@ -117,13 +149,65 @@ class UpdateBatch:
     prompt_ids: list[list[int]]  # B student prompts (no context), token ids
     response_ids: torch.Tensor  # [B, T]
     response_mask: torch.Tensor  # [B, T] bool
-    support_ids: torch.Tensor  # [B, T, K] int64 (K = 1 and the sampled token for k1/k2/k3/abs)
+    support_ids: torch.Tensor  # [B, T, K] int64, int32 in a rank's share (K = 1 and the sampled token for k1/k2/k3/abs)
     support_mask: torch.Tensor | None  # [B, T, K] bool, False on duplicate slots of a merged support
     teacher_logprobs: torch.Tensor  # [B, T, K]
     num_tokens: int  # response tokens in the WHOLE step (normaliser of the token mean across micro-batches)
     num_sequences: int
     loss_mask: torch.Tensor | None = None  # [B, T] bool, tokens trained on (None = response_mask)
+    share: RowShare | None = None  # None: the whole batch (each rank picks its rows); else one rank's rows
 
     @property
     def trained_mask(self) -> torch.Tensor:
         return self.response_mask if self.loss_mask is None else self.loss_mask
+
+    def rank_shares(self, world_size: int) -> list["UpdateBatch"]:
+        """One share per rank holding only that rank's rows (`WorkerGroup` puts each into the object
+        store once and hands it to its rank alone). The step-wide normalisers stay the whole batch's."""
+        lengths = share_lengths(self.prompt_ids, self.response_mask)
+        out = []
+        for rank in range(world_size):
+            share = RowShare(rank, world_size, lengths)
+            rows = share.rows
+            out.append(UpdateBatch([self.prompt_ids[i] for i in rows], _rows(self.response_ids, rows),
+                                   _rows(self.response_mask, rows), _compact_ids(_rows(self.support_ids, rows)),
+                                   _rows(self.support_mask, rows), _rows(self.teacher_logprobs, rows),
+                                   self.num_tokens, self.num_sequences, _rows(self.loss_mask, rows), share))
+        return out
+
+    def one_token(self) -> "UpdateBatch":
+        """A one-token sequence (a one-token prompt and response, id 0) for a rank whose share is empty
+        to run its passes with (weight 0): FSDP2's collectives need every rank's forward and backward."""
+        return UpdateBatch([[0]], _one_token_like(self.response_ids), _one_token_like(self.response_mask, True),
+                           _one_token_like(self.support_ids), _one_token_like(self.support_mask, True),
+                           _one_token_like(self.teacher_logprobs), self.num_tokens, self.num_sequences,
+                           _one_token_like(self.loss_mask, True), self.share)
+
+
+@dataclass
+class ScoreRequest:
+    """What the teacher scores: B teacher prompts (with context), the responses [B, T], the support
+    [B, T, K] (None = whole vocabulary) and how many of its own top-k to merge in (0 = none)."""
+
+    prompts: list[list[int]]
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    support_ids: torch.Tensor | None
+    merge_topk: int = 0
+    share: RowShare | None = None  # as UpdateBatch.share
+
+    def rank_shares(self, world_size: int) -> list["ScoreRequest"]:
+        lengths = share_lengths(self.prompts, self.response_mask)
+        out = []
+        for rank in range(world_size):
+            share = RowShare(rank, world_size, lengths)
+            rows = share.rows
+            out.append(ScoreRequest([self.prompts[i] for i in rows], _rows(self.response_ids, rows),
+                                    _rows(self.response_mask, rows), _compact_ids(_rows(self.support_ids, rows)),
+                                    self.merge_topk, share))
+        return out
+
+    def one_token(self) -> "ScoreRequest":
+        """As `UpdateBatch.one_token`, for the teacher's forward passes (collectives when sharded)."""
+        return ScoreRequest([[0]], _one_token_like(self.response_ids), _one_token_like(self.response_mask, True),
+                            _one_token_like(self.support_ids), self.merge_topk, self.share)

@@ -269,8 +269,8 @@ class _FakeTeacher:
     def call(self, method: str, *args):
         return [{}]  # a CPU worker: no reading
 
-    def gather(self, method: str, prompts, response_ids, response_mask, support, merge_topk):
-        b, t = response_ids.shape
+    def gather(self, method: str, request):
+        b, t = request.response_ids.shape
         return TeacherScores(torch.zeros(b, t, 4), torch.ones(b, t), torch.zeros(b, t, 4, dtype=torch.long))
 
 

@@ -141,6 +141,15 @@ def plan_rank_micro_batches(prompts: list[list[int]], response_mask: torch.Tenso
                               functools.partial(plan_micro_batches, lengths=lengths, size=size, token_budget=token_budget))
 
 
+def share_micro_batches(share, size: int, token_budget: int) -> tuple[list[list[int]], int]:
+    """`rank_micro_batches` for a rank that holds only its rows (`protocol.RowShare`): the same plan,
+    with the rows given as positions in the rank's share instead of the whole batch."""
+    plan = functools.partial(plan_micro_batches, lengths=share.lengths, size=size, token_budget=token_budget)
+    mine, steps = rank_micro_batches(len(share.lengths), share.rank, share.world_size, plan)
+    local = {row: position for position, row in enumerate(share.rows)}
+    return [[local[row] for row in micro] for micro in mine], steps
+
+
 def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values

@@ -14,6 +14,7 @@ import os
 import re
 
 import ray
+import torch
 from ray.exceptions import RayActorError, RayTaskError
 
 from opcd.runtime import devices
@@ -59,6 +60,9 @@ class WorkerGroup:
         self.name = name
         self.world_size = world_size
         self.ranks_per_engine = ranks_per_engine
+        # False: every rank gets every argument whole, by value (the data plane before rank shares; kept
+        # for benchmarks/dataplane.py to measure against)
+        self.scatter = True
         self._pad_id = None
         actor_cls = ray.remote(worker_cls)
         extra = {}
@@ -79,7 +83,19 @@ class WorkerGroup:
                  ", ".join(f"rank {rank}: {device}" for rank, device in enumerate(where)))
 
     def call(self, method: str, *args, **kwargs) -> list:
-        refs = [getattr(worker, method).remote(*args, **kwargs) for worker in self.workers]
+        """Run `method` on every rank. An argument with `rank_shares(world_size)` (`UpdateBatch`,
+        `ScoreRequest`) is split: each rank's share is put into the object store once and reaches that
+        rank alone. Any other argument is put once too (Ray would copy it into every call)."""
+        per_rank = [[] for _ in self.workers]
+        for arg in args:
+            if self.scatter and self.world_size > 1 and hasattr(arg, "rank_shares"):
+                for rank, share in enumerate(arg.rank_shares(self.world_size)):
+                    per_rank[rank].append(ray.put(share))
+            else:
+                ref = ray.put(arg) if self.scatter and self.world_size > 1 and _is_bulky(arg) else arg
+                for rank_args in per_rank:
+                    rank_args.append(ref)
+        refs = [getattr(worker, method).remote(*rank_args, **kwargs) for worker, rank_args in zip(self.workers, per_rank)]
         return [self._get(ref, rank, method) for rank, ref in enumerate(refs)]
 
     def gather(self, method: str, *args, **kwargs):
@@ -137,6 +153,11 @@ def shares(count: int, parts: int) -> list[tuple[int, int]]:
         bounds.append((start, end))
         start = end
     return bounds
+
+
+def _is_bulky(arg) -> bool:
+    """Worth one object-store copy instead of one copy per call: tensors and batches, not scalars."""
+    return isinstance(arg, (torch.Tensor, list, tuple, dict)) or hasattr(arg, "__dataclass_fields__")
 
 
 def _where(worker) -> str:
