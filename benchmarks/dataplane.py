@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's opcd, run from anywhere
@@ -37,13 +36,16 @@ class Sink:
     """A rank that measures what reaches it instead of training on it."""
 
     def __init__(self, rank: int = 0, world_size: int = 1, rendezvous=None):
-        self.rank = rank
+        self.rank, self.world_size = rank, world_size
 
     def update(self, batch: UpdateBatch) -> dict:
-        tensors = [batch.response_ids, batch.response_mask, batch.support_ids, batch.teacher_logprobs]
-        received = sum(t.numel() * t.element_size() for t in tensors if t is not None)
-        return {"rank": self.rank, "received_bytes": received, "rows": len(batch.prompt_ids),
-                "tokens": int(batch.response_mask.sum()), "padded_tokens": batch.response_mask.numel()}
+        received = payload_bytes(batch)
+        whole = batch.share is None  # the old path: this rank trains on rows rank, rank + N, ... of it
+        mask = batch.response_mask[self.rank::self.world_size] if whole else batch.response_mask
+        # padding share of the token-level tensors as they arrived (a share's are packed: none)
+        arrived = batch.teacher_logprobs.shape[0] * (batch.teacher_logprobs.shape[1] if whole else 1)
+        return {"rank": self.rank, "received_bytes": received, "rows": mask.shape[0], "tokens": int(mask.sum()),
+                "arrived_real_tokens": int(batch.response_mask.sum()), "arrived_token_slots": arrived}
 
 
 def long_tailed_lengths(count: int, longest: int, seed: int) -> torch.Tensor:
@@ -84,7 +86,7 @@ def measure(group: WorkerGroup, batch: UpdateBatch, scatter: bool) -> dict:
             "object_store_bytes": stored, "store_copies_of_real_payload": stored / real_bytes,
             "max_rank_received_bytes": max(r["received_bytes"] for r in ranks),
             "max_rank_share_of_real_bytes": max(r["received_bytes"] for r in ranks) / real_bytes,
-            "padding_share": 1 - sum(tokens) / sum(r["padded_tokens"] for r in ranks),
+            "padding_share": 1 - sum(r["arrived_real_tokens"] for r in ranks) / sum(r["arrived_token_slots"] for r in ranks),
             "max_over_mean_tokens": max(tokens) / (sum(tokens) / world), "ranks": ranks}
 
 

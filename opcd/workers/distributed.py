@@ -142,10 +142,10 @@ def plan_rank_micro_batches(prompts: list[list[int]], response_mask: torch.Tenso
 
 
 def share_micro_batches(share, size: int, token_budget: int) -> tuple[list[list[int]], int]:
-    """`rank_micro_batches` for a rank that holds only its rows (`protocol.RowShare`): the same plan,
-    with the rows given as positions in the rank's share instead of the whole batch."""
-    plan = functools.partial(plan_micro_batches, lengths=share.lengths, size=size, token_budget=token_budget)
-    mine, steps = rank_micro_batches(len(share.lengths), share.rank, share.world_size, plan)
+    """`rank_micro_batches` for a rank that holds only its rows (`protocol.RowShare`, a balanced
+    partition): every rank's plan, and this rank's with the rows given as positions in its share."""
+    plans = [plan_micro_batches(rows, share.lengths, size, token_budget) for rows in share.assignment]
+    mine, steps = plans[share.rank], max(1, max(len(p) for p in plans))
     local = {row: position for position, row in enumerate(share.rows)}
     return [[local[row] for row in micro] for micro in mine], steps
 

@@ -73,10 +73,9 @@ class FrozenModelWorker:
         them): `support_ids` None."""
         if not request.prompts:  # a rank with no row at all: its passes score a one-token sequence
             request = request.one_token()
+        request = request.unpacked()
         prompts, response_ids, response_mask = request.prompts, request.response_ids, request.response_mask
         support_ids, merge_topk = request.support_ids, request.merge_topk
-        if support_ids is not None:
-            support_ids = support_ids.long()  # int32 in transit
         parts = []
         # data parallel over ranks: every rank runs the same number of forward passes
         if request.share is not None:
@@ -100,7 +99,8 @@ class FrozenModelWorker:
         logprobs, entropy, ids, mask = (list(x) for x in zip(*parts))
         returned_ids = request.share is None or support_ids is None or merge_topk > 0
         return TeacherScores(torch.cat(logprobs), torch.cat(entropy), torch.cat(ids) if returned_ids else None,
-                             None if mask[0] is None else torch.cat(mask))
+                             None if mask[0] is None else torch.cat(mask),
+                             None if request.share is None else request.share.rows)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
         return self.rollout.generate(prompts, params, seed)

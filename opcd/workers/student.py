@@ -91,6 +91,7 @@ class StudentWorker:
         normalizer = batch.num_tokens if self.train.aggregation == "token_mean" else batch.num_sequences
         if batch.share is not None and not batch.prompt_ids:  # no row here: weight-0 passes on one token
             batch = batch.one_token()
+        batch = batch.unpacked()
         if batch.share is not None:  # the driver sent this rank's rows only
             mine, steps = D.share_micro_batches(batch.share, self.spec.micro_batch_size, self.spec.micro_batch_tokens)
         else:
@@ -125,7 +126,7 @@ class StudentWorker:
         trained = batch.trained_mask[index].to(**on_device)
         support_mask = None if batch.support_mask is None else batch.support_mask[index].to(**on_device)
         return self.scorer.loss(self.model, [batch.prompt_ids[i] for i in rows], batch.response_ids[index],
-                                batch.response_mask[index], trained, batch.support_ids[index].to(dtype=torch.long, **on_device),
+                                batch.response_mask[index], trained, batch.support_ids[index].to(**on_device),
                                 batch.teacher_logprobs[index].to(**on_device), support_mask, self.token_loss,
                                 self.train.aggregation, normalizer)
 
