@@ -49,6 +49,7 @@ class RowShare:
     rank: int
     world_size: int
     lengths: list[int]  # prompt + response tokens of EVERY row of the whole batch
+    pad_id: int = 0  # what fills the responses past their end (they travel packed, without it)
 
     @functools.cached_property
     def assignment(self) -> list[list[int]]:  # every rank's rows, in the batch's order
@@ -82,14 +83,19 @@ def pack_tokens(tensor: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor
     return None if tensor is None else tensor[mask]
 
 
-def unpack_tokens(packed: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
-    """Inverse of `pack_tokens`: [n, ...] -> [b, T, ...] with zeros (False) at the padding, which every
-    consumer masks out."""
+def unpack_tokens(packed: torch.Tensor | None, mask: torch.Tensor, fill=0) -> torch.Tensor | None:
+    """Inverse of `pack_tokens`: [n, ...] -> [b, T, ...] with `fill` (0 / False) at the padding, which
+    every consumer masks out."""
     if packed is None:
         return None
-    out = packed.new_zeros((*mask.shape, *packed.shape[1:]))
+    out = packed.new_full((*mask.shape, *packed.shape[1:]), fill)
     out[mask] = packed
     return out
+
+
+def _pad_value(response_ids: torch.Tensor, response_mask: torch.Tensor) -> int:
+    padding = response_ids[~response_mask.bool()]
+    return int(padding[0]) if padding.numel() else 0
 
 
 def _compact_ids(ids: torch.Tensor | None) -> torch.Tensor | None:
@@ -201,12 +207,14 @@ class UpdateBatch:
         """One share per rank holding only that rank's rows (`WorkerGroup` puts each into the object
         store once and hands it to its rank alone). The step-wide normalisers stay the whole batch's."""
         lengths = share_lengths(self.prompt_ids, self.response_mask)
+        pad_id = _pad_value(self.response_ids, self.response_mask)
         out = []
         for rank in range(world_size):
-            share = RowShare(rank, world_size, lengths)
+            share = RowShare(rank, world_size, lengths, pad_id)
             rows = share.rows
             mask = _rows(self.response_mask, rows)
-            out.append(UpdateBatch([self.prompt_ids[i] for i in rows], _rows(self.response_ids, rows), mask,
+            out.append(UpdateBatch([self.prompt_ids[i] for i in rows],
+                                   pack_tokens(_compact_ids(_rows(self.response_ids, rows)), mask), mask,
                                    pack_tokens(_compact_ids(_rows(self.support_ids, rows)), mask),
                                    pack_tokens(_rows(self.support_mask, rows), mask),
                                    pack_tokens(_rows(self.teacher_logprobs, rows), mask),
@@ -219,14 +227,15 @@ class UpdateBatch:
         if self.share is None:
             return self
         mask = self.response_mask
-        return UpdateBatch(self.prompt_ids, self.response_ids, mask, unpack_tokens(self.support_ids, mask).long(),
+        response_ids = unpack_tokens(self.response_ids, mask, self.share.pad_id).long()
+        return UpdateBatch(self.prompt_ids, response_ids, mask, unpack_tokens(self.support_ids, mask).long(),
                            unpack_tokens(self.support_mask, mask), unpack_tokens(self.teacher_logprobs, mask),
                            self.num_tokens, self.num_sequences, self.loss_mask, self.share)
 
     def one_token(self) -> "UpdateBatch":
         """A one-token sequence (a one-token prompt and response, id 0) for a rank whose share is empty
         to run its passes with (weight 0): FSDP2's collectives need every rank's forward and backward."""
-        return UpdateBatch([[0]], _one_token_like(self.response_ids), _one_token_like(self.response_mask, True),
+        return UpdateBatch([[0]], _one_token_like(self.response_ids, 0, True), _one_token_like(self.response_mask, True),
                            _one_token_like(self.support_ids, 0, True), _one_token_like(self.support_mask, True, True),
                            _one_token_like(self.teacher_logprobs, 0, True), self.num_tokens, self.num_sequences,
                            _one_token_like(self.loss_mask, True), self.share)
@@ -246,24 +255,28 @@ class ScoreRequest:
 
     def rank_shares(self, world_size: int) -> list["ScoreRequest"]:
         lengths = share_lengths(self.prompts, self.response_mask)
+        pad_id = _pad_value(self.response_ids, self.response_mask)
         out = []
         for rank in range(world_size):
-            share = RowShare(rank, world_size, lengths)
+            share = RowShare(rank, world_size, lengths, pad_id)
             rows = share.rows
             mask = _rows(self.response_mask, rows)
-            out.append(ScoreRequest([self.prompts[i] for i in rows], _rows(self.response_ids, rows), mask,
+            out.append(ScoreRequest([self.prompts[i] for i in rows],
+                                    pack_tokens(_compact_ids(_rows(self.response_ids, rows)), mask), mask,
                                     pack_tokens(_compact_ids(_rows(self.support_ids, rows)), mask),
                                     self.merge_topk, share))
         return out
 
     def unpacked(self) -> "ScoreRequest":
         """As `UpdateBatch.unpacked`."""
-        if self.share is None or self.support_ids is None:
+        if self.share is None:
             return self
-        support = unpack_tokens(self.support_ids, self.response_mask).long()
-        return ScoreRequest(self.prompts, self.response_ids, self.response_mask, support, self.merge_topk, self.share)
+        support = None if self.support_ids is None else unpack_tokens(self.support_ids, self.response_mask).long()
+        response_ids = unpack_tokens(self.response_ids, self.response_mask, self.share.pad_id).long()
+        return ScoreRequest(self.prompts, response_ids, self.response_mask, support, self.merge_topk, self.share)
 
     def one_token(self) -> "ScoreRequest":
         """As `UpdateBatch.one_token`, for the teacher's forward passes (collectives when sharded)."""
-        return ScoreRequest([[0]], _one_token_like(self.response_ids), _one_token_like(self.response_mask, True),
+        return ScoreRequest([[0]], _one_token_like(self.response_ids, 0, True),
+                            _one_token_like(self.response_mask, True),
                             _one_token_like(self.support_ids, 0, True), self.merge_topk, self.share)

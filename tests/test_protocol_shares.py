@@ -15,7 +15,8 @@ def _batch(rows=7, width=9, k=4, seed=0):
     lengths = torch.randint(1, width + 1, (rows,), generator=g)
     mask = torch.arange(width)[None] < lengths[:, None]
     prompts = [list(range(int(n))) for n in torch.randint(1, 6, (rows,), generator=g)]
-    return UpdateBatch(prompts, torch.randint(0, 1000, (rows, width), generator=g), mask,
+    responses = torch.randint(0, 1000, (rows, width), generator=g).masked_fill(~mask, 7)  # pad id 7
+    return UpdateBatch(prompts, responses, mask,
                        torch.randint(0, 1000, (rows, width, k), generator=g), None, torch.randn(rows, width, k),
                        int(mask.sum()), rows)
 
@@ -30,7 +31,7 @@ def test_each_share_holds_its_real_tokens_only_with_int32_ids():
         assert share.support_ids.dtype == torch.int32 and share.support_ids.shape == (int(mask.sum()), 4)
         assert (share.num_tokens, share.num_sequences) == (batch.num_tokens, batch.num_sequences)  # global normalisers
         whole = share.unpacked()  # what the rank's loss sees: the rows, padded again, zero at the padding
-        assert whole.support_ids.dtype == torch.long
+        assert whole.support_ids.dtype == torch.long and torch.equal(whole.response_ids, batch.response_ids[rows])
         assert torch.equal(whole.support_ids[mask], batch.support_ids[rows][mask])
         assert torch.equal(whole.teacher_logprobs[mask], batch.teacher_logprobs[rows][mask])
         assert not whole.teacher_logprobs[~mask].any()
@@ -76,7 +77,7 @@ def test_an_empty_share_runs_on_one_token():
     idle = batch.rank_shares(2)[1]
     assert idle.prompt_ids == [] and idle.teacher_logprobs.shape[0] == 0
     filler = idle.one_token()
-    assert filler.response_ids.shape == (1, 1) and filler.unpacked().support_ids.shape == (1, 1, 4)
+    assert filler.unpacked().response_ids.shape == (1, 1) and filler.unpacked().support_ids.shape == (1, 1, 4)
     assert share_micro_batches(filler.share, 1, 0) == ([], 1)  # one pass, no row of its own
     request = ScoreRequest(batch.prompt_ids, batch.response_ids, batch.response_mask, None).rank_shares(2)[1]
     assert request.one_token().response_mask.tolist() == [[True]]
