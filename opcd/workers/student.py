@@ -75,7 +75,9 @@ class StudentWorker:
         if isinstance(self.rollout, HFRollout):
             return
         # every rank's engine gets the full weights, gathered tensor by tensor on every rank
-        self.rollout.sync_weights(D.full_tensors(self.model) if self.world_size > 1 else self.model.state_dict().items())
+        # (in the engine's dtype: each rank casts its shard before the gather)
+        self.rollout.sync_weights(D.full_tensors(self.model, getattr(torch, self.spec.dtype))
+                                  if self.world_size > 1 else self.model.state_dict().items())
 
     def gpu_memory(self) -> dict[str, float]:
         """Peak GPU memory since the previous call (opcd/runtime/gpu_memory.py); {} on CPU."""
