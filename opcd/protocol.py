@@ -9,10 +9,13 @@ them: `response_mask` covers all of it (attention), `loss_mask` only the model's
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from opcd.data.partition import balanced_rows
 
 
 @runtime_checkable
@@ -35,6 +38,69 @@ def interleave_rows(shares: list[torch.Tensor | None]) -> torch.Tensor | None:
     for rank, share in enumerate(shares):
         out[rank::len(shares)] = share
     return out
+
+
+@dataclass(frozen=True)
+class RowShare:
+    """Which rows of a batch a rank's share holds, and what the rank needs to run as many micro-batch
+    passes as the busiest rank without seeing the others' rows: every row's length (one int a row).
+    The rows are a balanced partition by length (opcd.data.partition), which every rank computes alike."""
+
+    rank: int
+    world_size: int
+    lengths: list[int]  # prompt + response tokens of EVERY row of the whole batch
+    pad_id: int = 0  # what fills the responses past their end (they travel packed, without it)
+
+    @functools.cached_property
+    def assignment(self) -> list[list[int]]:  # every rank's rows, in the batch's order
+        return balanced_rows(self.lengths, self.world_size)
+
+    @property
+    def rows(self) -> list[int]:  # the batch's rows this share holds, in the batch's order
+        return self.assignment[self.rank]
+
+
+def share_lengths(prompts: list[list[int]], response_mask: torch.Tensor) -> list[int]:
+    return [len(p) + int(n) for p, n in zip(prompts, response_mask.sum(-1))]
+
+
+def _rows(tensor: torch.Tensor | None, rows: list[int]) -> torch.Tensor | None:
+    return None if tensor is None else tensor[torch.tensor(rows, dtype=torch.long)]
+
+
+def _one_token_like(tensor: torch.Tensor | None, fill=0, packed: bool = False) -> torch.Tensor | None:
+    """The filler of a rank that holds no row, of `tensor`'s dtype and per-token shape: [1, 1, ...] for
+    a [b, T, ...] tensor, [1, ...] for a packed [n, ...] one."""
+    if tensor is None:
+        return None
+    shape = (1, *tensor.shape[1:]) if packed else (1, 1, *tensor.shape[2:])
+    return torch.full(shape, fill, dtype=tensor.dtype)
+
+
+def pack_tokens(tensor: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
+    """[b, T, ...] -> [real tokens, ...]: the positions where `mask` [b, T] is True, row after row.
+    Padding never travels; `unpack_tokens` with the same mask restores the padded layout."""
+    return None if tensor is None else tensor[mask]
+
+
+def unpack_tokens(packed: torch.Tensor | None, mask: torch.Tensor, fill=0) -> torch.Tensor | None:
+    """Inverse of `pack_tokens`: [n, ...] -> [b, T, ...] with `fill` (0 / False) at the padding, which
+    every consumer masks out."""
+    if packed is None:
+        return None
+    out = packed.new_full((*mask.shape, *packed.shape[1:]), fill)
+    out[mask] = packed
+    return out
+
+
+def _pad_value(response_ids: torch.Tensor, response_mask: torch.Tensor) -> int:
+    padding = response_ids[~response_mask.bool()]
+    return int(padding[0]) if padding.numel() else 0
+
+
+def _compact_ids(ids: torch.Tensor | None) -> torch.Tensor | None:
+    """Token ids cross processes as int32 (half of int64's bytes; vocabularies are far below 2**31)."""
+    return None if ids is None else ids.to(torch.int32)
 
 
 @dataclass(frozen=True)
@@ -80,13 +146,20 @@ class TeacherScores:
 
     logprobs: torch.Tensor  # [B, T, K] float32
     entropy: torch.Tensor  # [B, T] float32, teacher entropy at each response position
-    support_ids: torch.Tensor  # [B, T, K] int64
+    support_ids: torch.Tensor  # [B, T, K] int64 (None from a rank that scored a support it was sent)
     support_mask: torch.Tensor | None = None  # [B, T, K] bool
+    rows: list[int] | None = None  # a rank's answer to a share: the batch's rows it holds (else r, r + N, ...)
 
     @classmethod
     def from_rank_shares(cls, shares: list["TeacherScores"]) -> "TeacherScores":
-        return cls(*(interleave_rows([getattr(s, name) for s in shares])
-                     for name in ("logprobs", "entropy", "support_ids", "support_mask")))
+        names = ("logprobs", "entropy", "support_ids", "support_mask")
+        if shares[0].rows is None:
+            return cls(*(interleave_rows([getattr(s, name) for s in shares]) for name in names))
+        order = torch.tensor([row for s in shares for row in s.rows], dtype=torch.long)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        return cls(*(None if getattr(shares[0], name) is None else
+                     torch.cat([getattr(s, name) for s in shares])[inverse] for name in names))
 
 
 @dataclass(frozen=True)
@@ -117,13 +190,93 @@ class UpdateBatch:
     prompt_ids: list[list[int]]  # B student prompts (no context), token ids
     response_ids: torch.Tensor  # [B, T]
     response_mask: torch.Tensor  # [B, T] bool
-    support_ids: torch.Tensor  # [B, T, K] int64 (K = 1 and the sampled token for k1/k2/k3/abs)
+    # token-level tensors [B, T, K]; in a rank's share packed [real tokens, K] (`unpacked` pads them back)
+    support_ids: torch.Tensor  # [B, T, K] int64, int32 in a share (K = 1 and the sampled token for k1/k2/k3/abs)
     support_mask: torch.Tensor | None  # [B, T, K] bool, False on duplicate slots of a merged support
     teacher_logprobs: torch.Tensor  # [B, T, K]
     num_tokens: int  # response tokens in the WHOLE step (normaliser of the token mean across micro-batches)
     num_sequences: int
     loss_mask: torch.Tensor | None = None  # [B, T] bool, tokens trained on (None = response_mask)
+    share: RowShare | None = None  # None: the whole batch (each rank picks its rows); else one rank's rows
 
     @property
     def trained_mask(self) -> torch.Tensor:
         return self.response_mask if self.loss_mask is None else self.loss_mask
+
+    def rank_shares(self, world_size: int) -> list["UpdateBatch"]:
+        """One share per rank holding only that rank's rows (`WorkerGroup` puts each into the object
+        store once and hands it to its rank alone). The step-wide normalisers stay the whole batch's."""
+        lengths = share_lengths(self.prompt_ids, self.response_mask)
+        pad_id = _pad_value(self.response_ids, self.response_mask)
+        out = []
+        for rank in range(world_size):
+            share = RowShare(rank, world_size, lengths, pad_id)
+            rows = share.rows
+            mask = _rows(self.response_mask, rows)
+            out.append(UpdateBatch([self.prompt_ids[i] for i in rows],
+                                   pack_tokens(_compact_ids(_rows(self.response_ids, rows)), mask), mask,
+                                   pack_tokens(_compact_ids(_rows(self.support_ids, rows)), mask),
+                                   pack_tokens(_rows(self.support_mask, rows), mask),
+                                   pack_tokens(_rows(self.teacher_logprobs, rows), mask),
+                                   self.num_tokens, self.num_sequences, _rows(self.loss_mask, rows), share))
+        return out
+
+    def unpacked(self) -> "UpdateBatch":
+        """A rank's share (token-level tensors packed [n, K]) with those tensors padded back to [b, T, K]
+        and the ids int64, as the loss takes them; the whole batch as it is."""
+        if self.share is None:
+            return self
+        mask = self.response_mask
+        response_ids = unpack_tokens(self.response_ids, mask, self.share.pad_id).long()
+        return UpdateBatch(self.prompt_ids, response_ids, mask, unpack_tokens(self.support_ids, mask).long(),
+                           unpack_tokens(self.support_mask, mask), unpack_tokens(self.teacher_logprobs, mask),
+                           self.num_tokens, self.num_sequences, self.loss_mask, self.share)
+
+    def one_token(self) -> "UpdateBatch":
+        """A one-token sequence (a one-token prompt and response, id 0) for a rank whose share is empty
+        to run its passes with (weight 0): FSDP2's collectives need every rank's forward and backward."""
+        return UpdateBatch([[0]], _one_token_like(self.response_ids, 0, True), _one_token_like(self.response_mask, True),
+                           _one_token_like(self.support_ids, 0, True), _one_token_like(self.support_mask, True, True),
+                           _one_token_like(self.teacher_logprobs, 0, True), self.num_tokens, self.num_sequences,
+                           _one_token_like(self.loss_mask, True), self.share)
+
+
+@dataclass
+class ScoreRequest:
+    """What the teacher scores: B teacher prompts (with context), the responses [B, T], the support
+    [B, T, K] (None = whole vocabulary) and how many of its own top-k to merge in (0 = none)."""
+
+    prompts: list[list[int]]
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    support_ids: torch.Tensor | None
+    merge_topk: int = 0
+    share: RowShare | None = None  # as UpdateBatch.share
+
+    def rank_shares(self, world_size: int) -> list["ScoreRequest"]:
+        lengths = share_lengths(self.prompts, self.response_mask)
+        pad_id = _pad_value(self.response_ids, self.response_mask)
+        out = []
+        for rank in range(world_size):
+            share = RowShare(rank, world_size, lengths, pad_id)
+            rows = share.rows
+            mask = _rows(self.response_mask, rows)
+            out.append(ScoreRequest([self.prompts[i] for i in rows],
+                                    pack_tokens(_compact_ids(_rows(self.response_ids, rows)), mask), mask,
+                                    pack_tokens(_compact_ids(_rows(self.support_ids, rows)), mask),
+                                    self.merge_topk, share))
+        return out
+
+    def unpacked(self) -> "ScoreRequest":
+        """As `UpdateBatch.unpacked`."""
+        if self.share is None:
+            return self
+        support = None if self.support_ids is None else unpack_tokens(self.support_ids, self.response_mask).long()
+        response_ids = unpack_tokens(self.response_ids, self.response_mask, self.share.pad_id).long()
+        return ScoreRequest(self.prompts, response_ids, self.response_mask, support, self.merge_topk, self.share)
+
+    def one_token(self) -> "ScoreRequest":
+        """As `UpdateBatch.one_token`, for the teacher's forward passes (collectives when sharded)."""
+        return ScoreRequest([[0]], _one_token_like(self.response_ids, 0, True),
+                            _one_token_like(self.response_mask, True),
+                            _one_token_like(self.support_ids, 0, True), self.merge_topk, self.share)

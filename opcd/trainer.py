@@ -29,7 +29,7 @@ from opcd.runs.checkpoint import has_optimizer, read_trainer_state, resumable_ch
 from opcd.config import LossConfig, TrainerConfig
 from opcd.errors import TrainingError
 from opcd.loss.objective import uses_sampled_token
-from opcd.protocol import Generation, RolloutBatch, SamplingParams, TeacherScores, UpdateBatch
+from opcd.protocol import Generation, RolloutBatch, SamplingParams, ScoreRequest, TeacherScores, UpdateBatch
 from opcd.runs.folder import disk_full_as_enospc
 from opcd.data.seeds import step_seed
 from opcd.runs.tracking import Tracker
@@ -102,8 +102,13 @@ class Trainer:
         if self.teacher is None:
             support = self._support(generation)
             return TeacherScores(torch.zeros(support.shape), torch.zeros(generation.response_ids.shape), support)
-        return self.teacher.gather(FrozenModelWorker.score, batch.teacher_prompts, generation.response_ids,
-                                   generation.response_mask, self._support(generation), self._merge_topk())
+        support = self._support(generation)
+        scores = self.teacher.gather(FrozenModelWorker.score_request, ScoreRequest(batch.teacher_prompts, generation.response_ids,
+                                                                    generation.response_mask, support,
+                                                                    self._merge_topk()))
+        if scores.support_ids is None:  # not merged: the ranks left the ids we sent them out of their answer
+            scores.support_ids = support
+        return scores
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
         return self.student.generate(prompts, params, seed)

@@ -344,8 +344,8 @@ class _FakeTeacher:
     def call(self, method, *args):
         return [{}]  # a CPU worker: no reading
 
-    def gather(self, method, prompts, response_ids, response_mask, support, merge_topk):
-        b, t = response_ids.shape
+    def gather(self, method, request):
+        b, t = request.response_ids.shape
         return TeacherScores(torch.zeros(b, t, 4), torch.ones(b, t), torch.zeros(b, t, 4, dtype=torch.long))
 
 

@@ -29,7 +29,7 @@ from opcd.config import DistillConfig
 from opcd.errors import ConfigError, DataError
 from opcd.pipelines.distill import run_distill
 from opcd.pipelines.run_setup import Prepared, frozen_model_group, prepare
-from opcd.protocol import Generation, RolloutBatch, SamplingParams, TeacherScores
+from opcd.protocol import Generation, RolloutBatch, SamplingParams, ScoreRequest, TeacherScores
 from opcd.data.seeds import step_seed
 from opcd.runs.shards import Shard, ShardReader, ShardWriter, tokenizer_fingerprint
 from opcd.domains.sources import PromptSource
@@ -96,7 +96,11 @@ def run_offpolicy_generate(cfg: DistillConfig) -> dict:
 
 def _teacher_logprobs(teacher, batch: RolloutBatch) -> TeacherScores:
     g = batch.generation
-    return teacher.gather(FrozenModelWorker.score, batch.teacher_prompts, g.response_ids, g.response_mask, g.topk_ids, 0)
+    scores = teacher.gather(FrozenModelWorker.score_request, ScoreRequest(batch.teacher_prompts, g.response_ids, g.response_mask,
+                                                          g.topk_ids, 0))
+    if scores.support_ids is None:  # the ranks leave the ids we sent out of their answer
+        scores.support_ids = g.topk_ids
+    return scores
 
 
 def _shard(step: int, batch: RolloutBatch, scores: TeacherScores) -> Shard:

@@ -152,6 +152,15 @@ def plan_rank_micro_batches(prompts: list[list[int]], response_mask: torch.Tenso
                               functools.partial(plan_micro_batches, lengths=lengths, size=size, token_budget=token_budget))
 
 
+def share_micro_batches(share, size: int, token_budget: int) -> tuple[list[list[int]], int]:
+    """`rank_micro_batches` for a rank that holds only its rows (`protocol.RowShare`, a balanced
+    partition): every rank's plan, and this rank's with the rows given as positions in its share."""
+    plans = [plan_micro_batches(rows, share.lengths, size, token_budget) for rows in share.assignment]
+    mine, steps = plans[share.rank], max(1, max(len(p) for p in plans))
+    local = {row: position for position, row in enumerate(share.rows)}
+    return [[local[row] for row in micro] for micro in mine], steps
+
+
 def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values
@@ -171,14 +180,17 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
 
 def full_tensors(model, dtype: torch.dtype | None = None):
     """Every rank: (name, full tensor) for each entry of the sharded model's state dict, gathered one at
-    a time (`DTensor.full_tensor`, an all-gather) on the compute device and cast to `dtype`. A generator:
+    a time (`DTensor.full_tensor`, an all-gather) on the compute device, floating ones cast to `dtype`
+    before the gather. A generator:
     a consumer that loads each tensor before taking the next (vLLM's weight loader) never holds more
     than one gathered tensor beyond its own copy of the model. Every rank must consume it whole, in
     order."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     release(model)  # the state dict must hold the sharded parameters, not a forward's gathered root
     for name, value in model.state_dict().items():
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)  # cast the shard, then gather: half the bytes of fp32 masters, same result
         if hasattr(value, "full_tensor"):
             value = value.to(device).full_tensor()  # CPU-offloaded shards: NCCL gathers device tensors
-        yield name, value.detach().to(dtype or value.dtype)
+        yield name, value.detach()
 

@@ -22,7 +22,7 @@ import gc
 import torch
 
 from opcd.runtime import gpu_memory
-from opcd.protocol import Generation, SamplingParams, TeacherScores
+from opcd.protocol import Generation, SamplingParams, ScoreRequest, TeacherScores
 from opcd.rollout.engines import make_rollout
 from opcd.workers import distributed as D
 from opcd.workers.base import ModelWorker
@@ -49,13 +49,30 @@ class FrozenModelWorker(ModelWorker):
         or None for the whole vocabulary; merge_topk > 0 adds the model's own top-k to the support.
         With several ranks: this rank's share (rows r, r + N, ...; None when it has none), which
         `TeacherScores.from_rank_shares` puts back in order."""
+        return self.score_request(ScoreRequest(prompts, response_ids, response_mask, support_ids, merge_topk))
+
+    @torch.no_grad()
+    def score_request(self, request: ScoreRequest) -> TeacherScores | None:
+        """`score` of a request holding the whole batch or (request.share) this rank's rows only. The
+        support's ids come back only when the teacher's top-k was merged into it (else the driver has
+        them): `support_ids` None."""
+        if not request.prompts:  # a rank with no row at all: its passes score a one-token sequence
+            request = request.one_token()
+        request = request.unpacked()
+        prompts, response_ids, response_mask = request.prompts, request.response_ids, request.response_mask
+        support_ids, merge_topk = request.support_ids, request.merge_topk
         parts = []
         # data parallel over ranks: every rank runs the same number of forward passes
-        mine, steps = D.plan_rank_micro_batches(prompts, response_mask, self.rank, self.world_size,
-                                                self.spec.micro_batch_size, self.spec.micro_batch_tokens)
+        if request.share is not None:
+            mine, steps = D.share_micro_batches(request.share, self.spec.micro_batch_size,
+                                                self.spec.micro_batch_tokens)
+        else:
+            mine, steps = D.plan_rank_micro_batches(prompts, response_mask, self.rank, self.world_size,
+                                                    self.spec.micro_batch_size, self.spec.micro_batch_tokens)
         for step in range(steps):
             rows = mine[step] if step < len(mine) else []
-            index = torch.tensor(rows or [0], dtype=torch.long)  # a padding pass: this rank has no rows left
+            # a padding pass when this rank has no rows left (row 0 of the batch or of its share)
+            index = torch.tensor(rows or [0], dtype=torch.long)
             scores = self.scorer.score(self.model, [prompts[i] for i in index.tolist()], response_ids[index],
                                        response_mask[index], None if support_ids is None else support_ids[index],
                                        merge_topk)
@@ -67,8 +84,10 @@ class FrozenModelWorker(ModelWorker):
         if not parts:  # more ranks than sequences
             return None
         logprobs, entropy, ids, mask = (list(x) for x in zip(*parts))
-        return TeacherScores(torch.cat(logprobs), torch.cat(entropy), torch.cat(ids),
-                             None if mask[0] is None else torch.cat(mask))
+        returned_ids = request.share is None or support_ids is None or merge_topk > 0
+        return TeacherScores(torch.cat(logprobs), torch.cat(entropy), torch.cat(ids) if returned_ids else None,
+                             None if mask[0] is None else torch.cat(mask),
+                             None if request.share is None else request.share.rows)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
         if self.rollout is None:

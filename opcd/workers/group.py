@@ -18,6 +18,7 @@ import re
 import socket
 
 import ray
+import torch
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from opcd.runtime import devices, envforward, faults
@@ -65,6 +66,9 @@ class WorkerGroup:
         self.worker_cls = worker_cls
         self.world_size = world_size
         self.ranks_per_engine = ranks_per_engine
+        # False: every rank gets every argument whole, by value (the data plane before rank shares; kept
+        # for benchmarks/dataplane.py to measure against)
+        self.scatter = True
         self._pad_id = None
         env, secret_env = envforward.split_secrets(envforward.forwarded())
         actor_cls = faults.with_fault(worker_cls, name)
@@ -94,10 +98,22 @@ class WorkerGroup:
                  envforward.describe({**env, **secret_env}))
 
     def call(self, method, *args, **kwargs) -> list:
-        """`method`: a function of the worker class (`StudentWorker.save`); Ray's own actor methods
-        (`__ray_ready__`, `__ray_call__`) by name."""
+        """Run `method`, a function of the worker class (`StudentWorker.save`; Ray's own actor methods
+        `__ray_ready__`, `__ray_call__` by name), on every rank. An argument with
+        `rank_shares(world_size)` (`UpdateBatch`, `ScoreRequest`) is split: each rank's share is put into
+        the object store once and reaches that rank alone. Any other bulky argument is put once too (Ray
+        would copy it into every call)."""
         name = self._method_name(method)
-        refs = [getattr(worker, name).remote(*args, **kwargs) for worker in self.workers]
+        per_rank = [[] for _ in self.workers]
+        for arg in args:
+            if self.scatter and self.world_size > 1 and hasattr(arg, "rank_shares"):
+                for rank, share in enumerate(arg.rank_shares(self.world_size)):
+                    per_rank[rank].append(ray.put(share))
+            else:
+                ref = ray.put(arg) if self.scatter and self.world_size > 1 and _is_bulky(arg) else arg
+                for rank_args in per_rank:
+                    rank_args.append(ref)
+        refs = [getattr(worker, name).remote(*rank_args, **kwargs) for worker, rank_args in zip(self.workers, per_rank)]
         return self._wait(refs, name)
 
     def _method_name(self, method) -> str:
@@ -181,6 +197,11 @@ def shares(count: int, parts: int) -> list[tuple[int, int]]:
         bounds.append((start, end))
         start = end
     return bounds
+
+
+def _is_bulky(arg) -> bool:
+    """Worth one object-store copy instead of one copy per call: tensors and batches, not scalars."""
+    return isinstance(arg, (torch.Tensor, list, tuple, dict)) or hasattr(arg, "__dataclass_fields__")
 
 
 def _where(worker) -> str:

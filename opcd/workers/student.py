@@ -70,7 +70,9 @@ class StudentWorker(ModelWorker):
             return
         self.rollout.wake_weights()
         # every rank's engine gets the full weights, gathered tensor by tensor on every rank
-        self.rollout.sync_weights(D.full_tensors(self.model) if self.world_size > 1 else self.model.state_dict().items())
+        # (in the engine's dtype: each rank casts its shard before the gather)
+        self.rollout.sync_weights(D.full_tensors(self.model, getattr(torch, self.spec.dtype))
+                                  if self.world_size > 1 else self.model.state_dict().items())
         gpu_memory.release_cached()  # the gather's buffers: the KV cache is allocated outside PyTorch's cache
         self.rollout.wake_cache()
         self.memory.mark("sync")
@@ -81,8 +83,15 @@ class StudentWorker(ModelWorker):
         self.optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "entropy": 0.0, "student_mass": 0.0, "teacher_mass": 0.0}
         normalizer = batch.num_tokens if self.train.aggregation == "token_mean" else batch.num_sequences
-        mine, steps = D.plan_rank_micro_batches(batch.prompt_ids, batch.response_mask, self.rank, self.world_size,
-                                                self.spec.micro_batch_size, self.spec.micro_batch_tokens)
+        if batch.share is not None and not batch.prompt_ids:  # no row here: weight-0 passes on one token
+            batch = batch.one_token()
+        batch = batch.unpacked()
+        if batch.share is not None:  # the driver sent this rank's rows only
+            mine, steps = D.share_micro_batches(batch.share, self.spec.micro_batch_size, self.spec.micro_batch_tokens)
+        else:
+            mine, steps = D.plan_rank_micro_batches(batch.prompt_ids, batch.response_mask, self.rank,
+                                                    self.world_size, self.spec.micro_batch_size,
+                                                    self.spec.micro_batch_tokens)
         for index in range(steps):
             chunk = mine[index] if index < len(mine) else []
             weight = 1.0 if chunk else 0.0  # a rank short of data still joins the collectives

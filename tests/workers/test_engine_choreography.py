@@ -78,7 +78,7 @@ def test_one_step_generates_sleeps_scores_updates_frees_and_wakes_in_stages(
 
     real_release = gpu_memory.release_cached
     monkeypatch.setattr(gpu_memory, "release_cached", lambda: (calls.append("free"), real_release()))
-    score, update = teacher.score, student.update
+    score, update = teacher.score_request, student.update
 
     def recorded_score(*args, **kwargs):
         calls.append("score")
@@ -89,7 +89,7 @@ def test_one_step_generates_sleeps_scores_updates_frees_and_wakes_in_stages(
         stats = update(batch)
         calls.append(f"grads left: {sum(p.grad is not None for p in student.model.parameters())}")
         return stats
-    monkeypatch.setattr(teacher, "score", recorded_score)
+    monkeypatch.setattr(teacher, "score_request", recorded_score)
     monkeypatch.setattr(student, "update", recorded_update)
 
     examples = [Example({"i": i}, s, t) for i, (s, t) in enumerate(zip(prompts, teacher_prompts))]
