@@ -25,7 +25,8 @@ from pathlib import Path
 
 from opcd.runs.checkpoint import complete_steps, step_dir, write_text_atomic
 from opcd.config import DistillConfig, validate
-from opcd.errors import ConfigError
+from opcd.data.files import read_json
+from opcd.errors import ConfigError, DataError
 from opcd.runs.results import best_k_mean
 from opcd.runs.export import model_folder
 from opcd.models import load_tokenizer, resolve_model
@@ -81,8 +82,9 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig, base_only: bool = False) -> 
     results = {}
     for name, model_path, side in jobs:
         cached = out / f"{name}.json"
-        if cached.is_file() and json.loads(cached.read_text()).get("settings") == key:
-            results[name] = json.loads(cached.read_text())
+        hit = _cached(cached, key)
+        if hit is not None:
+            results[name] = hit
             continue
         if not _ray_started():
             init_ray(cfg.ray.address, cfg.ray.num_cpus)
@@ -98,6 +100,19 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig, base_only: bool = False) -> 
         summary["ood"] = _out_of_distribution(cfg, out, ood_jobs)
         write_text_atomic(out / "results.json", json.dumps(summary, indent=1))
     return summary
+
+
+def _cached(path: Path, key) -> dict | None:
+    """A cached result written for the same settings, else None. A damaged cache file (a crash, an edit)
+    is only a cache: one warning line, and the model is evaluated again and the file rewritten."""
+    if not path.is_file():
+        return None
+    try:
+        cached = read_json(path, expected="a cached evaluation (a JSON object with 'settings')")
+    except DataError as exc:
+        log.warning("%s; evaluating again", exc)
+        return None
+    return cached if cached.get("settings") == key else None
 
 
 def _jobs(run_dir: Path, steps: list[int], base_path: str, baselines: bool, with_context: bool,
@@ -128,8 +143,9 @@ def _out_of_distribution(cfg: DistillConfig, out: Path, jobs: list[tuple[str, st
     results = {}
     for name, model_path in jobs:
         cached = out / f"ood_{name}.json"
-        if cached.is_file() and json.loads(cached.read_text()).get("settings") == key:
-            results[name] = json.loads(cached.read_text())["results"]
+        hit = _cached(cached, key)
+        if hit is not None and isinstance(hit.get("results"), dict):
+            results[name] = hit["results"]
             continue
         with model_folder(model_path, out) as path:
             results[name] = run_lm_eval(path, e.ood_tasks, e.ood_limit if e.ood_limit > 0 else None, e.ood_backend,

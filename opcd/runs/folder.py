@@ -33,8 +33,8 @@ from pathlib import Path
 
 from opcd.runs.checkpoint import latest_checkpoint
 from opcd.config import GAME_TASK, DistillConfig, Machine, resolve, to_yaml
-from opcd.errors import ConfigError, OpcdError
-from opcd.data.files import read_text
+from opcd.errors import ConfigError, DataError, OpcdError
+from opcd.data.files import read_json, read_yaml
 
 log = logging.getLogger("opcd")
 LOCK = "opcd.lock"
@@ -226,10 +226,11 @@ def _complete(cfg: DistillConfig, run_dir: Path, step: int) -> dict | None:
     if step < cfg.trainer.total_training_steps or not summary_path.is_file():
         return None
     try:
-        summary = json.loads(read_text(summary_path))
-    except ValueError:
-        return None  # an unreadable summary is rewritten by finishing the run again
-    if not isinstance(summary, dict) or summary.get("final_step") != step:
+        summary = read_json(summary_path, expected="a JSON object with 'final_step'")
+    except DataError as exc:
+        log.warning("%s; finishing the run again rewrites it", exc)
+        return None
+    if summary.get("final_step") != step:
         return None
     report = run_dir / "report" / "report.html"  # the name the end of a run prints (opcd/cli.py)
     log.info("%s is complete (step %d of %d); its report: %s. A larger trainer.total_training_steps continues "
@@ -249,16 +250,12 @@ def _plain(cfg: DistillConfig) -> dict:
 
 
 def read_saved_config(path: Path) -> dict:
-    """A run's config.yaml as a plain mapping; an unreadable one is one ConfigError line naming it."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(read_text(path, ConfigError))
-    except (yaml.YAMLError, RecursionError) as exc:
-        reason = " ".join(str(exc).split())[:200] or "nested too deeply"
-        raise ConfigError(f"{path}: not a readable config ({reason})") from None
+    """A run's config.yaml as a plain mapping; an unreadable one (torn, not UTF-8, an alias bomb, not a
+    mapping) is one ConfigError line naming it."""
+    data = read_yaml(path, ConfigError)
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: not a readable config (expected a mapping of sections)")
+        raise ConfigError(f"{path}: not a readable config (expected a mapping of sections, "
+                          f"found {'nothing' if data is None else type(data).__name__})")
     return data
 
 
