@@ -31,7 +31,7 @@ import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from opcd.runs.checkpoint import latest_checkpoint
+from opcd.runs.checkpoint import latest_checkpoint, step_dir, verify_checkpoint
 from opcd.config import GAME_TASK, DistillConfig, Machine, resolve, to_yaml
 from opcd.errors import ConfigError, DataError, OpcdError
 from opcd.data.files import read_json, read_yaml
@@ -231,6 +231,11 @@ def _complete(cfg: DistillConfig, run_dir: Path, step: int) -> dict | None:
         log.warning("%s; finishing the run again rewrites it", exc)
         return None
     if summary.get("final_step") != step:
+        return None
+    problem = verify_checkpoint(step_dir(run_dir, step))
+    if problem is not None:  # the run's result is that checkpoint: a damaged one is not a finished run
+        log.warning("%s: the last checkpoint is damaged (%s), so the run is not complete: resuming from the "
+                    "newest intact checkpoint", run_dir, problem)
         return None
     report = run_dir / "report" / "report.html"  # the name the end of a run prints (opcd/cli.py)
     log.info("%s is complete (step %d of %d); its report: %s. A larger trainer.total_training_steps continues "

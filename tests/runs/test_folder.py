@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from opcd.runs.checkpoint import latest_checkpoint
+from opcd.runs.checkpoint import latest_checkpoint, save_checkpoint, step_dir
 from opcd.cli import main
 from opcd.config import load_config, to_yaml
 from opcd.errors import ConfigError, OpcdError
@@ -30,8 +30,9 @@ def _saved_run(tmp_path, tiny_model, step: int, *extra, summary: bool = False) -
     """A run folder as `opcd distill` leaves it after saving `step` (weights are not needed here)."""
     cfg = load_config(_overrides(tmp_path, tiny_model, *extra))
     run_dir = cfg.run_dir
-    (run_dir / f"global_step_{step}").mkdir(parents=True)
-    (run_dir / f"global_step_{step}" / "COMPLETE").write_text(str(step))
+    run_dir.mkdir(parents=True)
+    save_checkpoint(run_dir, step, lambda folder: (folder / "weights.txt").write_text(str(step)) and None,
+                    {"step": step})
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, step + 1)))
     if summary:
@@ -140,7 +141,8 @@ def test_resume_never_moves_the_old_run_aside_so_a_rerun_continues_the_new_one(t
     with claimed(load_config(_overrides(tmp_path, tiny_model, "trainer.resume=never", "trainer.lr=1e-4"))):
         assert sorted(p.name for p in run_dir.iterdir()) == [LOCK]
     (aside,) = run_dir.parent.glob("run.old-*")
-    assert sorted(p.name for p in aside.iterdir()) == ["config.yaml", "global_step_6", "metrics.jsonl"]
+    assert sorted(p.name for p in aside.iterdir()) == ["config.yaml", "global_step_6", "latest_checkpointed_iteration.txt",
+                                                       "metrics.jsonl"]
     assert latest_checkpoint(run_dir) is None and latest_checkpoint(aside)[0] == 6  # nothing lost, nothing mixed
 
 
@@ -155,6 +157,21 @@ def test_a_finished_run_says_it_is_complete_without_starting_anything(tmp_path, 
     assert f"{run_dir} is complete (step 4 of 4); its report: {run_dir}/report/report.html" in caplog.text
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     assert not (run_dir / LOCK).exists()
+
+
+def test_a_finished_run_whose_last_checkpoint_is_damaged_is_not_complete(tmp_path, tiny_model, caplog):
+    """Bug: a finished run whose last checkpoint had flipped bytes still said "complete" (its result is
+    that checkpoint); now it is named and the run resumes from the newest intact checkpoint."""
+    from opcd.runs.folder import check_resume
+
+    run_dir = _saved_run(tmp_path, tiny_model, 4, summary=True)
+    cfg = load_config(_overrides(tmp_path, tiny_model))
+    assert check_resume(cfg, run_dir)["complete"] is True
+    (step_dir(run_dir, 4) / "weights.txt").write_text("5")
+    with caplog.at_level("WARNING", logger="opcd"):
+        assert check_resume(cfg, run_dir) is None
+    assert (f"{run_dir}: the last checkpoint is damaged (weights.txt does not match its checksum (flipped or "
+            f"truncated bytes)), so the run is not complete") in caplog.text
 
 
 # -- a full disk while a checkpoint is written -----------------------------------------------------
