@@ -32,6 +32,7 @@ from opcd.runs.export import model_folder
 from opcd.models import load_tokenizer, resolve_model
 from opcd.pipelines.run_setup import frozen_model_group, load_run_context, make_domain, resolve_user_path, sampling
 from opcd.runs.folder import read_saved_config
+from opcd.runs.identity import identity_digest
 from opcd.data.seeds import eval_seed
 from opcd.workers.group import init_ray
 
@@ -70,6 +71,8 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig, base_only: bool = False) -> 
     """Evaluate the run's checkpoints (and baselines); `base_only`: the base model `model.path` alone,
     without the context and, with evaluate.with_context, with it (no run folder needed)."""
     run_dir = Path(run_dir).absolute()  # checkpoint paths go to workers, which may run in other folders
+    if base_only:
+        _refuse_a_run_folder(run_dir)
     out = run_dir / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     steps = [] if base_only else checkpoints(run_dir, cfg.evaluate.steps)
@@ -82,7 +85,8 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig, base_only: bool = False) -> 
     results = {}
     for name, model_path, side in jobs:
         cached = out / f"{name}.json"
-        hit = _cached(cached, key)
+        job_key = f"{key}-{identity_digest(model_path)}"  # the same settings on another model is another score
+        hit = _cached(cached, job_key)
         if hit is not None:
             results[name] = hit
             continue
@@ -90,7 +94,7 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig, base_only: bool = False) -> 
             init_ray(cfg.ray.address, cfg.ray.num_cpus)
         with model_folder(model_path, out) as path, frozen_model_group(f"eval-{name}", cfg, path, domain) as group:
             result = domain.evaluate(name, group, side, params, seed)
-        results[name] = {**result.summary(), "settings": key}
+        results[name] = {**result.summary(), "settings": job_key}
         write_text_atomic(cached, json.dumps({**results[name], "samples": result.samples}, ensure_ascii=False,
                                              indent=1))
         log.info("%s: score %.4f over %d items", name, result.score, result.num_items)
@@ -100,6 +104,16 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig, base_only: bool = False) -> 
         summary["ood"] = _out_of_distribution(cfg, out, ood_jobs)
         write_text_atomic(out / "results.json", json.dumps(summary, indent=1))
     return summary
+
+
+def _refuse_a_run_folder(run_dir: Path) -> None:
+    """`--base` writes evaluation/results.json under runs/<exp_name>: never over a run's own results."""
+    results = run_dir / "evaluation" / "results.json"
+    scored = results.is_file() and bool(read_json(results).get("checkpoints"))
+    if complete_steps(run_dir) or scored:
+        raise ConfigError(f"opcd evaluate --base: {run_dir} holds a run's checkpoints or their results, which "
+                          f"--base would overwrite: pick another trainer.exp_name (for this run's baselines use "
+                          f"`opcd evaluate {run_dir} evaluate.baselines=true`)")
 
 
 def _cached(path: Path, key) -> dict | None:

@@ -158,3 +158,22 @@ def test_a_damaged_evaluation_cache_is_evaluated_again_with_one_warning(tmp_path
     assert warning.startswith(f"{path}: ") and warning.endswith("; evaluating again")
     path.write_text('{"settings": "k", "score": 0.5}')
     assert _cached(path, "k") == {"settings": "k", "score": 0.5} and _cached(path, "other") is None
+
+
+def test_base_into_an_evaluated_run_folder_is_refused_and_its_results_kept(tmp_path, capsys):
+    """Bug: `opcd evaluate --base` with a run's exp_name overwrote its evaluation/results.json with
+    {"checkpoints": {}}."""
+    from opcd.cli import main
+    from opcd.runs.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(run, 2, lambda f: (f / "weights.txt").write_text("2") and None, {"step": 2})
+    (run / "evaluation").mkdir()
+    results = '{"checkpoints": {"2": 0.5}, "best": null, "baselines": {}}'
+    (run / "evaluation" / "results.json").write_text(results)
+    assert main(["evaluate", "--base", f"trainer.runs_dir={tmp_path}", "trainer.exp_name=run",
+                 "model.path=some/model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"opcd: error: opcd evaluate --base: {run} holds a run's checkpoints or their results")
+    assert "\n" not in err and (run / "evaluation" / "results.json").read_text() == results
