@@ -31,7 +31,8 @@ import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from opcd.runs.checkpoint import latest_checkpoint, step_dir, verify_checkpoint
+from opcd.runs.checkpoint import latest_checkpoint, step_dir, verify_checkpoint, write_text_atomic
+from opcd.runs.identity import path_identity
 from opcd.config import GAME_TASK, DistillConfig, Machine, resolve, to_yaml
 from opcd.errors import ConfigError, DataError, OpcdError
 from opcd.data.files import read_json, read_yaml
@@ -42,6 +43,7 @@ LOCK = "opcd.lock"
 FREE = (
     "trainer.exp_name", "trainer.runs_dir", "trainer.resume", "trainer.resume_override",
     "trainer.total_training_steps", "trainer.save_freq", "trainer.loggers", "trainer.wandb_project",
+    "trainer.keep_last_n", "trainer.hf_export",  # which checkpoints are kept/exported: nothing learnt changes
     "trainer.eval_freq", "trainer.eval_before", "trainer.eval_after", "trainer.max_consecutive_nonfinite",
     "trainer.num_threads", "trainer.micro_batch_size", "trainer.micro_batch_tokens", "trainer.padding_free",
     "model.attn_implementation", "model.activation_checkpointing", "model.cpu_offload",
@@ -74,9 +76,13 @@ def claimed(cfg: DistillConfig):
     try:
         if cfg.trainer.resume == "never":
             move_history_aside(run_dir)
+            record_inputs(cfg, run_dir)
             yield None
         else:
-            yield check_resume(cfg, run_dir)
+            finished = check_resume(cfg, run_dir)
+            if finished is None:
+                record_inputs(cfg, run_dir)
+            yield finished
     finally:
         release_lock(lock)
         if created:  # a run refused before writing anything leaves no folder behind
@@ -210,7 +216,66 @@ def check_resume(cfg: DistillConfig, run_dir: Path) -> dict | None:
     for key, old, new in changed:
         if key in cfg.trainer.resume_override:
             log.warning("resuming %s with %s changed from %r to %r (trainer.resume_override)", run_dir, key, old, new)
+    check_inputs(cfg, run_dir, step)
     return _complete(cfg, run_dir, step)
+
+
+# -- the content behind the paths ----------------------------------------------------------------------
+
+INPUTS = "inputs.json"
+# Settings naming files whose content makes the run: a file copied over in place keeps its path, so the
+# settings check above cannot see it.
+INPUT_KEYS = ("model.path", "model.teacher_path", "task.train_data", "task.test_data", "task.validation_data",
+              "task.context_path", "game.states_path")
+_CHECKOUT = Path(__file__).resolve().parents[2]  # relative context paths also resolve against the checkout
+
+
+def input_identities(cfg: DistillConfig) -> dict[str, dict]:
+    """Setting -> content identity of the file or folder it names (opcd/runs/identity.py); names that are
+    not local paths (hub ids, bundled: data) are their own identity."""
+    out = {}
+    for key in INPUT_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name, None)
+        if not isinstance(value, str) or not value:
+            continue
+        local = Path(value).expanduser()
+        if not local.exists() and not local.is_absolute() and (_CHECKOUT / value).exists():
+            local = _CHECKOUT / value
+        out[key] = path_identity(local if local.exists() else value)
+    return out
+
+
+def record_inputs(cfg: DistillConfig, run_dir: Path) -> None:
+    write_text_atomic(run_dir / INPUTS, json.dumps(input_identities(cfg), indent=1, sort_keys=True))
+
+
+def check_inputs(cfg: DistillConfig, run_dir: Path, step: int) -> None:
+    """Refuse a resume whose input files changed content in place, as a changed setting is refused."""
+    path = run_dir / INPUTS
+    if not path.is_file():
+        return  # a run from before inputs were recorded: recorded from now on
+    saved = read_json(path, ConfigError, "a JSON object of setting -> file identity")
+    now = input_identities(cfg)
+    changed = [key for key in INPUT_KEYS if key in saved and key in now and saved[key] != now[key]
+               and key not in cfg.trainer.resume_override]
+    if changed:
+        listing = "; ".join(f"{key} ({getattr(getattr(cfg, key.split('.')[0]), key.split('.')[1])}): "
+                            f"{_first_difference(saved[key], now[key])}" for key in changed)
+        raise ConfigError(f"{run_dir} holds a run saved at step {step} whose input files have changed since "
+                          f"({listing}): to go on with the new files pass trainer.resume_override="
+                          f"[{','.join(changed)}], to start afresh trainer.resume=never")
+
+
+def _first_difference(old: dict, new: dict) -> str:
+    for name in sorted(set(old) | set(new)):
+        if name not in new:
+            return f"{name} is gone"
+        if name not in old:
+            return f"{name} is new"
+        if old[name] != new[name]:
+            return f"{name} has other content"
+    return "other content"
 
 
 def config_changes(saved: dict, now: dict) -> list[tuple[str, object, object]]:
