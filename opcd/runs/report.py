@@ -19,6 +19,7 @@ import csv
 import html
 import io
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,6 +140,12 @@ def _number(value) -> float:
 
 
 def plot_training(runs: list[RunData], path: Path) -> Path | None:
+    fig = training_figure(runs)
+    return None if fig is None else save(fig, path)
+
+
+def training_figure(runs: list[RunData]):
+    """The training curves' figure (None when no run has any), one panel per metric."""
     curves = [(key, label) for key, label in CURVES if any(r.last(key) is not None for r in runs)]
     if not curves:
         return None
@@ -148,9 +155,18 @@ def plot_training(runs: list[RunData], path: Path) -> Path | None:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), dpi=110, squeeze=False)
     for ax, (key, label) in zip(axes.flat, curves):
         for run in runs:
-            points = [(row["step"], row[key]) for row in run.metrics if row.get(key) is not None]
+            points = [(row["step"], _as_float(row[key])) for row in run.metrics if row.get(key) is not None]
+            points = [(step, value) for step, value in points if value is not None]
             if points:
-                ax.plot(*zip(*points), marker="o" if len(points) < 20 else None, markersize=3, label=run.name)
+                # NaN is a gap in the line; a non-finite value (written as "nan"/"inf") is marked on the axis
+                line, = ax.plot([s for s, _ in points], [v if math.isfinite(v) else math.nan for _, v in points],
+                                marker="o" if len(points) < 20 else None, markersize=3, label=run.name)
+                bad = [s for s, v in points if not math.isfinite(v)]
+                if bad:
+                    ax.plot(bad, [0.0] * len(bad), linestyle="none", marker="x", color=line.get_color(),
+                            transform=ax.get_xaxis_transform(), clip_on=False,
+                            label=f"{run.name}: non-finite ({len(bad)} steps)")
+                    ax.legend(fontsize=7)
             teacher = run.eval_score("teacher_with_context")
             if key in (M.ROLLOUT_SCORE, M.EVAL_DURING) and teacher is not None:
                 ax.axhline(teacher, linestyle="--", color="gray", linewidth=1,
@@ -164,7 +180,19 @@ def plot_training(runs: list[RunData], path: Path) -> Path | None:
     for ax, (key, _) in zip(axes.flat, curves):
         if key in (M.ROLLOUT_SCORE, M.EVAL_DURING) or ax is axes.flat[0]:
             ax.legend(fontsize=7)
-    return save(fig, path)
+    return fig
+
+
+def _as_float(value) -> float | None:
+    """A metric as a number: JSON numbers, and the "nan"/"inf"/"-inf" strings tracking writes for
+    non-finite values (opcd/runs/tracking.py); anything else is not drawn."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and value.strip().lower() in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity"):
+        return float(value)
+    return None
 
 
 def plot_checkpoints(runs: list[RunData], path: Path) -> Path | None:

@@ -145,3 +145,25 @@ def test_a_torn_last_metrics_line_is_one_warning(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == [f"{run / 'metrics.jsonl'}:3: last line cut short (a crash while writing?); skipped it, "
                         f"the 2 lines before it are read"]
+
+
+def test_non_finite_metrics_are_gaps_on_a_numeric_axis_and_marked(tmp_path):
+    """Bug: `"nan"` metrics (tracking writes non-finite values as strings) were drawn on a categorical axis,
+    so a curve appeared to rise when its values fell."""
+    import math
+
+    from opcd.runs.report import training_figure
+
+    run = _run(tmp_path / "r", [0.5, 0.4, 0.3])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[:3]]
+    rows[1]["loss/kl"] = "nan"
+    rows[2]["loss/kl"] = "inf"
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = training_figure([load_run(run)])
+    kl = next(ax for ax in fig.axes if ax.get_title() == "KL loss")
+    curve, marks = kl.get_lines()[:2]
+    ys = list(curve.get_ydata())
+    assert ys[0] == 0.5 and math.isnan(ys[1]) and math.isnan(ys[2])  # numbers, with gaps
+    assert list(marks.get_xdata()) == [2, 3] and marks.get_label() == "r: non-finite (2 steps)"
+    assert kl.yaxis.get_units() is None  # not a category axis
+    write_report([run])  # and the whole report still draws
