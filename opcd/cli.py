@@ -194,6 +194,10 @@ def _run(args) -> int:
         print(json.dumps(write_report(args.run_dirs, args.out), indent=1))
         return 0
     cfg = load_config(args.overrides)
+    if args.command == "extract":
+        from opcd.pipelines.extract import extract_defaults
+
+        cfg = extract_defaults(cfg, args.overrides)
     if args.cfg:
         print(to_yaml(cfg))
         return 0
