@@ -232,7 +232,7 @@ def test_a_full_disk_inside_torch_save_is_the_no_space_line_and_keeps_the_last_c
     trainer.student = Saving(trainer.student.skipped)
     trainer.save(1)
     with pytest.raises(OpcdError, match=rf"^no space left on device while writing checkpoint "
-                                        rf"{small_disk}/global_step_2 \(the previous checkpoint is intact\)$"):
+                                        rf"{small_disk}/global_step_2 \(the previous checkpoint, step 1, is intact\)$"):
         trainer.save(2)
     assert latest_checkpoint(small_disk)[0] == 1
     assert not list(small_disk.glob(".global_step_*"))  # the partial copy is gone
