@@ -2,9 +2,9 @@
 
 A path names files, not their content: a model folder copied over in place keeps its path, and a cache
 keyed by the path alone returns the old model's scores. The identity of a local folder lists every file
-with its size and modification time, and the SHA-256 of the small ones (config.json, the weight index,
-tokenizer files), which is cheap; a weight file counts by size and modification time, which any copy or
-rewrite changes (hashing tens of GB on every start would cost minutes). A checkpoint folder's identity is
+with its size and SHA-256. A large (weight) file's SHA-256 is computed once and cached by path, size and
+modification time (hashing tens of GB on every start would cost minutes); a copy or rewrite changes the
+modification time, so it is hashed again, and the same bytes copied back give the same identity. A checkpoint folder's identity is
 the hash of its checksums file, which already holds the SHA-256 of every file in it (less a later
 export of sharded weights). A hub id is itself.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from opcd.runs.checkpoint import CHECKSUMS, COMPLETE, MODEL, WEIGHTS
 
-SMALL_FILE = 1 << 20  # files up to this size are hashed; larger ones (weights) count by size and mtime
+SMALL_FILE = 1 << 20  # files up to this size are hashed every time; larger ones (weights) once per mtime
 
 
 def path_identity(name_or_path: str | Path) -> dict:
@@ -45,4 +45,29 @@ def _file_identity(path: Path) -> list:
     stat = path.stat()
     if stat.st_size <= SMALL_FILE:
         return [stat.st_size, hashlib.sha256(path.read_bytes()).hexdigest()]
-    return [stat.st_size, stat.st_mtime_ns]
+    return [stat.st_size, _cached_sha256(path, stat)]
+
+
+def _cached_sha256(path: Path, stat) -> str:
+    """SHA-256 of a large file, computed once per (path, size, mtime) and kept under the opcd cache
+    (OPCD_CACHE, ~/.cache/opcd): a weight file of 16 GB hashes in about a minute, and a start that
+    finds it unchanged pays nothing. A rewrite changes the mtime, so the hash is computed again."""
+    from opcd.models import cache_dir
+    from opcd.runs.checkpoint import file_sha256, write_text_atomic
+
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+    entry = cache_dir() / "file-hashes" / f"{key}.json"
+    stamp = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    try:
+        cached = json.loads(entry.read_text())
+        if {k: cached.get(k) for k in stamp} == stamp and isinstance(cached.get("sha256"), str):
+            return cached["sha256"]
+    except (OSError, ValueError):
+        pass  # absent or damaged: computed again
+    digest = file_sha256(path)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(entry, json.dumps({**stamp, "sha256": digest}))
+    except OSError:
+        pass  # an unwritable cache only costs the hash again next time
+    return digest

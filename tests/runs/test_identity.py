@@ -27,13 +27,31 @@ def test_a_model_folder_copied_over_in_place_has_another_identity(tmp_path):
     assert path_identity(model)["config.json"][1] != path_identity(_model(tmp_path / "n", b"b" * 100))["config.json"][1]
 
 
-def test_a_large_weight_file_counts_by_size_and_mtime(tmp_path):
-    model = _model(tmp_path / "m", b"\0" * (SMALL_FILE + 1))
-    first = identity_digest(model)
+def test_a_large_weight_file_is_hashed_once_per_mtime(tmp_path, monkeypatch):
+    """The brief's rule: weights by SHA-256, computed once and cached by size + mtime."""
+    import hashlib
+    import json
+
+    monkeypatch.setenv("OPCD_CACHE", str(tmp_path / "cache"))
+    weights = b"\1" * (SMALL_FILE + 1)
+    model = _model(tmp_path / "m", weights)
+    first = path_identity(model)
+    assert first["model.safetensors"] == [SMALL_FILE + 1, hashlib.sha256(weights).hexdigest()]
+    (entry,) = (tmp_path / "cache" / "file-hashes").iterdir()
+    assert json.loads(entry.read_text())["sha256"] == hashlib.sha256(weights).hexdigest()
+    # same size, other bytes, other mtime (a copy over it): hashed again, another identity
+    (model / "model.safetensors").write_bytes(b"\2" * (SMALL_FILE + 1))
     stat = (model / "model.safetensors").stat()
     os.utime(model / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    assert identity_digest(model) != first
-    assert path_identity(model)["model.safetensors"] == [SMALL_FILE + 1, stat.st_mtime_ns + 1_000_000_000]
+    assert path_identity(model) != first
+    # the old bytes copied back (a new mtime): the old identity again
+    (model / "model.safetensors").write_bytes(weights)
+    os.utime(model / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))
+    assert path_identity(model) == first
+    # the cache answers without reading the file: a cached entry for this stamp is used as it is
+    cached = json.loads(entry.read_text())
+    entry.write_text(json.dumps({**cached, "sha256": "f" * 64}))
+    assert path_identity(model)["model.safetensors"] == [SMALL_FILE + 1, "f" * 64]
 
 
 def test_a_hub_id_is_itself_and_checkpoints_are_their_checksums(tmp_path):
