@@ -108,6 +108,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    bad = _undecodable(argv)
+    if bad is not None:  # before argparse, Hydra or Ray see it: they trace back (UnicodeEncodeError) later
+        print(f"opcd: error: argument {bad}: not UTF-8 text (expected UTF-8 arguments)", file=sys.stderr)
+        return 2
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
@@ -135,6 +140,17 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if isinstance(exc, Terminated) else 130
     finally:
         no_colour_reset_at_exit()  # imported libraries are loaded by now
+
+
+def _undecodable(argv: list[str]) -> str | None:
+    """The first argument holding bytes that are not UTF-8 (Python keeps them as lone surrogates), shown
+    with those bytes escaped; None when all are text."""
+    for arg in argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return ascii(arg.encode("utf-8", "surrogateescape"))[1:]
+    return None
 
 
 def _print_run_end(summary: dict) -> None:
@@ -183,6 +199,10 @@ def _run(args) -> int:
         print(json.dumps(write_report(args.run_dirs, args.out), indent=1))
         return 0
     cfg = load_config(args.overrides)
+    if args.command == "extract":
+        from opcd.pipelines.extract import extract_defaults
+
+        cfg = extract_defaults(cfg, args.overrides)
     if getattr(args, "plan", False):
         from opcd.runtime.plan_cli import print_plan
 

@@ -38,3 +38,22 @@ def test_evaluate_usage_shows_overrides_as_optional(capsys):
     assert main(["evaluate"]) == 2
     assert capsys.readouterr().err.strip() == (
         "opcd: error: opcd evaluate needs a run folder (RUN_DIR [KEY=VALUE ...]) or --base [OVERRIDE ...]")
+
+
+@pytest.mark.parametrize("args", [[b"distill", b"trainer.exp_name=run\xff"], [b"report", b"runs/\xfe\xff"],
+                                  [b"evaluate", b"--base", b"model.path=m\xc3"]])
+def test_a_non_utf8_argument_is_one_line_before_anything_is_written(tmp_path, args):
+    """Bug: a non-UTF-8 byte in an argument crashed inside Ray (UnicodeEncodeError) after config.yaml was
+    written. The bytes reach Python as lone surrogates; they are refused first, shown escaped."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable.encode(), b"-m", b"opcd.cli", *args], cwd=tmp_path, env=env,
+                          capture_output=True, timeout=120)
+    err = done.stderr.decode().strip()
+    bad = ascii(args[-1])[2:-1]
+    assert done.returncode == 2 and err == f"opcd: error: argument '{bad}': not UTF-8 text (expected UTF-8 arguments)"
+    assert list(tmp_path.iterdir()) == []

@@ -112,6 +112,9 @@ class GameConfig:
                 if getattr(self, k) is not None}
 
 
+MIN_TEMPERATURE = 1e-4  # below it the tempered logits overflow fp32 and sampling is degenerate
+
+
 @dataclass
 class RolloutConfig:
     # hf: transformers generate (KV cache); vllm: vLLM engine, weights synced; auto: vllm on GPU when installed, else hf
@@ -143,10 +146,12 @@ class RolloutConfig:
         _check(self.vllm_cpu_kv_cache_gb > 0, "rollout.vllm_cpu_kv_cache_gb", self.vllm_cpu_kv_cache_gb, "a float > 0")
         _check(self.vllm_tensor_parallel_size >= 1, "rollout.vllm_tensor_parallel_size", self.vllm_tensor_parallel_size,
                "an integer >= 1")
-        _check(self.temperature > 0 and _finite(self.temperature), "rollout.temperature", self.temperature,
-               "a finite float > 0")
-        _check(self.eval_temperature >= 0 and _finite(self.eval_temperature), "rollout.eval_temperature",
-               self.eval_temperature, "a finite float >= 0 (0 = greedy)")
+        # logits / 1e-30 overflow to inf: every probability is 0 or 1 and the KL is exactly 0, silently
+        _check(self.temperature >= MIN_TEMPERATURE and _finite(self.temperature), "rollout.temperature",
+               self.temperature, f"a finite float >= {MIN_TEMPERATURE}")
+        _check((self.eval_temperature == 0 or self.eval_temperature >= MIN_TEMPERATURE)
+               and _finite(self.eval_temperature), "rollout.eval_temperature",
+               self.eval_temperature, f"0 (greedy) or a finite float >= {MIN_TEMPERATURE}")
         _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "a float in (0, 1]")
         _check(0 < self.eval_top_p <= 1, "rollout.eval_top_p", self.eval_top_p, "a float in (0, 1]")
         _check(self.top_k >= 0, "rollout.top_k", self.top_k, "an integer >= 0 (0 = off)")

@@ -9,6 +9,7 @@ breadth-first solver cannot solve within the episode's move limit, so every epis
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -133,6 +134,9 @@ def solve(rows: list[str], max_depth: int) -> list[str] | None:
     return None
 
 
+GENERATE_SECONDS = 30.0  # the most one reset() may spend drawing puzzles
+
+
 class SokobanText(gymnasium.Env):
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
     rules = RULES
@@ -150,6 +154,9 @@ class SokobanText(gymnasium.Env):
                               f"and room for {boxes} box(es), {boxes} target(s) and the player on {floor} floor cells")
         if max_steps < 1:
             raise ConfigError(f"Sokoban max_steps={max_steps}: expected at least 1 move per episode")
+        if boxes > max_steps:  # every box is drawn off the targets and needs at least one push
+            raise ConfigError(f"Sokoban boxes={boxes}, max_steps={max_steps}: no puzzle with {boxes} boxes is "
+                              f"solvable in {max_steps} moves (each box needs a push); expected boxes <= max_steps")
         self.width, self.height, self.num_boxes = width, height, boxes
         self.max_steps = max_steps
         self.render_mode = render_mode
@@ -178,13 +185,18 @@ class SokobanText(gymnasium.Env):
         return ["".join(row) for row in grid]
 
     def _generate(self) -> list[str]:
-        for _ in range(20_000):
+        # bounded in tries and in time: a crowded room rarely draws a solvable puzzle, and each try is a search
+        deadline = time.monotonic() + GENERATE_SECONDS
+        for tries in range(1, 20_001):
             rows = self._draw()
             plan = solve(rows, self.max_steps)
             if plan:  # solvable within the limit and not already solved
                 return rows
+            if time.monotonic() > deadline:
+                break
         raise ConfigError(f"Sokoban {self.width}x{self.height} with {self.num_boxes} box(es): no puzzle solvable "
-                          f"within max_steps={self.max_steps} moves was found; raise the move limit")
+                          f"within max_steps={self.max_steps} moves was found in {tries} tries; raise the move "
+                          f"limit or use fewer boxes")
 
     def reset(self, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)

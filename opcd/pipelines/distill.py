@@ -22,6 +22,7 @@ from opcd.pipelines.run_setup import (Prepared, engine_ranks, frozen_context, ge
                                       prepare, reserved_pools, sampling, student_context, teacher_ranks, train_spec)
 from opcd.runs.report import write_report
 from opcd.runs.folder import claims_run_folder
+from opcd.data.files import read_json, read_jsonl
 from opcd.data.seeds import eval_seed
 from opcd.domains.sources import RolloutSource
 from opcd.runs.tracking import Tracker
@@ -159,7 +160,7 @@ def _record_eval(result: EvalResult, run_dir: Path, results: dict, tracker: Trac
 
 def _load_results(run_dir: Path) -> dict:
     path = run_dir / "eval.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path, expected="a JSON object of evaluations") if path.is_file() else {}
 
 
 def _describe(result: dict) -> str:
@@ -168,21 +169,14 @@ def _describe(result: dict) -> str:
 
 
 def _trim_metrics(run_dir: Path, start_step: int) -> None:
-    """A resumed run re-logs the steps after its checkpoint: drop those lines from metrics.jsonl."""
+    """A resumed run re-logs the steps after its checkpoint: drop those lines from metrics.jsonl (and a
+    last line cut short by a crash, with a warning; a line damaged otherwise is one error line)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if _step_of(line) is not None
-            and _step_of(line) <= start_step]
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def _step_of(line: str) -> int | None:
-    """The step of a metrics line; None for a line cut short by a crash (it is dropped)."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
+    kept = [row for row in read_jsonl(path, ("step",), warn=log.warning)
+            if isinstance(row["step"], int) and row["step"] <= start_step]
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def _plain(cfg: DistillConfig) -> dict:

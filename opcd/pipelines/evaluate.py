@@ -25,12 +25,14 @@ from pathlib import Path
 
 from opcd.runs.checkpoint import complete_steps, step_dir, write_text_atomic
 from opcd.config import DistillConfig, validate
-from opcd.errors import ConfigError
+from opcd.data.files import read_json
+from opcd.errors import ConfigError, DataError
 from opcd.runs.results import best_k_mean
 from opcd.runs.export import model_folder
 from opcd.models import load_tokenizer, resolve_model
 from opcd.pipelines.run_setup import frozen_model_group, load_run_context, make_domain, resolve_user_path, sampling
 from opcd.runs.folder import read_saved_config
+from opcd.runs.identity import identity_digest
 from opcd.data.seeds import eval_seed
 from opcd.workers.group import init_ray
 
@@ -69,6 +71,8 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig, base_only: bool = False) -> 
     """Evaluate the run's checkpoints (and baselines); `base_only`: the base model `model.path` alone,
     without the context and, with evaluate.with_context, with it (no run folder needed)."""
     run_dir = Path(run_dir).absolute()  # checkpoint paths go to workers, which may run in other folders
+    if base_only:
+        _refuse_a_run_folder(run_dir)
     out = run_dir / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     steps = [] if base_only else checkpoints(run_dir, cfg.evaluate.steps)
@@ -81,14 +85,16 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig, base_only: bool = False) -> 
     results = {}
     for name, model_path, side in jobs:
         cached = out / f"{name}.json"
-        if cached.is_file() and json.loads(cached.read_text()).get("settings") == key:
-            results[name] = json.loads(cached.read_text())
+        job_key = f"{key}-{identity_digest(model_path)}"  # the same settings on another model is another score
+        hit = _cached(cached, job_key)
+        if hit is not None:
+            results[name] = hit
             continue
         if not _ray_started():
             init_ray(cfg.ray.address, cfg.ray.num_cpus)
         with model_folder(model_path, out) as path, frozen_model_group(f"eval-{name}", cfg, path, domain) as group:
             result = domain.evaluate(name, group, side, params, seed)
-        results[name] = {**result.summary(), "settings": key}
+        results[name] = {**result.summary(), "settings": job_key}
         write_text_atomic(cached, json.dumps({**results[name], "samples": result.samples}, ensure_ascii=False,
                                              indent=1))
         log.info("%s: score %.4f over %d items", name, result.score, result.num_items)
@@ -98,6 +104,29 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig, base_only: bool = False) -> 
         summary["ood"] = _out_of_distribution(cfg, out, ood_jobs)
         write_text_atomic(out / "results.json", json.dumps(summary, indent=1))
     return summary
+
+
+def _refuse_a_run_folder(run_dir: Path) -> None:
+    """`--base` writes evaluation/results.json under runs/<exp_name>: never over a run's own results."""
+    results = run_dir / "evaluation" / "results.json"
+    scored = results.is_file() and bool(read_json(results).get("checkpoints"))
+    if complete_steps(run_dir) or scored:
+        raise ConfigError(f"opcd evaluate --base: {run_dir} holds a run's checkpoints or their results, which "
+                          f"--base would overwrite: pick another trainer.exp_name (for this run's baselines use "
+                          f"`opcd evaluate {run_dir} evaluate.baselines=true`)")
+
+
+def _cached(path: Path, key) -> dict | None:
+    """A cached result written for the same settings, else None. A damaged cache file (a crash, an edit)
+    is only a cache: one warning line, and the model is evaluated again and the file rewritten."""
+    if not path.is_file():
+        return None
+    try:
+        cached = read_json(path, expected="a cached evaluation (a JSON object with 'settings')")
+    except DataError as exc:
+        log.warning("%s; evaluating again", exc)
+        return None
+    return cached if cached.get("settings") == key else None
 
 
 def _jobs(run_dir: Path, steps: list[int], base_path: str, baselines: bool, with_context: bool,
@@ -128,8 +157,9 @@ def _out_of_distribution(cfg: DistillConfig, out: Path, jobs: list[tuple[str, st
     results = {}
     for name, model_path in jobs:
         cached = out / f"ood_{name}.json"
-        if cached.is_file() and json.loads(cached.read_text()).get("settings") == key:
-            results[name] = json.loads(cached.read_text())["results"]
+        hit = _cached(cached, key)
+        if hit is not None and isinstance(hit.get("results"), dict):
+            results[name] = hit["results"]
             continue
         with model_folder(model_path, out) as path:
             results[name] = run_lm_eval(path, e.ood_tasks, e.ood_limit if e.ood_limit > 0 else None, e.ood_backend,

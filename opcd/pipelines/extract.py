@@ -20,9 +20,14 @@ import csv
 import json
 import logging
 import shutil
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from opcd.runs.checkpoint import write_text_atomic
+from opcd.runs.folder import claims_run_folder
+from opcd.runs.identity import path_identity
+from opcd.data.files import read_json, read_text
+from opcd.errors import ConfigError, DataError
 from opcd.config import DistillConfig
 from opcd.data.contexts import split_items, truncate_experience
 from opcd.domains import Domain
@@ -95,6 +100,7 @@ class Extraction:
         return [Candidate(r["seed"], r["step"], r["score"], r["path"], r["length"]) for r in records]
 
 
+@claims_run_folder  # lock; trainer.resume=never moves an old extraction aside
 def run_extract(cfg: DistillConfig) -> dict:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -107,6 +113,10 @@ def run_extract(cfg: DistillConfig) -> dict:
     # rows (or a bad game id or option) are checked here, before Ray starts; the experience being
     # written is the only context
     domain = make_domain(cfg, tokenizer, None, "extract")
+    settings = seed_settings(cfg, model_path, writer_path)
+    for seed in cfg.extract.seeds:  # refused before Ray starts or a model loads
+        if (run_dir / f"seed_{seed}" / "scores.json").is_file():
+            check_seed_settings(run_dir / f"seed_{seed}", settings)
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     # the solver and the writer (a second model) share each GPU, as the student and teacher do
@@ -120,16 +130,70 @@ def run_extract(cfg: DistillConfig) -> dict:
             for seed in cfg.extract.seeds:
                 seed_dir = run_dir / f"seed_{seed}"
                 done = seed_dir / "scores.json"
-                if done.is_file():
-                    log.info("seed %d already extracted (%s): skipped", seed, done)
-                    candidates += [Candidate(r["seed"], r["step"], r["score"], r["path"], r["length"])
-                                   for r in json.loads(done.read_text())]
+                if done.is_file():  # its settings were checked above
+                    log.info("seed %d already extracted (%s) with the same model and settings: skipped", seed, done)
+                    candidates += read_scores(done)
                     continue
+                seed_dir.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(seed_dir / SETTINGS, json.dumps(settings, indent=1, sort_keys=True))
                 candidates += extraction.run_seed(seed, seed_dir)
         finally:
             for group in {id(solver): solver, id(writer): writer}.values():
                 group.shutdown()
     return _select(run_dir, candidates)
+
+
+SETTINGS = "settings.json"
+
+
+def extract_defaults(cfg: DistillConfig, overrides: list[str]) -> DistillConfig:
+    """`opcd extract` without trainer.exp_name writes to runs/extract-<task> (e.g. extract-math), not
+    into the distillation demo's folder (the schema's default exp_name)."""
+    if any(o.lstrip("+").startswith("trainer.exp_name=") for o in overrides):
+        return cfg
+    return replace(cfg, trainer=replace(cfg.trainer, exp_name=f"extract-{cfg.task.name}"))
+
+
+def seed_settings(cfg: DistillConfig, model_path: str, writer_path: str | None) -> dict:
+    """What makes a seed's extraction: the models' content (not only their paths), the task, the game,
+    sampling, the extraction settings (less the list of seeds) and the run seed; as JSON reads it back."""
+    e = {k: v for k, v in asdict(cfg.extract).items() if k != "seeds"}
+    settings = {"model": path_identity(model_path), "writer": path_identity(writer_path) if writer_path else None,
+                "task": asdict(cfg.task), "game": asdict(cfg.game), "rollout": asdict(cfg.rollout), "extract": e,
+                "seed": cfg.trainer.seed}
+    return json.loads(json.dumps(settings, default=str))
+
+
+def check_seed_settings(seed_dir: Path, settings: dict) -> None:
+    """A seed "already extracted" is reused only with the same model and settings; else one line."""
+    path = seed_dir / SETTINGS
+    saved = read_json(path, ConfigError, "the settings of an extracted seed") if path.is_file() else {}
+    changed = [key for key in settings if saved.get(key) != settings[key]]
+    if changed:
+        detail = {key: sorted(k for k in set(saved.get(key) or {}) | set(settings[key] or {})
+                              if (saved.get(key) or {}).get(k) != (settings[key] or {}).get(k))
+                  if isinstance(settings[key], dict) else [] for key in changed}
+        listing = ", ".join(key + (f" ({', '.join(map(str, detail[key][:3]))})" if detail[key] else "")
+                            for key in changed)
+        raise ConfigError(f"{seed_dir} was extracted with another model or settings ({listing}"
+                          f"{'' if path.is_file() else f'; no {SETTINGS}'}): to extract again pass "
+                          f"trainer.resume=never (the old extraction is moved aside), or pick another "
+                          f"trainer.exp_name")
+
+
+def read_scores(path: Path) -> list[Candidate]:
+    """A seed's scores.json (a list of records) as candidates; a damaged one is one line."""
+    import math
+
+    text = read_text(path)
+    try:
+        records = json.loads(text)
+        if not isinstance(records, list):
+            raise TypeError(records)
+        return [Candidate(int(r["seed"]), int(r["step"]), float(r["score"]), str(r["path"]), int(r["length"]))
+                for r in records if math.isfinite(float(r["score"]))]
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{path}: expected a JSON list of records with seed, step, score, path, length") from None
 
 
 def _select(run_dir: Path, candidates: list[Candidate]) -> dict:

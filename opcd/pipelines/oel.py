@@ -21,6 +21,7 @@ the first unfinished phase (a half-finished consolidation resumes from its last 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from dataclasses import replace
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from opcd.runs.checkpoint import latest_checkpoint, write_text_atomic
 from opcd.config import DistillConfig
+from opcd.data.files import read_json, read_text
 from opcd.errors import ConfigError, DataError
 from opcd.games.play import episode_metrics
 from opcd.games.states import state_rows
@@ -68,8 +70,12 @@ class OnlineExperientialLearning:
     def _phase(self, folder: Path, name: str, work) -> dict:
         marker = folder / f"{name}.done"
         if marker.is_file():
-            log.info("%s: %s already done", folder.name, name)
-            return json.loads(marker.read_text())
+            try:
+                done = read_json(marker, expected=f"the result of the {name} phase")
+                log.info("%s: %s already done", folder.name, name)
+                return done
+            except DataError as exc:  # written atomically, so only damage by hand: the phase runs again
+                log.warning("%s; running %s again", exc, name)
         log.info("%s: %s", folder.name, name)
         result = work()
         write_text_atomic(marker, json.dumps(result, indent=1))
@@ -126,9 +132,15 @@ class OnlineExperientialLearning:
 def _best_experiences(scores_csv: Path, count: int) -> list[str]:
     """The `count` best experience files of an extraction (held-out score, then shorter), one per
     distinct text."""
-    with open(scores_csv, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if int(r["step"]) > 0 and int(r["chars"]) > 0]
-    rows.sort(key=lambda r: (-float(r["heldout_score"]), int(r["chars"]), int(r["step"]), int(r["seed"])))
+    try:
+        rows = [r for r in csv.DictReader(io.StringIO(read_text(scores_csv))) if int(r["step"]) > 0
+                and int(r["chars"]) > 0]
+        rows.sort(key=lambda r: (-float(r["heldout_score"]), int(r["chars"]), int(r["step"]), int(r["seed"])))
+        if not all(isinstance(r["path"], str) and r["path"] for r in rows):  # a torn last row
+            raise ValueError("no path")
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{scores_csv}: expected the columns seed, step, heldout_score, chars, path with numbers "
+                        f"(as opcd extract writes them)") from None
     chosen, texts = [], set()
     for row in rows:
         text = Path(row["path"]).read_text()

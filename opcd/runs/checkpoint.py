@@ -71,8 +71,10 @@ def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], dict[str, 
     except BaseException as exc:  # any failure (an exception in `write`, Ctrl-C): drop the partial copy
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise OpcdError(f"no space left on device while writing checkpoint {final} "
-                            f"(the previous checkpoint is intact)") from exc
+            earlier = [s for s in complete_steps(run_dir) if s != step]
+            kept = (f"the previous checkpoint, step {earlier[-1]}, is intact" if earlier
+                    else "no earlier checkpoint exists, so a rerun starts from the beginning")
+            raise OpcdError(f"no space left on device while writing checkpoint {final} ({kept})") from exc
         raise
     return final
 

@@ -12,7 +12,7 @@ vLLM load. A one-rank checkpoint's `model/` already is such a folder.
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import shutil
 from contextlib import contextmanager
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from opcd.runs.checkpoint import (COMPLETE, MODEL, MODEL_CONFIG, WEIGHTS, add_files, complete_steps,
                                   open_like_umask, step_dir, verify_checkpoint)
+from opcd.data.files import read_json
 from opcd.errors import OpcdError
 
 
@@ -29,12 +30,10 @@ def export_checkpoint(run_dir: Path, step: int) -> Path:
     folder = step_dir(run_dir, step)
     if not (folder / COMPLETE).is_file():
         raise OpcdError(f"no complete checkpoint for step {step} in {run_dir} (found {complete_steps(run_dir)})")
+    _check_intact(folder, "not exporting it")
     target = folder / MODEL
-    if target.is_dir():
+    if target.is_dir():  # listed in the checksums, so verified above
         return target
-    problem = verify_checkpoint(folder)
-    if problem is not None:
-        raise OpcdError(f"checkpoint {folder} is damaged ({problem}); not exporting it")
     tmp = folder / f".{MODEL}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -54,19 +53,28 @@ def step_scores(run_dir: Path) -> tuple[dict[int, float], str]:
     has neither."""
     run_dir = Path(run_dir)
     evaluated, during = run_dir / "evaluation" / "results.json", run_dir / "eval.json"
-    if evaluated.is_file():
-        return {int(step): float(score) for step, score in _read_json(evaluated).get("checkpoints", {}).items()}, \
-            str(evaluated)
-    if during.is_file():
-        prefix, evals = "student_step_", _read_json(during)
-        scores = {int(name[len(prefix):]): float(result["score"]) for name, result in evals.items()
-                  if name.startswith(prefix)}
-        after = evals.get("student_after")
-        step = after.get("step", _final_step(run_dir)) if isinstance(after, dict) else None
-        if step is not None and "score" in after:  # the after-training evaluation scored the last checkpoint
-            scores.setdefault(int(step), float(after["score"]))
-        return scores, str(during)
-    return {}, ""
+    source = evaluated if evaluated.is_file() else during if during.is_file() else None
+    if source is None:
+        return {}, ""
+    try:
+        scores = _scores_in(run_dir, _read_json(source), source == evaluated)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise OpcdError(f"{source}: not the held-out scores opcd writes (expected step -> score numbers)") from None
+    # a non-finite score (a diverged checkpoint) is never the best one
+    return {step: score for step, score in scores.items() if math.isfinite(score)}, str(source)
+
+
+def _scores_in(run_dir: Path, table: dict, evaluated: bool) -> dict[int, float]:
+    if evaluated:
+        return {int(step): float(score) for step, score in table.get("checkpoints", {}).items()}
+    prefix = "student_step_"
+    scores = {int(name[len(prefix):]): float(result["score"]) for name, result in table.items()
+              if name.startswith(prefix)}
+    after = table.get("student_after")
+    step = after.get("step", _final_step(run_dir)) if isinstance(after, dict) else None
+    if step is not None and "score" in after:  # the after-training evaluation scored the last checkpoint
+        scores.setdefault(int(step), float(after["score"]))
+    return scores
 
 
 def _final_step(run_dir: Path) -> int | None:
@@ -88,14 +96,16 @@ def best_step(run_dir: Path) -> int:
     return max(kept, key=lambda step: (kept[step], step))
 
 
+def _check_intact(folder: Path, refusal: str) -> None:
+    """Every reader of a checkpoint's weights checks them first: a flipped byte in model.safetensors
+    loads fine and scores as gibberish."""
+    problem = verify_checkpoint(folder)
+    if problem is not None:
+        raise OpcdError(f"checkpoint {folder} is damaged ({problem}); {refusal}")
+
+
 def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise OpcdError(f"cannot read {path}: {type(exc).__name__}") from None
-    if not isinstance(value, dict):
-        raise OpcdError(f"cannot read {path}: expected a JSON object")
-    return value
+    return read_json(path, OpcdError)
 
 
 @contextmanager
@@ -106,6 +116,7 @@ def model_folder(source: str | Path, scratch: Path):
     if not (folder / COMPLETE).is_file():
         yield str(source)
         return
+    _check_intact(folder, "not evaluating it")
     if (folder / MODEL).is_dir():
         yield str(folder / MODEL)
         return

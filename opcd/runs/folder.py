@@ -31,10 +31,11 @@ import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from opcd.runs.checkpoint import latest_checkpoint
+from opcd.runs.checkpoint import latest_checkpoint, step_dir, verify_checkpoint, write_text_atomic
+from opcd.runs.identity import path_identity
 from opcd.config import GAME_TASK, DistillConfig, Machine, resolve, to_yaml
-from opcd.errors import ConfigError, OpcdError
-from opcd.data.files import read_text
+from opcd.errors import ConfigError, DataError, OpcdError
+from opcd.data.files import read_json, read_yaml
 
 log = logging.getLogger("opcd")
 LOCK = "opcd.lock"
@@ -42,6 +43,7 @@ LOCK = "opcd.lock"
 FREE = (
     "trainer.exp_name", "trainer.runs_dir", "trainer.resume", "trainer.resume_override",
     "trainer.total_training_steps", "trainer.save_freq", "trainer.loggers", "trainer.wandb_project",
+    "trainer.keep_last_n", "trainer.hf_export",  # which checkpoints are kept/exported: nothing learnt changes
     "trainer.eval_freq", "trainer.eval_before", "trainer.eval_after", "trainer.max_consecutive_nonfinite",
     "trainer.num_threads", "trainer.micro_batch_size", "trainer.micro_batch_tokens", "trainer.padding_free",
     "model.attn_implementation", "model.activation_checkpointing", "model.cpu_offload",
@@ -74,9 +76,13 @@ def claimed(cfg: DistillConfig):
     try:
         if cfg.trainer.resume == "never":
             move_history_aside(run_dir)
+            record_inputs(cfg, run_dir)
             yield None
         else:
-            yield check_resume(cfg, run_dir)
+            finished = check_resume(cfg, run_dir)
+            if finished is None:
+                record_inputs(cfg, run_dir)
+            yield finished
     finally:
         release_lock(lock)
         if created:  # a run refused before writing anything leaves no folder behind
@@ -210,7 +216,66 @@ def check_resume(cfg: DistillConfig, run_dir: Path) -> dict | None:
     for key, old, new in changed:
         if key in cfg.trainer.resume_override:
             log.warning("resuming %s with %s changed from %r to %r (trainer.resume_override)", run_dir, key, old, new)
+    check_inputs(cfg, run_dir, step)
     return _complete(cfg, run_dir, step)
+
+
+# -- the content behind the paths ----------------------------------------------------------------------
+
+INPUTS = "inputs.json"
+# Settings naming files whose content makes the run: a file copied over in place keeps its path, so the
+# settings check above cannot see it.
+INPUT_KEYS = ("model.path", "model.teacher_path", "task.train_data", "task.test_data", "task.validation_data",
+              "task.context_path", "game.states_path")
+_CHECKOUT = Path(__file__).resolve().parents[2]  # relative context paths also resolve against the checkout
+
+
+def input_identities(cfg: DistillConfig) -> dict[str, dict]:
+    """Setting -> content identity of the file or folder it names (opcd/runs/identity.py); names that are
+    not local paths (hub ids, bundled: data) are their own identity."""
+    out = {}
+    for key in INPUT_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name, None)
+        if not isinstance(value, str) or not value:
+            continue
+        local = Path(value).expanduser()
+        if not local.exists() and not local.is_absolute() and (_CHECKOUT / value).exists():
+            local = _CHECKOUT / value
+        out[key] = path_identity(local if local.exists() else value)
+    return out
+
+
+def record_inputs(cfg: DistillConfig, run_dir: Path) -> None:
+    write_text_atomic(run_dir / INPUTS, json.dumps(input_identities(cfg), indent=1, sort_keys=True))
+
+
+def check_inputs(cfg: DistillConfig, run_dir: Path, step: int) -> None:
+    """Refuse a resume whose input files changed content in place, as a changed setting is refused."""
+    path = run_dir / INPUTS
+    if not path.is_file():
+        return  # a run from before inputs were recorded: recorded from now on
+    saved = read_json(path, ConfigError, "a JSON object of setting -> file identity")
+    now = input_identities(cfg)
+    changed = [key for key in INPUT_KEYS if key in saved and key in now and saved[key] != now[key]
+               and key not in cfg.trainer.resume_override]
+    if changed:
+        listing = "; ".join(f"{key} ({getattr(getattr(cfg, key.split('.')[0]), key.split('.')[1])}): "
+                            f"{_first_difference(saved[key], now[key])}" for key in changed)
+        raise ConfigError(f"{run_dir} holds a run saved at step {step} whose input files have changed since "
+                          f"({listing}): to go on with the new files pass trainer.resume_override="
+                          f"[{','.join(changed)}], to start afresh trainer.resume=never")
+
+
+def _first_difference(old: dict, new: dict) -> str:
+    for name in sorted(set(old) | set(new)):
+        if name not in new:
+            return f"{name} is gone"
+        if name not in old:
+            return f"{name} is new"
+        if old[name] != new[name]:
+            return f"{name} has other content"
+    return "other content"
 
 
 def config_changes(saved: dict, now: dict) -> list[tuple[str, object, object]]:
@@ -226,10 +291,16 @@ def _complete(cfg: DistillConfig, run_dir: Path, step: int) -> dict | None:
     if step < cfg.trainer.total_training_steps or not summary_path.is_file():
         return None
     try:
-        summary = json.loads(read_text(summary_path))
-    except ValueError:
-        return None  # an unreadable summary is rewritten by finishing the run again
-    if not isinstance(summary, dict) or summary.get("final_step") != step:
+        summary = read_json(summary_path, expected="a JSON object with 'final_step'")
+    except DataError as exc:
+        log.warning("%s; finishing the run again rewrites it", exc)
+        return None
+    if summary.get("final_step") != step:
+        return None
+    problem = verify_checkpoint(step_dir(run_dir, step))
+    if problem is not None:  # the run's result is that checkpoint: a damaged one is not a finished run
+        log.warning("%s: the last checkpoint is damaged (%s), so the run is not complete: resuming from the "
+                    "newest intact checkpoint", run_dir, problem)
         return None
     report = run_dir / "report" / "report.html"  # the name the end of a run prints (opcd/cli.py)
     log.info("%s is complete (step %d of %d); its report: %s. A larger trainer.total_training_steps continues "
@@ -249,16 +320,12 @@ def _plain(cfg: DistillConfig) -> dict:
 
 
 def read_saved_config(path: Path) -> dict:
-    """A run's config.yaml as a plain mapping; an unreadable one is one ConfigError line naming it."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(read_text(path, ConfigError))
-    except (yaml.YAMLError, RecursionError) as exc:
-        reason = " ".join(str(exc).split())[:200] or "nested too deeply"
-        raise ConfigError(f"{path}: not a readable config ({reason})") from None
+    """A run's config.yaml as a plain mapping; an unreadable one (torn, not UTF-8, an alias bomb, not a
+    mapping) is one ConfigError line naming it."""
+    data = read_yaml(path, ConfigError)
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: not a readable config (expected a mapping of sections)")
+        raise ConfigError(f"{path}: not a readable config (expected a mapping of sections, "
+                          f"found {'nothing' if data is None else type(data).__name__})")
     return data
 
 

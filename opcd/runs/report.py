@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import csv
 import html
-import json
+import io
+import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from opcd import metrics as M
 from opcd.runs.checkpoint import write_text_atomic
+from opcd.data.files import read_json, read_jsonl, read_text
 from opcd.errors import DataError
 from opcd.runs.plots import pyplot, save
+
+log = logging.getLogger("opcd")
 
 CURVES = [(M.LOSS_KL, "KL loss"), (M.ACTOR_ENTROPY, "student entropy"), (M.TEACHER_ENTROPY, "teacher entropy"),
           (M.STUDENT_MASS, "student mass in support"), (M.ACTOR_GRAD_NORM, "grad norm"),
@@ -90,31 +95,57 @@ def load_run(folder: str | Path) -> RunData:
         raise DataError(f"{folder} is not an opcd run folder (no config.yaml)")
     run = RunData(folder.name, folder)
     if (folder / "metrics.jsonl").is_file():
-        for line in (folder / "metrics.jsonl").read_text().splitlines():
-            try:
-                run.metrics.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
+        run.metrics = read_jsonl(folder / "metrics.jsonl", ("step",), warn=log.warning)
+        bad = next((row for row in run.metrics if not isinstance(row["step"], int)), None)
+        if bad is not None:
+            raise DataError(f"{folder / 'metrics.jsonl'}: step {bad['step']!r}, expected an integer step")
     if (folder / "eval.json").is_file():
-        run.evals = json.loads((folder / "eval.json").read_text())
+        run.evals = read_json(folder / "eval.json", expected="a JSON object of evaluations")
         run.items.update({who: v["num_items"] for who, v in run.evals.items()
-                          if isinstance(v, dict) and "num_items" in v})
+                          if isinstance(v, dict) and isinstance(v.get("num_items"), int)})
     table_csv = folder / "evaluation" / "results.csv"
     if table_csv.is_file():
-        with open(table_csv, newline="") as fh:
-            run.items.update({row["name"]: int(row["num_items"]) for row in csv.DictReader(fh)
-                              if (row.get("num_items") or "").isdigit()})
+        rows = csv.DictReader(io.StringIO(read_text(table_csv)))
+        run.items.update({row["name"]: int(row["num_items"]) for row in rows
+                          if isinstance(row.get("name"), str) and (row.get("num_items") or "").isdigit()})
     results = folder / "evaluation" / "results.json"
     if results.is_file():
-        table = json.loads(results.read_text())
-        run.checkpoints = {int(k): float(v) for k, v in table.get("checkpoints", {}).items()}
-        run.best = table.get("best")
-        run.baselines = table.get("baselines", {})
-        run.ood = table.get("ood", {})
+        _read_results(run, results)
     return run
 
 
+def _read_results(run: RunData, path: Path) -> None:
+    """evaluation/results.json (written by `opcd evaluate`): checkpoint scores, best-k, baselines, ood."""
+    table = read_json(path, expected="a JSON object with 'checkpoints'")
+    try:
+        run.checkpoints = {int(k): _number(v) for k, v in table.get("checkpoints", {}).items()}
+        run.baselines = {str(k): _number(v) for k, v in table.get("baselines", {}).items()}
+    except (AttributeError, TypeError, ValueError):
+        raise DataError(f"{path}: 'checkpoints' and 'baselines' must map steps/names to scores") from None
+    best, ood = table.get("best"), table.get("ood", {})
+    if best is not None and not (isinstance(best, dict) and isinstance(best.get("steps"), list)
+                                 and isinstance(best.get("mean"), (int, float)) and isinstance(best.get("std"), (int, float))):
+        raise DataError(f"{path}: 'best' must be an object with 'mean', 'std' and 'steps'")
+    if not isinstance(ood, dict) or not all(isinstance(t, dict) and all(isinstance(m, dict) for m in t.values())
+                                            for t in ood.values()):
+        raise DataError(f"{path}: 'ood' must map model -> task -> metric -> value")
+    run.best, run.ood = best, ood
+
+
+def _number(value) -> float:
+    """A score as written (a JSON number, or "nan"/"inf" strings some writers leave); non-finite stays so."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(value)
+    return float(value)
+
+
 def plot_training(runs: list[RunData], path: Path) -> Path | None:
+    fig = training_figure(runs)
+    return None if fig is None else save(fig, path)
+
+
+def training_figure(runs: list[RunData]):
+    """The training curves' figure (None when no run has any), one panel per metric."""
     curves = [(key, label) for key, label in CURVES if any(r.last(key) is not None for r in runs)]
     if not curves:
         return None
@@ -124,9 +155,18 @@ def plot_training(runs: list[RunData], path: Path) -> Path | None:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), dpi=110, squeeze=False)
     for ax, (key, label) in zip(axes.flat, curves):
         for run in runs:
-            points = [(row["step"], row[key]) for row in run.metrics if row.get(key) is not None]
+            points = [(row["step"], _as_float(row[key])) for row in run.metrics if row.get(key) is not None]
+            points = [(step, value) for step, value in points if value is not None]
             if points:
-                ax.plot(*zip(*points), marker="o" if len(points) < 20 else None, markersize=3, label=run.name)
+                # NaN is a gap in the line; a non-finite value (written as "nan"/"inf") is marked on the axis
+                line, = ax.plot([s for s, _ in points], [v if math.isfinite(v) else math.nan for _, v in points],
+                                marker="o" if len(points) < 20 else None, markersize=3, label=run.name)
+                bad = [s for s, v in points if not math.isfinite(v)]
+                if bad:
+                    ax.plot(bad, [0.0] * len(bad), linestyle="none", marker="x", color=line.get_color(),
+                            transform=ax.get_xaxis_transform(), clip_on=False,
+                            label=f"{run.name}: non-finite ({len(bad)} steps)")
+                    ax.legend(fontsize=7)
             teacher = run.eval_score("teacher_with_context")
             if key in (M.ROLLOUT_SCORE, M.EVAL_DURING) and teacher is not None:
                 ax.axhline(teacher, linestyle="--", color="gray", linewidth=1,
@@ -140,7 +180,19 @@ def plot_training(runs: list[RunData], path: Path) -> Path | None:
     for ax, (key, _) in zip(axes.flat, curves):
         if key in (M.ROLLOUT_SCORE, M.EVAL_DURING) or ax is axes.flat[0]:
             ax.legend(fontsize=7)
-    return save(fig, path)
+    return fig
+
+
+def _as_float(value) -> float | None:
+    """A metric as a number: JSON numbers, and the "nan"/"inf"/"-inf" strings tracking writes for
+    non-finite values (opcd/runs/tracking.py); anything else is not drawn."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and value.strip().lower() in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity"):
+        return float(value)
+    return None
 
 
 def plot_checkpoints(runs: list[RunData], path: Path) -> Path | None:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from opcd import metrics as M
+from opcd.data.files import read_text
 
 _BAR_KEYS = {M.LOSS_KL: "kl", M.ROLLOUT_SCORE: "score", M.PERF_TOKENS_PER_S: "tok/s",
              M.PERF_STUDENT_GPU_PEAK: "gpu_GB", M.PERF_STUDENT_GPU_RESERVED: "gpu_rsv_GB",
@@ -43,12 +45,9 @@ class Tracker:
 
             self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
         if "wandb" in loggers:
-            import wandb
-
-            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-            self.wandb = wandb.init(project=wandb_project or os.environ.get("WANDB_PROJECT", "opcd"),
-                                    name=exp_name, dir=str(self.run_dir), config=config, mode=mode,
-                                    resume="allow", id=_wandb_id(self.run_dir, exp_name))
+            self.wandb = _init_wandb(dict(project=wandb_project or os.environ.get("WANDB_PROJECT", "opcd"),
+                                          name=exp_name, dir=str(self.run_dir), config=config,
+                                          resume="allow", id=_wandb_id(self.run_dir, exp_name)))
 
     def start_progress(self) -> None:
         """Show the progress bar from now on (its clock starts here)."""
@@ -111,6 +110,31 @@ class Tracker:
             self.wandb.finish()
 
 
+def _init_wandb(kwargs: dict):
+    """wandb.init online when WANDB_API_KEY is set (WANDB_MODE decides when given), else offline. An online
+    start that cannot reach the server (no network, a wrong WANDB_BASE_URL) falls back to offline with one
+    warning after WANDB_INIT_TIMEOUT seconds (default 30), instead of minutes of retries and a CommError:
+    the run's metrics then sync later with `wandb sync <run folder>/wandb/offline-run-*`."""
+    import logging
+
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    if mode != "online":
+        return wandb.init(mode=mode, **kwargs)
+    timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", "30"))
+    try:
+        return wandb.init(mode="online", settings=wandb.Settings(init_timeout=timeout, silent=True), **kwargs)
+    except wandb.errors.Error as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        logging.getLogger("opcd").warning("wandb: cannot reach %s within %g s (%s); logging offline instead "
+                                          "(sync later with `wandb sync`)", os.environ.get("WANDB_BASE_URL",
+                                                                                          "the wandb server"),
+                                          timeout, first[:200])
+        wandb.teardown()  # the failed start still holds the run id in wandb's service process
+        return wandb.init(mode="offline", **kwargs)
+
+
 def _json_float(value: float):
     return value if math.isfinite(value) else str(value)
 
@@ -119,9 +143,15 @@ def _wandb_id(run_dir: Path, exp_name: str) -> str:
     """A stable run id per run folder, so a resumed run continues the same wandb run."""
     id_file = run_dir / "wandb_run_id.txt"
     if id_file.is_file():
-        return id_file.read_text().strip()
+        return _id_safe(read_text(id_file).strip())
     import uuid
 
-    run_id = f"{exp_name[:40]}-{uuid.uuid4().hex[:8]}"
+    # wandb refuses ids with characters such as ':' or '/' (after the models have loaded): the exp_name
+    # stays the run's display name, its id keeps only the characters every id accepts
+    run_id = f"{_id_safe(exp_name[:40])}-{uuid.uuid4().hex[:8]}"
     id_file.write_text(run_id)
     return run_id
+
+
+def _id_safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", text)

@@ -121,6 +121,8 @@ def test_overrides_are_typed():
     (["rollout.top_p=1.5"], "rollout.top_p=1.5"),
     (["rollout.n=0"], "rollout.n=0"),
     (["rollout.temperature=0"], "rollout.temperature=0.0"),
+    (["rollout.temperature=1e-30"], "rollout.temperature=1e-30: expected a finite float >= 0.0001"),  # KL exactly 0
+    (["rollout.eval_temperature=1e-9"], "rollout.eval_temperature=1e-09: expected 0 (greedy) or a finite float"),
     (["loss.support_mode=foo"], "loss.support_mode='foo'"),
     (["loss.kl_loss_type=seqkd"], "loss.kl_loss_type='seqkd'"),
     (["trainer.loggers=[console,foo]"], "trainer.loggers="),

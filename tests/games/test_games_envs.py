@@ -191,8 +191,25 @@ def test_sokoban_impossible_settings_are_config_errors():
         SokobanText(max_steps=0)
     with pytest.raises(ConfigError, match="boxes=8"):
         SokobanText(boxes=8)
-    with pytest.raises(ConfigError, match="no puzzle solvable within max_steps=1"):
-        SokobanText(boxes=3, max_steps=1).reset(seed=0)
+    with pytest.raises(ConfigError, match="boxes=3, max_steps=1: no puzzle with 3 boxes is solvable in 1 moves"):
+        SokobanText(boxes=3, max_steps=1)
+
+
+def test_sokoban_generation_is_bounded_in_time(monkeypatch):
+    """Bug: `game.width=10 game.height=10 game.boxes=12` was accepted and stuck in reset() > 200 s. Twelve
+    boxes in five moves is refused at once; a crowded room that rarely draws a solvable puzzle stops
+    drawing after GENERATE_SECONDS with one line."""
+    import time
+
+    from opcd.games import sokoban
+
+    with pytest.raises(ConfigError, match="boxes=12, max_steps=5"):
+        SokobanText(width=10, height=10, boxes=12)
+    monkeypatch.setattr(sokoban, "GENERATE_SECONDS", 0.5)
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"no puzzle solvable within max_steps=5 moves was found in \d+ tries"):
+        SokobanText(width=10, height=10, boxes=5, max_steps=5).reset(seed=0)
+    assert time.monotonic() - start < 10
 
 
 def test_larger_sokoban_settings():

@@ -123,3 +123,57 @@ def test_base_model_alone_without_and_with_the_context(tmp_path, tiny_model):
         assert not (tmp_path / "base" / "config.yaml").exists()  # results only: not mistaken for a run
     finally:
         ray.shutdown()
+
+
+_BOMB = "\n".join(['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+                  + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]) + "\n"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"trainer:\n  exp_name: [x\n", "config.yaml: not readable YAML"),  # torn
+    (b"", "config.yaml: not a readable config (expected a mapping of sections, found nothing)"),
+    (b"- 1\n- 2\n", "config.yaml: not a readable config (expected a mapping of sections, found list)"),
+    (b"trainer:\n  exp_name: \xff\n", "config.yaml: not UTF-8 text (byte 0xff at offset 21)"),
+    (_BOMB.encode(), "config.yaml: more than 200000 nodes once its aliases are expanded"),
+])
+def test_evaluate_refuses_a_damaged_config_yaml_in_one_line(tmp_path, capsys, content, message):
+    """Bug: a torn/non-UTF-8 config.yaml traced back and an anchor bomb spun for minutes in `opcd evaluate`."""
+    from opcd.cli import main
+
+    (tmp_path / "config.yaml").write_bytes(content)
+    assert main(["evaluate", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("opcd: error: ") and message in err and "\n" not in err, err
+    assert not (tmp_path / "evaluation").exists()
+
+
+@pytest.mark.parametrize("content", [b'{"settings": "k", "score": 0.', b"", b"[1]", b'{"settings": "\xff"}'])
+def test_a_damaged_evaluation_cache_is_evaluated_again_with_one_warning(tmp_path, caplog, content):
+    from opcd.pipelines.evaluate import _cached
+
+    path = tmp_path / "step_2.json"
+    path.write_bytes(content)
+    assert _cached(path, "k") is None
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"{path}: ") and warning.endswith("; evaluating again")
+    path.write_text('{"settings": "k", "score": 0.5}')
+    assert _cached(path, "k") == {"settings": "k", "score": 0.5} and _cached(path, "other") is None
+
+
+def test_base_into_an_evaluated_run_folder_is_refused_and_its_results_kept(tmp_path, capsys):
+    """Bug: `opcd evaluate --base` with a run's exp_name overwrote its evaluation/results.json with
+    {"checkpoints": {}}."""
+    from opcd.cli import main
+    from opcd.runs.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(run, 2, lambda f: (f / "weights.txt").write_text("2") and None, {"step": 2})
+    (run / "evaluation").mkdir()
+    results = '{"checkpoints": {"2": 0.5}, "best": null, "baselines": {}}'
+    (run / "evaluation" / "results.json").write_text(results)
+    assert main(["evaluate", "--base", f"trainer.runs_dir={tmp_path}", "trainer.exp_name=run",
+                 "model.path=some/model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"opcd: error: opcd evaluate --base: {run} holds a run's checkpoints or their results")
+    assert "\n" not in err and (run / "evaluation" / "results.json").read_text() == results

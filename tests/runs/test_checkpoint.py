@@ -112,6 +112,18 @@ def test_disk_full_is_a_user_error_and_keeps_previous_checkpoint(tmp_path):
     assert "\n" not in str(err.value)
     assert latest_checkpoint(tmp_path) == (1, step_dir(tmp_path, 1))
     assert _hidden_leftovers(tmp_path) == []
+    assert str(err.value).endswith("(the previous checkpoint, step 1, is intact)")
+
+
+def test_disk_full_at_the_first_checkpoint_does_not_claim_an_intact_previous_one(tmp_path):
+    """Bug: the full-disk line said "the previous checkpoint is intact" when there was none."""
+    def disk_full(folder):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OpcdError) as err:
+        save_checkpoint(tmp_path, 1, disk_full, {"step": 1})
+    assert str(err.value) == (f"no space left on device while writing checkpoint {step_dir(tmp_path, 1)} (no earlier "
+                              f"checkpoint exists, so a rerun starts from the beginning)")
 
 
 def test_other_os_errors_propagate_unchanged(tmp_path):

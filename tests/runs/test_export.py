@@ -101,7 +101,9 @@ def test_best_export_without_scores_or_with_a_bad_argument_is_one_line(tmp_path,
         f"run `opcd evaluate {tmp_path}` first, or name a step")
     (tmp_path / "eval.json").write_text("{not json")
     assert main(["export", str(tmp_path), "best"]) == 2
-    assert capsys.readouterr().err.strip() == f"opcd: error: cannot read {tmp_path / 'eval.json'}: JSONDecodeError"
+    assert capsys.readouterr().err.strip() == (
+        f"opcd: error: {tmp_path / 'eval.json'}: not valid JSON (Expecting property name enclosed in double quotes "
+        f"at line 1 column 2); expected a JSON object")
     assert main(["export", str(tmp_path), "last"]) == 2
     assert capsys.readouterr().err.strip() == "opcd: error: opcd export: step 'last': expected a step number or best"
 
@@ -127,3 +129,67 @@ def test_best_step_counts_the_after_training_evaluation_at_its_step(tmp_path):
     (tmp_path / "eval.json").write_text(json.dumps({"student_after": {"score": 0.75}}))
     (tmp_path / "summary.json").write_text(json.dumps({"final_step": 30}))
     assert best_step(tmp_path) == 30
+
+
+def _one_rank_checkpoint(run_dir, model_path, step: int = 2):
+    """A one-rank checkpoint: its model/ is a Hugging Face folder, as the student writes it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    save_checkpoint(run_dir, step, lambda folder: model.save_pretrained(folder / "model") and None, {"step": step})
+    return step_dir(run_dir, step)
+
+
+def test_export_and_evaluation_refuse_a_one_rank_checkpoint_with_flipped_bytes(tmp_path, tiny_model, capsys):
+    """Bug: `opcd export` and `opcd evaluate` used a one-rank checkpoint whose model.safetensors had 4 KiB of
+    flipped bytes without checking its checksums (rc 0, a gibberish score in results.json)."""
+    folder = _one_rank_checkpoint(tmp_path, tiny_model)
+    assert export_checkpoint(tmp_path, 2) == folder / "model"
+    weights = folder / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8192:-4096] = bytes(b ^ 0xFF for b in data[-8192:-4096])
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["export", str(tmp_path), "2"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"opcd: error: checkpoint {folder} is damaged (model/model.safetensors does not match its checksum "
+        f"(flipped or truncated bytes)); not exporting it")
+    with pytest.raises(OpcdError, match="model/model.safetensors does not match its checksum.*not evaluating it"):
+        with model_folder(str(folder), tmp_path):
+            pass
+
+
+def test_export_of_a_junk_step_folder_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    """Bug: `opcd export RUN STEP` on a step folder holding junk returned its model/ with rc 0."""
+    folder = step_dir(tmp_path, 5)
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "model.safetensors").write_bytes(b"junk")
+    (folder / "COMPLETE").write_text("5")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(["export", str(tmp_path), "5"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"opcd: error: checkpoint {folder} is damaged ({folder / 'checksums.sha256'} is missing); not exporting it")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("content", [b'{"checkpoints": {"2": 0.', b"", b"[0.5]", b'{"checkpoints": {"two": 0.5}}',
+                                     b'{"checkpoints": {"2": "\xff"}}'])
+def test_best_export_with_damaged_scores_is_one_line(tmp_path, capsys, content):
+    _published(tmp_path, 2)
+    (tmp_path / "evaluation").mkdir()
+    (tmp_path / "evaluation" / "results.json").write_bytes(content)
+    assert main(["export", str(tmp_path), "best"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"opcd: error: {tmp_path / 'evaluation' / 'results.json'}: ") and "\n" not in err, err
+
+
+def test_a_non_finite_score_is_never_the_best_checkpoint(tmp_path):
+    import json
+
+    from opcd.runs.export import best_step
+
+    for step in (2, 4):
+        _published(tmp_path, step)
+    (tmp_path / "evaluation").mkdir()
+    (tmp_path / "evaluation" / "results.json").write_text(json.dumps({"checkpoints": {"2": 0.3, "4": "nan"}}))
+    assert best_step(tmp_path) == 2

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from opcd.runs.checkpoint import latest_checkpoint
+from opcd.runs.checkpoint import latest_checkpoint, save_checkpoint, step_dir
 from opcd.cli import main
 from opcd.config import load_config, to_yaml
 from opcd.errors import ConfigError, OpcdError
@@ -30,8 +30,9 @@ def _saved_run(tmp_path, tiny_model, step: int, *extra, summary: bool = False) -
     """A run folder as `opcd distill` leaves it after saving `step` (weights are not needed here)."""
     cfg = load_config(_overrides(tmp_path, tiny_model, *extra))
     run_dir = cfg.run_dir
-    (run_dir / f"global_step_{step}").mkdir(parents=True)
-    (run_dir / f"global_step_{step}" / "COMPLETE").write_text(str(step))
+    run_dir.mkdir(parents=True)
+    save_checkpoint(run_dir, step, lambda folder: (folder / "weights.txt").write_text(str(step)) and None,
+                    {"step": step})
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, step + 1)))
     if summary:
@@ -138,9 +139,10 @@ def test_resume_never_moves_the_old_run_aside_so_a_rerun_continues_the_new_one(t
     a plain rerun continued the OLD run (metrics: new step 1, then old steps 5-6)."""
     run_dir = _saved_run(tmp_path, tiny_model, 6)
     with claimed(load_config(_overrides(tmp_path, tiny_model, "trainer.resume=never", "trainer.lr=1e-4"))):
-        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK]
+        assert sorted(p.name for p in run_dir.iterdir()) == ["inputs.json", LOCK]
     (aside,) = run_dir.parent.glob("run.old-*")
-    assert sorted(p.name for p in aside.iterdir()) == ["config.yaml", "global_step_6", "metrics.jsonl"]
+    assert sorted(p.name for p in aside.iterdir()) == ["config.yaml", "global_step_6", "latest_checkpointed_iteration.txt",
+                                                       "metrics.jsonl"]
     assert latest_checkpoint(run_dir) is None and latest_checkpoint(aside)[0] == 6  # nothing lost, nothing mixed
 
 
@@ -155,6 +157,51 @@ def test_a_finished_run_says_it_is_complete_without_starting_anything(tmp_path, 
     assert f"{run_dir} is complete (step 4 of 4); its report: {run_dir}/report/report.html" in caplog.text
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     assert not (run_dir / LOCK).exists()
+
+
+def test_a_finished_run_whose_last_checkpoint_is_damaged_is_not_complete(tmp_path, tiny_model, caplog):
+    """Bug: a finished run whose last checkpoint had flipped bytes still said "complete" (its result is
+    that checkpoint); now it is named and the run resumes from the newest intact checkpoint."""
+    from opcd.runs.folder import check_resume
+
+    run_dir = _saved_run(tmp_path, tiny_model, 4, summary=True)
+    cfg = load_config(_overrides(tmp_path, tiny_model))
+    assert check_resume(cfg, run_dir)["complete"] is True
+    (step_dir(run_dir, 4) / "weights.txt").write_text("5")
+    with caplog.at_level("WARNING", logger="opcd"):
+        assert check_resume(cfg, run_dir) is None
+    assert (f"{run_dir}: the last checkpoint is damaged (weights.txt does not match its checksum (flipped or "
+            f"truncated bytes)), so the run is not complete") in caplog.text
+
+
+def test_a_model_copied_over_in_place_is_refused_on_resume(tmp_path, tiny_model, capsys):
+    """Bug: a resume did not notice that the files behind model.path changed in place (a copied-over
+    model.safetensors resumed silently; KL 6.4e-7 -> 7.8e-5)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    run_dir = _saved_run(tmp_path, model, 2)
+    cfg = load_config(_overrides(tmp_path, model))
+    with claimed(cfg):
+        pass
+    assert json.loads((run_dir / "inputs.json").read_text())["model.path"]["config.json"][0] > 0
+    (model / "config.json").write_text((model / "config.json").read_text().replace("{", '{"note": 1, ', 1))
+    code, _, err = _cli(capsys, *_overrides(tmp_path, model))
+    assert code == 2 and err == (
+        f"opcd: error: {run_dir} holds a run saved at step 2 whose input files have changed since (model.path "
+        f"({model}): config.json has other content): to go on with the new files pass "
+        f"trainer.resume_override=[model.path], to start afresh trainer.resume=never")
+    with claimed(load_config(_overrides(tmp_path, model, "trainer.resume_override=[model.path]"))):
+        pass  # accepted on purpose, and recorded: the next resume compares with the new files
+    with claimed(cfg):
+        pass
+
+
+def test_keep_last_n_and_hf_export_may_change_on_resume(tmp_path, tiny_model):
+    _saved_run(tmp_path, tiny_model, 2)
+    with claimed(load_config(_overrides(tmp_path, tiny_model, "trainer.keep_last_n=1", "trainer.hf_export=none"))):
+        pass
 
 
 # -- a full disk while a checkpoint is written -----------------------------------------------------
@@ -177,7 +224,7 @@ def test_a_full_disk_inside_torch_save_is_the_no_space_line_and_keeps_the_last_c
 
     class Saving(_FakeStudent):
         def call(self, method, *args):
-            if method == "save":
+            if method.__name__ == "save":
                 torch.save({"w": torch.zeros(300_000)}, Path(args[0]) / "optimizer.pt")  # 1.2 MB: one fits
             return super().call(method, *args)
 
@@ -185,7 +232,7 @@ def test_a_full_disk_inside_torch_save_is_the_no_space_line_and_keeps_the_last_c
     trainer.student = Saving(trainer.student.skipped)
     trainer.save(1)
     with pytest.raises(OpcdError, match=rf"^no space left on device while writing checkpoint "
-                                        rf"{small_disk}/global_step_2 \(the previous checkpoint is intact\)$"):
+                                        rf"{small_disk}/global_step_2 \(the previous checkpoint, step 1, is intact\)$"):
         trainer.save(2)
     assert latest_checkpoint(small_disk)[0] == 1
     assert not list(small_disk.glob(".global_step_*"))  # the partial copy is gone

@@ -109,3 +109,61 @@ def test_a_fresh_demo_run_has_a_checkpoint_plot_a_teacher_line_and_no_empty_colu
     data = load_run(run)
     assert data.held_out_by_step() == {2: 0.4, 3: 0.6}
     assert data.references() == {"base without context": 0.0, "teacher with context": 0.75}
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("metrics.jsonl", b'{"step": 1, "lo\n{"step": 2}\n', "metrics.jsonl:1: not valid JSON"),
+    ("metrics.jsonl", b'{"step": 1}\n{"loss/kl": 0.2}\n', "metrics.jsonl:2: no 'step'; expected a JSON object with 'step'"),
+    ("metrics.jsonl", b'{"step": 1}\n3\n{"step": 2}\n', "metrics.jsonl:2: a JSON int, expected a JSON object"),
+    ("metrics.jsonl", b'{"step": "one"}\n', "metrics.jsonl: step 'one', expected an integer step"),
+    ("metrics.jsonl", b'{"step": 1, "x": "\xff"}\n', "metrics.jsonl: not UTF-8 text (byte 0xff"),
+    ("eval.json", b'{"student_before": {"sco', "eval.json: not valid JSON"),
+    ("eval.json", b"", "eval.json: empty file"),
+    ("eval.json", b"[1, 2]", "eval.json: holds a JSON list, expected a JSON object"),
+    ("eval.json", b'{"x": "\xc3"}', "eval.json: not UTF-8 text"),
+    ("evaluation/results.json", b'{"checkpoints": {"2": 0.', "results.json: not valid JSON"),
+    ("evaluation/results.json", b"", "results.json: empty file"),
+    ("evaluation/results.json", b'{"checkpoints": [0.5]}', "results.json: 'checkpoints' and 'baselines' must map"),
+    ("evaluation/results.json", b'{"checkpoints": {}, "best": 3}', "results.json: 'best' must be an object"),
+    ("evaluation/results.json", b'{"checkpoints": {"\xff": 1}}', "results.json: not UTF-8 text"),
+    ("evaluation/results.csv", b"name,num_items\n\xff,3\n", "results.csv: not UTF-8 text"),
+])
+def test_damaged_run_files_are_one_line_and_exit_2(tmp_path, capsys, name, content, message):
+    """Bug: `opcd report` traced back (JSONDecodeError, KeyError: 'step', AttributeError, UnicodeDecodeError)
+    on damaged metrics.jsonl / eval.json / results files instead of naming the file and what was expected."""
+    run = _run(tmp_path / "r", [0.4, 0.3], {2: 0.5})
+    (run / name).write_bytes(content)
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("opcd: error: ") and message in err and "\n" not in err, err
+    assert "Traceback" not in err
+
+
+def test_a_torn_last_metrics_line_is_one_warning(tmp_path, caplog):
+    run = _run(tmp_path / "r", [0.4, 0.3])  # _run ends metrics.jsonl with a torn line
+    assert main(["report", str(run)]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{run / 'metrics.jsonl'}:3: last line cut short (a crash while writing?); skipped it, "
+                        f"the 2 lines before it are read"]
+
+
+def test_non_finite_metrics_are_gaps_on_a_numeric_axis_and_marked(tmp_path):
+    """Bug: `"nan"` metrics (tracking writes non-finite values as strings) were drawn on a categorical axis,
+    so a curve appeared to rise when its values fell."""
+    import math
+
+    from opcd.runs.report import training_figure
+
+    run = _run(tmp_path / "r", [0.5, 0.4, 0.3])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()[:3]]
+    rows[1]["loss/kl"] = "nan"
+    rows[2]["loss/kl"] = "inf"
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = training_figure([load_run(run)])
+    kl = next(ax for ax in fig.axes if ax.get_title() == "KL loss")
+    curve, marks = kl.get_lines()[:2]
+    ys = list(curve.get_ydata())
+    assert ys[0] == 0.5 and math.isnan(ys[1]) and math.isnan(ys[2])  # numbers, with gaps
+    assert list(marks.get_xdata()) == [2, 3] and marks.get_label() == "r: non-finite (2 steps)"
+    assert kl.yaxis.get_units() is None  # not a category axis
+    write_report([run])  # and the whole report still draws

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+
+import pytest
+
 from opcd.runs.tracking import Tracker
 
 
@@ -71,3 +74,34 @@ def test_a_resumed_bar_starts_at_its_step(tmp_path, capsys):
     tracker.close()
     lines = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
     assert "2/4" in lines[0] and "3/4" in lines[-1]
+
+
+def test_a_wandb_run_id_keeps_only_characters_wandb_accepts(tmp_path):
+    """Bug: trainer.exp_name='run:1' with wandb failed after the models had loaded (run ids refuse ':')."""
+    import re
+
+    from opcd.runs.tracking import _wandb_id
+
+    run_id = _wandb_id(tmp_path, "run:1/a b#c?")
+    assert re.fullmatch(r"run-1-a-b-c--[0-9a-f]{8}", run_id), run_id
+    assert _wandb_id(tmp_path, "run:1/a b#c?") == run_id
+
+
+@pytest.mark.slow
+def test_wandb_with_a_key_and_no_network_falls_back_to_offline_in_one_line(tmp_path, monkeypatch, caplog):
+    """Bug: WANDB_API_KEY set with no network: 161 s, then 67 lines of CommError. Now the online start is
+    bounded by WANDB_INIT_TIMEOUT and the run logs offline, with one warning."""
+    import time
+
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    start = time.monotonic()
+    tracker = Tracker(["wandb"], tmp_path, "run:1", {"a": 1}, total_steps=1)
+    tracker.log({"loss/kl": 0.5}, step=1)
+    tracker.close()
+    assert time.monotonic() - start < 60
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "opcd"]
+    assert len(warnings) == 1 and warnings[0].startswith("wandb: cannot reach http://127.0.0.1:9 within 3 s (")
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
