@@ -206,13 +206,8 @@ class UpdateBatch:
     def rank_shares(self, world_size: int) -> list["UpdateBatch"]:
         """One share per rank holding only that rank's rows (`WorkerGroup` puts each into the object
         store once and hands it to its rank alone). The step-wide normalisers stay the whole batch's."""
-        lengths = share_lengths(self.prompt_ids, self.response_mask)
-        pad_id = _pad_value(self.response_ids, self.response_mask)
         out = []
-        for rank in range(world_size):
-            share = RowShare(rank, world_size, lengths, pad_id)
-            rows = share.rows
-            mask = _rows(self.response_mask, rows)
+        for share, rows, mask in _rank_rows(self.prompt_ids, self.response_ids, self.response_mask, world_size):
             out.append(UpdateBatch([self.prompt_ids[i] for i in rows],
                                    pack_tokens(_compact_ids(_rows(self.response_ids, rows)), mask), mask,
                                    pack_tokens(_compact_ids(_rows(self.support_ids, rows)), mask),
@@ -254,13 +249,8 @@ class ScoreRequest:
     share: RowShare | None = None  # as UpdateBatch.share
 
     def rank_shares(self, world_size: int) -> list["ScoreRequest"]:
-        lengths = share_lengths(self.prompts, self.response_mask)
-        pad_id = _pad_value(self.response_ids, self.response_mask)
         out = []
-        for rank in range(world_size):
-            share = RowShare(rank, world_size, lengths, pad_id)
-            rows = share.rows
-            mask = _rows(self.response_mask, rows)
+        for share, rows, mask in _rank_rows(self.prompts, self.response_ids, self.response_mask, world_size):
             out.append(ScoreRequest([self.prompts[i] for i in rows],
                                     pack_tokens(_compact_ids(_rows(self.response_ids, rows)), mask), mask,
                                     pack_tokens(_compact_ids(_rows(self.support_ids, rows)), mask),
@@ -280,3 +270,13 @@ class ScoreRequest:
         return ScoreRequest([[0]], _one_token_like(self.response_ids, 0, True),
                             _one_token_like(self.response_mask, True),
                             _one_token_like(self.support_ids, 0, True), self.merge_topk, self.share)
+
+
+def _rank_rows(prompts: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor, world_size: int):
+    """For each rank: its `RowShare` (the balanced partition by length, the same on every rank), its
+    rows and their response mask."""
+    lengths = share_lengths(prompts, response_mask)
+    pad_id = _pad_value(response_ids, response_mask)
+    for rank in range(world_size):
+        share = RowShare(rank, world_size, lengths, pad_id)
+        yield share, share.rows, _rows(response_mask, share.rows)
