@@ -70,7 +70,7 @@ def test_missing_model_path(tmp_path, capsys):
     ("trainer.foo=1", "config: unknown key trainer.foo (known keys in trainer: "),
     ("+trainer.foo=1", "config: unknown key trainer.foo (known keys in trainer: "),
     ("loss.kl_topk=abc", "config loss.kl_topk='abc': expected an integer"),
-    ("rollout.temperature=0", "config rollout.temperature=0.0: expected a finite float > 0"),
+    ("rollout.temperature=0", "config rollout.temperature=0.0: expected a finite float >= 0.0001"),
 ])
 def test_bad_config_values(capsys, override, expected):
     code, err = _run(capsys, override)
@@ -137,7 +137,7 @@ def test_offpolicy_needs_a_topk(tmp_path, tiny_model, capsys):
 
 # -- values that pass a type check and then do harm; names that escape runs_dir (issue 17) -------------
 @pytest.mark.parametrize("override, expected", [
-    ("rollout.temperature=inf", "config rollout.temperature=inf: expected a finite float > 0"),
+    ("rollout.temperature=inf", "config rollout.temperature=inf: expected a finite float >= 0.0001"),
     ("trainer.lr=inf", "config trainer.lr=inf: expected a finite float > 0"),
     ("trainer.lr=nan", "config trainer.lr=nan: expected a finite float > 0"),
     ("rollout.max_response_length=100000000",
