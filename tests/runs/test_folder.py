@@ -174,6 +174,25 @@ def test_a_finished_run_whose_last_checkpoint_is_damaged_is_not_complete(tmp_pat
             f"truncated bytes)), so the run is not complete") in caplog.text
 
 
+@pytest.mark.parametrize("content", [b'{"final_step": 4, "ev', b"", b"[4]", b'{"final_step": "\xff"}'])
+def test_a_damaged_summary_is_one_warning_and_the_run_is_finished_again(tmp_path, tiny_model, caplog, content):
+    from opcd.runs.folder import check_resume
+
+    run_dir = _saved_run(tmp_path, tiny_model, 4, summary=True)
+    (run_dir / "summary.json").write_bytes(content)
+    with caplog.at_level("WARNING", logger="opcd"):
+        assert check_resume(load_config(_overrides(tmp_path, tiny_model)), run_dir) is None
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"{run_dir / 'summary.json'}: ") and warning.endswith("finishing the run again rewrites it")
+
+
+def test_a_damaged_inputs_json_is_one_line(tmp_path, tiny_model, capsys):
+    run_dir = _saved_run(tmp_path, tiny_model, 2)
+    (run_dir / "inputs.json").write_bytes(b'{"model.path": {"conf')
+    code, _, err = _cli(capsys, *_overrides(tmp_path, tiny_model))
+    assert code == 2 and err.startswith(f"opcd: error: {run_dir / 'inputs.json'}: not valid JSON (") and "\n" not in err
+
+
 def test_a_model_copied_over_in_place_is_refused_on_resume(tmp_path, tiny_model, capsys):
     """Bug: a resume did not notice that the files behind model.path changed in place (a copied-over
     model.safetensors resumed silently; KL 6.4e-7 -> 7.8e-5)."""
