@@ -208,7 +208,7 @@ class TrainerConfig:
     eval_freq: int = 0  # also evaluate the student (no context) every N steps during training; 0 = off
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl"])  # + tensorboard, wandb
     wandb_project: str | None = None  # default: $WANDB_PROJECT, else "opcd"
-    num_threads: int = 0  # torch threads per worker; 0 = all cores of the machine
+    num_threads: int = 0  # torch threads per worker; 0 = the node's cores divided by its group's ranks on that node
 
     def __post_init__(self):
         _check(_plain_name(self.exp_name), "trainer.exp_name", self.exp_name,

@@ -16,9 +16,17 @@ from opcd.workers import distributed as D
 from opcd.workers.spec import WorkerSpec
 
 
+def default_threads(cores: int, ranks_on_node: int) -> int:
+    """A rank's torch threads when trainer.num_threads is 0: the node's cores shared by its group's
+    ranks there. Groups colocated on a node take turns (rollout, scoring, update), so each group gets
+    all the cores in its turn; eight ranks each running every core would oversubscribe them 8x."""
+    return max(1, cores // max(1, ranks_on_node))
+
+
 class ModelWorker:
     def __init__(self, spec: WorkerSpec, rank: int = 0, world_size: int = 1, rendezvous=None):
-        torch.set_num_threads(spec.num_threads or os.cpu_count() or 1)
+        torch.set_num_threads(spec.num_threads or default_threads(os.cpu_count() or 1,
+                                                                  int(os.environ.get("OPCD_RANKS_ON_NODE", "1"))))
         self.spec = spec
         self.rank, self.world_size = rank, world_size
         self.device = worker_device()

@@ -36,6 +36,17 @@ log = logging.getLogger("opcd")
 # OMP_WAIT_POLICY=PASSIVE: measured here, sleeping OpenMP threads made decoding ~30% slower, and the
 # idle groups' default short spin costs nothing noticeable.)
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+RANKS_ON_NODE = "OPCD_RANKS_ON_NODE"  # how many ranks of its group share a rank's node (workers/base.py)
+
+
+def ranks_on_each_node(world_size: int, pool=None) -> list[int]:
+    """For each rank, the ranks of the same group on its node: from the pool's bundle placement when
+    known, else all ranks on one node (a local run)."""
+    if pool is None or getattr(pool, "nodes", None) is None:
+        return [world_size] * world_size
+    order = pool.order or tuple(range(world_size))
+    nodes = [pool.nodes[order[rank]] for rank in range(world_size)]
+    return [nodes.count(node) for node in nodes]
 
 
 def init_ray(address: str | None, num_cpus: float | None) -> None:
@@ -84,9 +95,11 @@ class WorkerGroup:
         if pool is not None:
             pool.check_engines(ranks_per_engine)
         self.workers = []
+        neighbours = ranks_on_each_node(world_size, pool)
         for rank in range(world_size):
             options = pool.actor_options(rank) if pool is not None else {"num_cpus": num_cpus, "num_gpus": num_gpus}
-            actor_env = {**env, **WORKER_ENV, **devices.actor_env(options["num_gpus"])}
+            actor_env = {**env, **WORKER_ENV, **devices.actor_env(options["num_gpus"]),
+                         RANKS_ON_NODE: str(neighbours[rank])}
             self.workers.append(actor_cls.options(**options, max_concurrency=1, runtime_env={"env_vars": actor_env})
                                 .remote(**kwargs, **extra, rank=rank, world_size=world_size))
         self.nodes: list[str] = []  # each rank's node (see _node), for the failure lines
