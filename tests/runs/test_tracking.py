@@ -98,7 +98,7 @@ def test_wandb_with_a_key_and_no_network_falls_back_to_offline_in_one_line(tmp_p
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     start = time.monotonic()
-    tracker = Tracker(["wandb"], tmp_path, "run:1", {"a": 1}, total_steps=1)
+    tracker = Tracker(["wandb"], tmp_path, exp_name="run:1", config={"a": 1}, total_steps=1)
     tracker.log({"loss/kl": 0.5}, step=1)
     tracker.close()
     assert time.monotonic() - start < 60
