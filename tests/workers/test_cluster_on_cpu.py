@@ -42,6 +42,10 @@ def nodes(tmp_path, monkeypatch):
     folders = {name: tmp_path / name for name in ("head", "node2", "driver")}
     for folder in folders.values():
         folder.mkdir()
+    # Workers on nodes started from other folders import this test module (Probe) from the repository:
+    # the nodes' processes inherit this variable (pytest puts the root on the driver's path alone)
+    root = str(Path(__file__).resolve().parents[2])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     monkeypatch.chdir(folders["head"])
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     monkeypatch.chdir(folders["node2"])
