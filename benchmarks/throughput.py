@@ -85,7 +85,7 @@ def training_part(ranks: int, model: str, batch: int, new_tokens: int, repeats: 
     from opcd.models import load_tokenizer
     from opcd.protocol import UpdateBatch
     from opcd.workers.group import WorkerGroup, init_ray
-    from opcd.workers.spec import TrainSpec, WorkerSpec
+    from opcd.workers.spec import WorkerSpec
     from opcd.workers.student import StudentWorker
 
     tokenizer = load_tokenizer(model)
@@ -98,8 +98,8 @@ def training_part(ranks: int, model: str, batch: int, new_tokens: int, repeats: 
                          batch * new_tokens, batch)
     init_ray(None, None)
     threads = max(1, (os.cpu_count() or 1) // ranks) if not torch.cuda.is_available() else 0
-    spec = WorkerSpec(model_path=model, num_threads=threads, micro_batch_size=max(1, batch // ranks))
-    group = WorkerGroup(f"bench{ranks}", StudentWorker, {"spec": spec, "train": TrainSpec(lr=1e-6)},
+    spec = WorkerSpec.build(model, num_threads=threads, micro_batch_size=max(1, batch // ranks), lr=1e-6)
+    group = WorkerGroup(f"bench{ranks}", StudentWorker, {"spec": spec},
                         world_size=ranks, num_gpus=1 if torch.cuda.is_available() else 0)
     seconds = _median_time(lambda: group.gather(StudentWorker.update, update), repeats)
     group.shutdown()

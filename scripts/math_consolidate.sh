@@ -21,7 +21,11 @@ opcd_require model exp_name exp_path
 OPCD_OVERRIDES+=(task=math)
 opcd_task_data math
 opcd_common_overrides
-# one 16k-token sequence per forward/backward: its checkpointed activations, not the weights, set the
-# memory (docs/gpus.md)
-OPCD_OVERRIDES+=(rollout.temperature=0.6 trainer.batch_size=128 trainer.micro_batch_size=1)
+# Passes by token budget, sized for 80 GB cards (docs/memory-plan.md): the update takes one longest row
+# (a prompt with its 4,096-token experience, 5,120 tokens, + the response) or several shorter ones,
+# its checkpointed activations, not the weights, set the memory (docs/gpus.md); the teacher's no-grad
+# scoring keeps no activations for a backward and takes four such rows per pass.
+budget=$((5120 + FLAG_max_response_length))
+OPCD_OVERRIDES+=(rollout.temperature=0.6 trainer.batch_size=128 trainer.micro_batch_size=1
+                 trainer.micro_batch_tokens="$budget" trainer.teacher_micro_batch_tokens=$((4 * budget)))
 opcd_exec distill

@@ -82,6 +82,12 @@ def validate(raw, machine: Machine | None = None) -> DistillConfig:
     return resolve(_build(DistillConfig, data, ""), machine or Machine.here())
 
 
+def build_section(cls, data: dict, name: str):
+    """One section of the config (e.g. `TrainerConfig` under `trainer`) from plain values, with the same
+    checks as a loaded config's: wrong types and bad values are ConfigError lines naming `name.key`."""
+    return _build(cls, data, f"{name}.")
+
+
 def _build(cls, data, prefix: str):
     """Recursively check `data` against the dataclass `cls` (its type hints are the schema)."""
     if not isinstance(data, dict):

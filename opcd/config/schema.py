@@ -185,6 +185,9 @@ class TrainerConfig:
     batch_size: int = 8  # prompts per step (each sampled rollout.n times)
     micro_batch_size: int = 8  # sequences per forward/backward pass (gradient accumulation inside a step)
     micro_batch_tokens: int = 0  # > 0: micro-batches by token budget (prompt + response tokens) instead
+    # > 0: the teacher's no-grad scoring passes take this token budget instead (it holds no activations
+    # for a backward, so it fits far more tokens per pass than the student's update)
+    teacher_micro_batch_tokens: int = 0
     # pack each micro-batch into one row without padding (needs loss.lm_head_chunk_size > 0);
     # null = only with flash-attention (varlen kernels), where it pays
     padding_free: bool | None = None
@@ -220,6 +223,8 @@ class TrainerConfig:
         _check(self.micro_batch_size >= 1, "trainer.micro_batch_size", self.micro_batch_size, "an integer >= 1")
         _check(self.micro_batch_tokens >= 0, "trainer.micro_batch_tokens", self.micro_batch_tokens,
                "an integer >= 0 (0 = micro-batches of trainer.micro_batch_size sequences)")
+        _check(self.teacher_micro_batch_tokens >= 0, "trainer.teacher_micro_batch_tokens",
+               self.teacher_micro_batch_tokens, "an integer >= 0 (0 = the student's micro-batching)")
         _check(self.lr > 0 and _finite(self.lr), "trainer.lr", self.lr, "a finite float > 0")
         _check(self.weight_decay >= 0 and _finite(self.weight_decay), "trainer.weight_decay", self.weight_decay,
                "a finite float >= 0")

@@ -19,7 +19,7 @@ from opcd.config import DistillConfig, to_yaml
 from opcd.runs.results import EvalResult
 from opcd import metrics as M
 from opcd.pipelines.run_setup import (Prepared, engine_ranks, frozen_context, generation_spec, naming_last_checkpoint,
-                                      prepare, reserved_pools, sampling, student_context, teacher_ranks, train_spec)
+                                      prepare, reserved_pools, sampling, student_context, teacher_ranks)
 from opcd.runs.report import write_report
 from opcd.runs.folder import claims_run_folder
 from opcd.data.files import read_json, read_jsonl
@@ -73,8 +73,8 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source: Ro
 def _place_groups(cfg: DistillConfig, prepared: Prepared, pools, objective: str | None):
     """The student group (trainable model + its rollout engine) and the frozen teacher group, on their pools."""
     student = WorkerGroup("student", StudentWorker,
-                          {"spec": generation_spec(cfg, prepared.student_path, student_context(cfg, prepared.domain)),
-                           "train": train_spec(cfg, objective)},
+                          {"spec": generation_spec(cfg, prepared.student_path, student_context(cfg, prepared.domain),
+                                                   objective=objective)},
                           world_size=cfg.ray.ranks_per_group, pool=pools["student"],
                           collective_timeout_s=cfg.ray.collective_timeout_s, ranks_per_engine=engine_ranks(cfg))
     # a padded teacher scores over the student's ids (opcd/workers/scoring.py); its held-out

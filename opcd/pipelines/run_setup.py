@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -36,7 +36,7 @@ from opcd.workers.frozen import FrozenModelWorker
 from opcd.runs.checkpoint import latest_checkpoint
 from opcd.workers.group import WorkerGroup
 from opcd.workers.placement import make_pools, remove_pools
-from opcd.workers.spec import TrainSpec, WorkerSpec
+from opcd.workers.spec import WorkerSpec
 
 log = logging.getLogger("opcd")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -160,46 +160,12 @@ def _game_domain(cfg: DistillConfig, tokenizer, context: ContextSource, purpose:
 
 # -- workers ------------------------------------------------------------------------------------------
 
-def worker_spec(cfg: DistillConfig, path: str, vocab_rows: int | None = None) -> WorkerSpec:
-    """The spec of a worker holding the model at `path` (student or frozen), from the config; it
-    generates with the `hf` engine (see generation_spec). `vocab_rows`: score over the first rows only
-    (a teacher whose embedding is padded beyond the student's)."""
-    m, t, r = cfg.model, cfg.trainer, cfg.rollout
-    return WorkerSpec(model_path=path, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-                      attn_implementation=m.attn_implementation, cpu_offload=m.cpu_offload, num_threads=t.num_threads,
-                      temperature=r.temperature, micro_batch_size=t.micro_batch_size,
-                      micro_batch_tokens=t.micro_batch_tokens, lm_head_chunk_size=cfg.loss.lm_head_chunk_size,
-                      padding_free=t.padding_free, vocab_rows=vocab_rows,
-                      hf={"cache": r.hf_cache, "compile": r.hf_compile})
-
-
-def generation_spec(cfg: DistillConfig, path: str, max_model_len: int | None, vocab_rows: int | None = None) -> WorkerSpec:
-    """A worker that generates for a living (the student, extraction, evaluation, off-policy data, OEL
-    deployment): the configured rollout backend, a vLLM context of `max_model_len` tokens (None: the
-    model's own limit)."""
-    return replace(worker_spec(cfg, path, vocab_rows), rollout_backend=cfg.rollout.backend,
-                   vllm=vllm_kwargs(cfg, max_model_len))
-
-
-def train_spec(cfg: DistillConfig, objective: str | None = None) -> TrainSpec:
-    """The student's training settings; `objective` replaces loss.kl_loss_type (off-policy)."""
-    t = cfg.trainer
-    return TrainSpec(lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
-                     kl_loss_type=objective or cfg.loss.kl_loss_type, support_mode=cfg.loss.support_mode,
-                     aggregation=cfg.loss.aggregation, activation_checkpointing=cfg.model.activation_checkpointing)
-
-
-def vllm_kwargs(cfg: DistillConfig, max_model_len: int | None) -> dict:
-    """A vLLM engine's settings (rollout.backend=vllm; {} for hf)."""
-    r = cfg.rollout
-    if r.backend == "hf":
-        return {}
-    return {
-        "max_model_len": max_model_len, "seed": cfg.trainer.seed,
-        "gpu_memory_utilization": r.vllm_gpu_memory_utilization, "cpu_kv_cache_gb": r.vllm_cpu_kv_cache_gb,
-        # vLLM refuses more log-probs per token than this (default 20); the support is the policy's top-k
-        "max_logprobs": max(cfg.loss.kl_topk, 20), "tensor_parallel_size": r.vllm_tensor_parallel_size,
-        "enforce_eager": r.vllm_enforce_eager if r.vllm_enforce_eager is not None else cfg.ray.gpus_per_node == 0}
+def generation_spec(cfg: DistillConfig, path: str, max_model_len: int | None, vocab_rows: int | None = None,
+                    objective: str | None = None) -> WorkerSpec:
+    """A model worker's spec (opcd/workers/spec.py): the config's sections, the configured rollout engine
+    with a vLLM context of `max_model_len` tokens (None: the model's own limit); `vocab_rows`: a padded
+    teacher scores over the student's rows; `objective` replaces loss.kl_loss_type (off-policy)."""
+    return WorkerSpec.from_config(cfg, path, vocab_rows=vocab_rows, max_model_len=max_model_len, objective=objective)
 
 
 def student_context(cfg: DistillConfig, domain: Domain) -> int:

@@ -43,6 +43,7 @@ class Layout:
     response_tokens: int
     micro_batch_size: int
     micro_batch_tokens: int
+    teacher_micro_batch_tokens: int
     lm_head_chunk: int
     topk: int
     engine: str  # "vllm" | "hf"
@@ -59,7 +60,8 @@ class Layout:
                    activation_checkpointing=bool(cfg.model.activation_checkpointing), cpu_offload=cfg.model.cpu_offload,
                    rows=t.batch_size * r.n, prompt_tokens=cfg.task.max_prompt_length,
                    response_tokens=r.max_response_length, micro_batch_size=t.micro_batch_size,
-                   micro_batch_tokens=t.micro_batch_tokens, lm_head_chunk=cfg.loss.lm_head_chunk_size,
+                   micro_batch_tokens=t.micro_batch_tokens, teacher_micro_batch_tokens=t.teacher_micro_batch_tokens,
+                   lm_head_chunk=cfg.loss.lm_head_chunk_size,
                    topk=max(cfg.loss.kl_topk, 0), engine=r.backend,
                    tensor_parallel=r.vllm_tensor_parallel_size if r.backend == "vllm" else 1,
                    gpu_memory_utilization=r.vllm_gpu_memory_utilization,
@@ -76,6 +78,13 @@ class Layout:
             return max(self.micro_batch_tokens, self.seq_tokens)
         per_rank = math.ceil(self.rows / self.student_ranks)
         return min(self.micro_batch_size, per_rank) * self.seq_tokens
+
+    @property
+    def teacher_micro_tokens(self) -> int:
+        """Tokens of the teacher's largest scoring pass: its own budget when set (WorkerSpec.micro_batching)."""
+        if self.teacher_micro_batch_tokens > 0:
+            return max(self.teacher_micro_batch_tokens, self.seq_tokens)
+        return self.micro_tokens
 
     @property
     def rows_per_engine(self) -> int:
@@ -124,7 +133,7 @@ def student_activations(shape: ModelShape, lay: Layout) -> int:
 
 def teacher_activations(shape: ModelShape, lay: Layout, b: int) -> int:
     """Scoring without gradients: one layer's working set, the residual stream, a head chunk (x2)."""
-    tokens = lay.micro_tokens
+    tokens = lay.teacher_micro_tokens
     chunk = min(lay.lm_head_chunk or tokens, tokens)
     return layer_activation_bytes_per_token(shape, b) * tokens + tokens * shape.hidden * b + 2 * chunk * shape.vocab * 4
 

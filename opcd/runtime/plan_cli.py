@@ -107,7 +107,8 @@ def _plan_text(cfg, gpu_memory: str | None):
               f"engine {layout.engine}: {layout.rows_per_engine} rows per engine x ({layout.prompt_tokens} prompt + "
               f"{layout.response_tokens} response tokens), TP {layout.tensor_parallel}, "
               f"gpu_memory_utilization {layout.gpu_memory_utilization}",
-              f"update: largest micro-batch {layout.micro_tokens} tokens, activation checkpointing "
+              f"update: largest micro-batch {layout.micro_tokens} tokens (teacher scoring: "
+              f"{layout.teacher_micro_tokens}), activation checkpointing "
               f"{layout.activation_checkpointing}, dtype {cfg.model.dtype}; card: {card_src}"]
     if not layout.gpu:
         header.append("CPU run (ray.gpus_per_node=0): figures are per rank in host memory; no card check")

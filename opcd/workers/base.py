@@ -25,27 +25,28 @@ def default_threads(cores: int, ranks_on_node: int) -> int:
 
 class ModelWorker:
     def __init__(self, spec: WorkerSpec, rank: int = 0, world_size: int = 1, rendezvous=None):
-        torch.set_num_threads(spec.num_threads or default_threads(os.cpu_count() or 1,
+        torch.set_num_threads(spec.trainer.num_threads or default_threads(os.cpu_count() or 1,
                                                                   int(os.environ.get("OPCD_RANKS_ON_NODE", "1"))))
         self.spec = spec
         self.rank, self.world_size = rank, world_size
         self.device = worker_device()
         if world_size > 1:
-            D.init_process_group(rendezvous, rank, world_size, self.device, spec.cpu_offload)
-        self.tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
+            D.init_process_group(rendezvous, rank, world_size, self.device, spec.model.cpu_offload)
+        self.tokenizer = load_tokenizer(spec.model_path, spec.model.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id
         self.memory = gpu_memory.PhaseMemory()
 
     def load_model(self, dtype: str) -> torch.nn.Module:
         """The spec's model in `dtype`, on the host (placed by `place`)."""
-        return load_causal_lm(self.spec.model_path, dtype, self.spec.trust_remote_code, self.spec.attn_implementation)
+        m = self.spec.model
+        return load_causal_lm(self.spec.model_path, dtype, m.trust_remote_code, m.attn_implementation)
 
     def place(self, model: torch.nn.Module, mixed_dtype: torch.dtype | None = None,
               activation_checkpointing: bool = False) -> torch.nn.Module:
         """Shard `model` over the ranks (fully_shard moves the shards to the device, or keeps them on CPU
         with offload), or move it whole to this rank's device."""
         if self.world_size > 1:
-            D.shard(model, mixed_dtype, self.spec.cpu_offload, activation_checkpointing)
+            D.shard(model, mixed_dtype, self.spec.model.cpu_offload, activation_checkpointing)
         else:
             model.to(self.device)
         return model

@@ -39,8 +39,8 @@ class FrozenModelWorker(ModelWorker):
         # evaluation) run the configured engine, vLLM included; it is built on the first generate call,
         # so a teacher that only scores never holds one, and released when the generating is done.
         self.rollout = None
-        self.scorer = Scorer.for_model(self.model, spec.lm_head_chunk_size, spec.padding_free, spec.temperature,
-                                       self.pad_id, self.device, vocab_rows=spec.vocab_rows)
+        self.scorer = Scorer.for_model(self.model, spec.loss.lm_head_chunk_size, spec.trainer.padding_free,
+                                       spec.rollout.temperature, self.pad_id, self.device, vocab_rows=spec.vocab_rows)
 
     @torch.no_grad()
     def score(self, prompts: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor,
@@ -63,12 +63,11 @@ class FrozenModelWorker(ModelWorker):
         support_ids, merge_topk = request.support_ids, request.merge_topk
         parts = []
         # data parallel over ranks: every rank runs the same number of forward passes
+        size, budget = self.spec.micro_batching(scoring_only=True)
         if request.share is not None:
-            mine, steps = D.share_micro_batches(request.share, self.spec.micro_batch_size,
-                                                self.spec.micro_batch_tokens)
+            mine, steps = D.share_micro_batches(request.share, size, budget)
         else:
-            mine, steps = D.plan_rank_micro_batches(prompts, response_mask, self.rank, self.world_size,
-                                                    self.spec.micro_batch_size, self.spec.micro_batch_tokens)
+            mine, steps = D.plan_rank_micro_batches(prompts, response_mask, self.rank, self.world_size, size, budget)
         for step in range(steps):
             rows = mine[step] if step < len(mine) else []
             # a padding pass when this rank has no rows left (row 0 of the batch or of its share)

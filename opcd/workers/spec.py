@@ -1,83 +1,96 @@
-"""What a model worker is given: one typed, validated spec per concern instead of two dozen keyword
-arguments. The pipelines build them from the config (`worker_spec`, `train_spec` in
-opcd/pipelines/run_setup.py); tests build them directly. A bad value fails here, in the driver, with
-one line naming the field.
+"""What a model worker is given: the config's own sections (opcd/config/schema.py), resolved for the
+machine, plus the few things that differ per worker (which model, its vocabulary rows, its engine's
+context, the student's objective). A new worker setting is one field in the schema, read where it is
+used; its bounds and choices are checked there, once, when the config is loaded.
 
-    WorkerSpec  every worker holding a model (the student and every frozen model): the model, how its
-                log-probs are computed (opcd/workers/scoring.py) and its generation engine
-    TrainSpec   the student only: optimiser and loss
+    spec.model    dtype, trust_remote_code, attn_implementation, cpu_offload, activation_checkpointing
+    spec.rollout  the generation engine (backend, hf_*/vllm_*) and the temperature log-probs use
+    spec.trainer  threads, micro-batching, optimiser (lr, weight_decay, grad_clip)
+    spec.loss     objective, support mode, aggregation, lm_head chunking
+
+The pipelines build specs with `WorkerSpec.from_config`; tests and benchmarks with `WorkerSpec.build`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Literal, get_args, get_type_hints
+import dataclasses
+from dataclasses import dataclass, field
 
+from opcd.config.load import build_section
+from opcd.config.schema import DistillConfig, LossConfig, ModelConfig, RolloutConfig, TrainerConfig
 from opcd.errors import require
-from opcd.loss.kl import Aggregation, SupportMode
-from opcd.loss.objective import Objective
+from opcd.loss.objective import OBJECTIVES, Objective
 
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _check(ok: bool, spec: str, name: str, value, expected: str) -> None:
-    require(ok, f"{spec}.{name}", value, expected)
-
-
-def _check_choices(spec) -> None:
-    """Every Literal field of `spec` holds one of its choices (the choices are written once, in the type)."""
-    hints = get_type_hints(type(spec))
-    for f in fields(spec):
-        choices = get_args(hints[f.name]) if getattr(hints[f.name], "__origin__", None) is Literal else ()
-        if choices:
-            value = getattr(spec, f.name)
-            _check(value in choices, type(spec).__name__, f.name, value, f"one of {', '.join(choices)}")
+_SECTIONS = {"model": ModelConfig, "rollout": RolloutConfig, "trainer": TrainerConfig, "loss": LossConfig}
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
     model_path: str
-    dtype: Literal[DTYPES] = "float32"  # compute dtype (fp32 master weights on GPU)
-    trust_remote_code: bool = False
-    attn_implementation: str | None = None  # None = transformers' choice
-    cpu_offload: bool = False  # several ranks: parameters (and the student's optimiser state) live on CPU
-    num_threads: int = 0  # torch threads; 0 = all cores
-    temperature: float = 1.0  # log-probs are of softmax(logits / temperature)
-    micro_batch_size: int = 8  # sequences per forward pass
-    micro_batch_tokens: int = 0  # > 0: micro-batches by this token budget instead
-    lm_head_chunk_size: int = 512  # > 0: the lm_head a chunk of tokens at a time (no [tokens, vocab] logits)
-    padding_free: bool | None = None  # packed rows on the chunked path; None = where it pays (flash-attention)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     vocab_rows: int | None = None  # score over the first rows only (a teacher padded beyond the student's ids)
-    rollout_backend: Literal["hf", "vllm"] = "hf"  # the generation engine
-    vllm: dict = field(default_factory=dict)  # VLLMRollout keyword arguments (backend vllm)
-    hf: dict = field(default_factory=dict)  # HFRollout keyword arguments (KV cache, compile)
+    max_model_len: int | None = None  # the vLLM engine's context (None: the model's own limit)
+    objective: Objective | None = None  # the student's loss, when not loss.kl_loss_type (off-policy)
 
     def __post_init__(self):
-        _check(bool(self.model_path), "WorkerSpec", "model_path", self.model_path, "a model folder or hub id")
-        _check(self.num_threads >= 0, "WorkerSpec", "num_threads", self.num_threads, "an integer >= 0")
-        _check(self.temperature > 0, "WorkerSpec", "temperature", self.temperature, "a float > 0")
-        _check(self.micro_batch_size >= 1, "WorkerSpec", "micro_batch_size", self.micro_batch_size, "an integer >= 1")
-        _check(self.micro_batch_tokens >= 0, "WorkerSpec", "micro_batch_tokens", self.micro_batch_tokens,
-               "an integer >= 0")
-        _check(self.lm_head_chunk_size >= 0, "WorkerSpec", "lm_head_chunk_size", self.lm_head_chunk_size,
-               "an integer >= 0 (0 = full logits)")
-        _check(self.vocab_rows is None or self.vocab_rows >= 1, "WorkerSpec", "vocab_rows", self.vocab_rows,
-               "None or an integer >= 1")
-        _check_choices(self)
+        require(bool(self.model_path), "WorkerSpec.model_path", self.model_path, "a model folder or hub id")
+        # the machine-dependent values are decided by opcd.config.resolve before a spec is made
+        require(self.model.dtype != "auto", "WorkerSpec.model.dtype", self.model.dtype,
+                "a resolved dtype (float32, bfloat16 or float16): resolve the config first")
+        require(self.rollout.backend != "auto", "WorkerSpec.rollout.backend", self.rollout.backend,
+                "a resolved backend (hf or vllm): resolve the config first")
+        require(self.objective is None or self.objective in OBJECTIVES, "WorkerSpec.objective", self.objective,
+                f"None or one of {', '.join(OBJECTIVES)}")
+        require(self.vocab_rows is None or self.vocab_rows >= 1, "WorkerSpec.vocab_rows", self.vocab_rows,
+                "None or an integer >= 1")
 
+    @classmethod
+    def from_config(cls, cfg: DistillConfig, model_path: str, *, vocab_rows: int | None = None,
+                    max_model_len: int | None = None, objective: Objective | None = None) -> WorkerSpec:
+        """The spec of a worker holding the model at `model_path`, sharing the (resolved) config's sections."""
+        return cls(model_path, cfg.model, cfg.rollout, cfg.trainer, cfg.loss, vocab_rows=vocab_rows,
+                   max_model_len=max_model_len, objective=objective)
 
-@dataclass(frozen=True)
-class TrainSpec:
-    lr: float = 1e-6  # constant, AdamW
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0  # gradient-norm clipping
-    kl_loss_type: Objective = "full"  # opcd.loss.objective
-    support_mode: SupportMode = "tail"
-    aggregation: Aggregation = "token_mean"
-    activation_checkpointing: bool = False
+    @classmethod
+    def build(cls, model_path: str, *, vocab_rows: int | None = None, max_model_len: int | None = None,
+              objective: Objective | None = None, **settings) -> WorkerSpec:
+        """A spec from config keys written without their section (`micro_batch_size=2`, `backend="vllm"`,
+        `lr=1e-3`): each goes to the one section that declares it, checked by that section; the rest keep
+        the config's defaults, resolved for one CPU process (float32, the hf engine, no activation
+        checkpointing)."""
+        local = cls(model_path, ModelConfig(dtype="float32", activation_checkpointing=False),
+                    RolloutConfig(backend="hf"))
+        return local.replace(vocab_rows=vocab_rows, max_model_len=max_model_len, objective=objective, **settings)
 
-    def __post_init__(self):
-        _check(self.lr > 0, "TrainSpec", "lr", self.lr, "a float > 0")
-        _check(self.weight_decay >= 0, "TrainSpec", "weight_decay", self.weight_decay, "a float >= 0")
-        _check(self.grad_clip > 0, "TrainSpec", "grad_clip", self.grad_clip, "a float > 0")
-        _check_choices(self)
+    def replace(self, **settings) -> WorkerSpec:
+        """This spec with some keys changed: its own fields, or section keys as in `build`."""
+        sections = {name: dict(dataclasses.asdict(getattr(self, name))) for name in _SECTIONS}
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _SECTIONS}
+        for key, value in settings.items():
+            if key in own:
+                own[key] = value
+                continue
+            owners = [name for name, section in _SECTIONS.items() if key in section.__dataclass_fields__]
+            require(len(owners) == 1, "WorkerSpec setting", key,
+                    f"a key of one of the config sections {', '.join(_SECTIONS)}")
+            sections[owners[0]][key] = value
+        return type(self)(**own, **{name: build_section(_SECTIONS[name], kw, name) for name, kw in sections.items()})
+
+    @property
+    def dtype(self) -> str:
+        return self.model.dtype
+
+    @property
+    def kl_loss_type(self) -> Objective:
+        return self.objective or self.loss.kl_loss_type
+
+    def micro_batching(self, scoring_only: bool) -> tuple[int, int]:
+        """(sequences, token budget) per forward pass. A no-grad scoring pass (the teacher) holds no
+        activations for a backward, so it takes trainer.teacher_micro_batch_tokens when set."""
+        t = self.trainer
+        if scoring_only and t.teacher_micro_batch_tokens > 0:
+            return t.micro_batch_size, t.teacher_micro_batch_tokens
+        return t.micro_batch_size, t.micro_batch_tokens

@@ -24,31 +24,31 @@ from opcd.workers import checkpoint_io
 from opcd.workers import distributed as D
 from opcd.workers.base import ModelWorker
 from opcd.workers.scoring import Scorer
-from opcd.workers.spec import TrainSpec, WorkerSpec
+from opcd.workers.spec import WorkerSpec
 
 
 class StudentWorker(ModelWorker):
-    def __init__(self, spec: WorkerSpec, train: TrainSpec, rank: int = 0, world_size: int = 1, rendezvous=None):
+    def __init__(self, spec: WorkerSpec, rank: int = 0, world_size: int = 1, rendezvous=None):
         super().__init__(spec, rank, world_size, rendezvous)
-        self.train = train
+        train = spec.trainer
         mixed = self.device.type == "cuda" and spec.dtype != "float32"
         # On GPU: fp32 master weights computed in `dtype` (FSDP2 mixed precision with several ranks,
         # autocast with one): AdamW steps of lr ~1e-6 on 16-bit weights round away to nothing.
         self.model = self.load_model("float32" if self.device.type == "cuda" else spec.dtype)
         autocast = functools.partial(torch.autocast, "cuda", dtype=getattr(torch, spec.dtype)) \
             if mixed and world_size == 1 else contextlib.nullcontext
-        self.place(self.model, getattr(torch, spec.dtype) if mixed else None, train.activation_checkpointing)
-        if world_size == 1 and train.activation_checkpointing:
+        self.place(self.model, getattr(torch, spec.dtype) if mixed else None, spec.model.activation_checkpointing)
+        if world_size == 1 and spec.model.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
         # fused: one kernel over all parameters; measured 5x faster than the default loop on CPU
-        fused = not (world_size > 1 and spec.cpu_offload)
+        fused = not (world_size > 1 and spec.model.cpu_offload)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
                                            fused=fused)
         self.rollout = make_rollout(spec, self.model, self.tokenizer, self.device, autocast)
-        self.scorer = Scorer.for_model(self.model, spec.lm_head_chunk_size, spec.padding_free, spec.temperature,
-                                       self.pad_id, self.device, autocast)
-        self.token_loss = functools.partial(per_token_loss, train.kl_loss_type, train.support_mode)
+        self.scorer = Scorer.for_model(self.model, spec.loss.lm_head_chunk_size, train.padding_free,
+                                       spec.rollout.temperature, self.pad_id, self.device, autocast)
+        self.token_loss = functools.partial(per_token_loss, spec.kl_loss_type, spec.loss.support_mode)
 
     # -- rollout ---------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
@@ -82,16 +82,16 @@ class StudentWorker(ModelWorker):
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "entropy": 0.0, "student_mass": 0.0, "teacher_mass": 0.0}
-        normalizer = batch.num_tokens if self.train.aggregation == "token_mean" else batch.num_sequences
+        normalizer = batch.num_tokens if self.spec.loss.aggregation == "token_mean" else batch.num_sequences
         if batch.share is not None and not batch.prompt_ids:  # no row here: weight-0 passes on one token
             batch = batch.one_token()
         batch = batch.unpacked()
+        size, budget = self.spec.micro_batching(scoring_only=False)
         if batch.share is not None:  # the driver sent this rank's rows only
-            mine, steps = D.share_micro_batches(batch.share, self.spec.micro_batch_size, self.spec.micro_batch_tokens)
+            mine, steps = D.share_micro_batches(batch.share, size, budget)
         else:
             mine, steps = D.plan_rank_micro_batches(batch.prompt_ids, batch.response_mask, self.rank,
-                                                    self.world_size, self.spec.micro_batch_size,
-                                                    self.spec.micro_batch_tokens)
+                                                    self.world_size, size, budget)
         for index in range(steps):
             chunk = mine[index] if index < len(mine) else []
             weight = 1.0 if chunk else 0.0  # a rank short of data still joins the collectives
@@ -102,7 +102,7 @@ class StudentWorker(ModelWorker):
             for key, value in mb_stats.items():
                 sums[key] += value * weight
         sums = D.all_reduce_sum(sums)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.trainer.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         skipped = not math.isfinite(grad_norm)
         if not skipped:
@@ -125,7 +125,7 @@ class StudentWorker(ModelWorker):
         return self.scorer.loss(self.model, [batch.prompt_ids[i] for i in rows], batch.response_ids[index],
                                 batch.response_mask[index], trained, batch.support_ids[index].to(**on_device),
                                 batch.teacher_logprobs[index].to(**on_device), support_mask, self.token_loss,
-                                self.train.aggregation, normalizer)
+                                self.spec.loss.aggregation, normalizer)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, folder: str, export: bool = False) -> dict[str, str]:

@@ -48,7 +48,7 @@ def test_vllm_context_covers_a_whole_trajectory(smollm2_tokenizer):
     common = ("rollout.backend=vllm", "task.max_prompt_length=100", "rollout.max_response_length=10")
     cfg, dataset = _domain(smollm2_tokenizer, "train", *common)
     assert student_context(cfg, dataset) == 110
-    assert generation_spec(cfg, "m", student_context(cfg, dataset)).vllm["max_model_len"] == 110
+    assert generation_spec(cfg, "m", student_context(cfg, dataset)).max_model_len == 110
     cfg, turns = _domain(smollm2_tokenizer, "train", *common, "task=textgame", "game.max_steps=4")
     assert student_context(cfg, turns) == 110
     cfg, trajectory = _domain(smollm2_tokenizer, "train", *common, "task=textgame", "game.max_steps=4",

@@ -11,7 +11,7 @@ from opcd.models import load_causal_lm, load_tokenizer
 from opcd.data.prompts import encode_chat
 from opcd.protocol import SamplingParams, UpdateBatch
 from opcd.rollout.hf import HFRollout
-from opcd.workers.spec import TrainSpec, WorkerSpec
+from opcd.workers.spec import WorkerSpec
 from opcd.workers.student import StudentWorker
 from opcd.workers.frozen import FrozenModelWorker
 
@@ -53,14 +53,10 @@ def tiny_lm(tiny_model):
     return load_causal_lm(str(tiny_model)).eval()
 
 
-_TRAIN_FIELDS = {f for f in TrainSpec.__dataclass_fields__}
-
-
 def _student(path, **settings) -> StudentWorker:
-    """A student worker; `settings` are fields of WorkerSpec or TrainSpec. `worker.step_grads` holds the
-    gradients its last optimiser step used (the update frees them right after the step)."""
-    train = {k: settings.pop(k) for k in list(settings) if k in _TRAIN_FIELDS}
-    worker = StudentWorker(WorkerSpec(str(path), num_threads=1, **settings), TrainSpec(**train))
+    """A student worker; `settings` are config keys without their section (WorkerSpec.build). `worker.step_grads`
+    holds the gradients its last optimiser step used (the update frees them right after the step)."""
+    worker = StudentWorker(WorkerSpec.build(str(path), num_threads=1, **settings))
     worker.step_grads = {}
 
     def keep(optimizer, args, kwargs):
@@ -71,7 +67,7 @@ def _student(path, **settings) -> StudentWorker:
 
 
 def _teacher(path, **settings) -> FrozenModelWorker:
-    return FrozenModelWorker(WorkerSpec(str(path), num_threads=1, **settings))
+    return FrozenModelWorker(WorkerSpec.build(str(path), num_threads=1, **settings))
 
 
 def _update_batch(student, teacher, prompts, teacher_prompts, *, k=8, max_new_tokens=6, seed=0,

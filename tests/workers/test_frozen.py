@@ -105,6 +105,23 @@ def test_packed_teacher_scores_equal_padded(sharp_tiny_deeper_model, teacher_pro
     assert torch.isfinite(a.logprobs).all()  # past the responses' ends too: the trainer checks them
 
 
+def test_the_teacher_scores_to_its_own_token_budget(sharp_tiny_deeper_model, teacher_prompts):
+    """trainer.teacher_micro_batch_tokens: the teacher takes fewer, larger passes than the student's
+    micro-batching (one row per pass here) and scores the same."""
+    own = _teacher(sharp_tiny_deeper_model, micro_batch_size=1, teacher_micro_batch_tokens=10_000)
+    student_like = _teacher(sharp_tiny_deeper_model, micro_batch_size=1)
+    passes = {}
+    for name, worker in (("own", own), ("student_like", student_like)):
+        passes[name] = 0
+        worker.model.model.register_forward_hook(lambda *_, _name=name: passes.__setitem__(_name, passes[_name] + 1))
+    response_ids, response_mask = _random_responses([5, 2, 6, 1], 6, own.pad_id)
+    support = torch.randint(0, 49152, (4, 6, 5), generator=torch.Generator().manual_seed(4))
+    a = own.score(teacher_prompts, response_ids, response_mask, support)
+    b = student_like.score(teacher_prompts, response_ids, response_mask, support)
+    assert passes == {"own": 1, "student_like": 4}
+    torch.testing.assert_close(a.logprobs[response_mask], b.logprobs[response_mask], atol=1e-5, rtol=0)
+
+
 # -- a teacher with more embedding rows than the student (same tokenizer) ----------------------------
 
 STUDENT_ROWS = 49152

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from opcd.protocol import SamplingParams, UpdateBatch
 from opcd.workers.group import WorkerGroup
 from opcd.workers.frozen import FrozenModelWorker
-from opcd.workers.spec import TrainSpec, WorkerSpec
+from opcd.workers.spec import WorkerSpec
 from opcd.workers.student import StudentWorker
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
@@ -28,7 +28,7 @@ def _batch(tokenizer, teacher):
 
 
 def test_two_ranks_match_one_rank(sharp_tiny_model, sharp_tiny_deeper_model, smollm2_tokenizer, tmp_path):
-    teacher_spec = WorkerSpec(str(sharp_tiny_deeper_model), num_threads=1, micro_batch_size=2)
+    teacher_spec = WorkerSpec.build(str(sharp_tiny_deeper_model), num_threads=1, micro_batch_size=2)
     teachers = {n: WorkerGroup(f"t{n}", FrozenModelWorker, {"spec": teacher_spec}, world_size=n) for n in (1, 2)}
     generation, prompts = _batch(smollm2_tokenizer, teachers[1])
     scores = {n: g.gather(FrozenModelWorker.score, prompts, generation.response_ids, generation.response_mask,
@@ -44,9 +44,8 @@ def test_two_ranks_match_one_rank(sharp_tiny_model, sharp_tiny_deeper_model, smo
                         num_tokens=int(generation.response_mask.sum()), num_sequences=len(prompts))
     results, weights, sums = {}, {}, {}
     for n in (1, 2):
-        student = WorkerGroup(f"s{n}", StudentWorker, {"spec": WorkerSpec(str(sharp_tiny_model), num_threads=1,
-                                                                          micro_batch_size=2),
-                                                       "train": TrainSpec(lr=1e-3)}, world_size=n)
+        student = WorkerGroup(f"s{n}", StudentWorker, {"spec": WorkerSpec.build(str(sharp_tiny_model), num_threads=1,
+                                                                                micro_batch_size=2, lr=1e-3)}, world_size=n)
         results[n] = [student.gather(StudentWorker.update, batch) for _ in range(2)]
         weights[n] = student.gather(StudentWorker.state_dict)
         sums[n] = student.call(StudentWorker.save, str(tmp_path / f"ckpt{n}"), True)

