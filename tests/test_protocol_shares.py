@@ -51,14 +51,14 @@ def test_pack_round_trip():
 def test_share_plan_is_the_plan_of_its_rows_and_passes_match_the_busiest_rank():
     batch = _batch(rows=11)
     lengths = share_lengths(batch.prompt_ids, batch.response_mask)
-    for size, budget in ((2, 0), (1, 0), (8, 12)):
+    for size, budget, padded in ((2, 0, False), (1, 0, False), (8, 12, False), (8, 12, True)):
         for world in (1, 2, 3, 16):
             shares = batch.rank_shares(world)
             assignment = balanced_rows(lengths, world)
-            plans = [plan_micro_batches(rows, lengths, size, budget) for rows in assignment]
+            plans = [plan_micro_batches(rows, lengths, size, budget, padded) for rows in assignment]
             for rank, share in enumerate(shares):
                 assert share.share.rows == assignment[rank] and len(share.prompt_ids) == len(assignment[rank])
-                local, passes = share_micro_batches(share.share, size, budget)
+                local, passes = share_micro_batches(share.share, size, budget, padded)
                 assert passes == max(1, max(map(len, plans)))  # every rank runs the same number of passes
                 assert [[share.share.rows[i] for i in micro] for micro in local] == plans[rank]
 
@@ -78,7 +78,7 @@ def test_an_empty_share_runs_on_one_token():
     assert idle.prompt_ids == [] and idle.teacher_logprobs.shape[0] == 0
     filler = idle.one_token()
     assert filler.unpacked().response_ids.shape == (1, 1) and filler.unpacked().support_ids.shape == (1, 1, 4)
-    assert share_micro_batches(filler.share, 1, 0) == ([], 1)  # one pass, no row of its own
+    assert share_micro_batches(filler.share, 1, 0, padded=False) == ([], 1)  # one pass, no row of its own
     request = ScoreRequest(batch.prompt_ids, batch.response_ids, batch.response_mask, None).rank_shares(2)[1]
     assert request.one_token().response_mask.tolist() == [[True]]
     request = ScoreRequest(batch.prompt_ids, batch.response_ids, batch.response_mask, batch.support_ids)

@@ -67,19 +67,27 @@ def strip_after_eos(rows: torch.Tensor, eos_ids: set[int], pad_id: int) -> tuple
     return torch.where(mask, rows, torch.full_like(rows, pad_id)), mask
 
 
-def plan_micro_batches(indices: list[int], lengths: list[int], size: int, token_budget: int = 0) -> list[list[int]]:
+def plan_micro_batches(indices: list[int], lengths: list[int], size: int, token_budget: int = 0,
+                       padded: bool = False) -> list[list[int]]:
     """Split `indices` (in order) into micro-batches: `size` sequences each, or, with `token_budget` > 0,
     as many consecutive sequences as fit in that many tokens (`lengths[i]`: prompt + response tokens
-    of sequence i). A sequence longer than the budget is a micro-batch of its own."""
+    of sequence i). A sequence longer than the budget is a micro-batch of its own.
+
+    What a pass costs depends on how its rows reach the model: packed rows (padding-free) hold the
+    sum of their lengths; `padded` rows are all as long as the longest, so a 16k-token row with three
+    2k-token ones is 64k tokens, not 22k, and the budget must count it that way to bound memory."""
     if token_budget <= 0:
         return [indices[start:start + size] for start in range(0, len(indices), size)]
-    groups, used = [], 0
+    groups, used, longest = [], 0, 0
     for i in indices:
-        if not groups or used + lengths[i] > token_budget:
+        cost = max(longest, lengths[i]) * (len(groups[-1]) + 1) if padded and groups else \
+            used + lengths[i]
+        if not groups or cost > token_budget:
             groups.append([])
-            used = 0
+            used = longest = 0
         groups[-1].append(i)
         used += lengths[i]
+        longest = max(longest, lengths[i])
     return groups
 
 

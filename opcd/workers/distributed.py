@@ -145,17 +145,19 @@ def rank_micro_batches(count: int, rank: int, world_size: int, plan) -> tuple[li
 
 
 def plan_rank_micro_batches(prompts: list[list[int]], response_mask: torch.Tensor, rank: int, world_size: int,
-                            size: int, token_budget: int) -> tuple[list[list[int]], int]:
-    """`rank_micro_batches` for a batch of prompt + response sequences, planned by count or token budget."""
+                            size: int, token_budget: int, padded: bool) -> tuple[list[list[int]], int]:
+    """`rank_micro_batches` for a batch of prompt + response sequences, planned by count or token budget
+    (`padded`: rows reach the model padded to the longest, data.batching.plan_micro_batches)."""
     lengths = [len(p) + int(n) for p, n in zip(prompts, response_mask.sum(-1))]
     return rank_micro_batches(len(prompts), rank, world_size,
-                              functools.partial(plan_micro_batches, lengths=lengths, size=size, token_budget=token_budget))
+                              functools.partial(plan_micro_batches, lengths=lengths, size=size, token_budget=token_budget,
+                                                padded=padded))
 
 
-def share_micro_batches(share, size: int, token_budget: int) -> tuple[list[list[int]], int]:
+def share_micro_batches(share, size: int, token_budget: int, padded: bool) -> tuple[list[list[int]], int]:
     """`rank_micro_batches` for a rank that holds only its rows (`protocol.RowShare`, a balanced
     partition): every rank's plan, and this rank's with the rows given as positions in its share."""
-    plans = [plan_micro_batches(rows, share.lengths, size, token_budget) for rows in share.assignment]
+    plans = [plan_micro_batches(rows, share.lengths, size, token_budget, padded) for rows in share.assignment]
     mine, steps = plans[share.rank], max(1, max(len(p) for p in plans))
     local = {row: position for position, row in enumerate(share.rows)}
     return [[local[row] for row in micro] for micro in mine], steps

@@ -65,9 +65,10 @@ class FrozenModelWorker(ModelWorker):
         # data parallel over ranks: every rank runs the same number of forward passes
         size, budget = self.spec.micro_batching(scoring_only=True)
         if request.share is not None:
-            mine, steps = D.share_micro_batches(request.share, size, budget)
+            mine, steps = D.share_micro_batches(request.share, size, budget, padded=not self.scorer.packed)
         else:
-            mine, steps = D.plan_rank_micro_batches(prompts, response_mask, self.rank, self.world_size, size, budget)
+            mine, steps = D.plan_rank_micro_batches(prompts, response_mask, self.rank, self.world_size, size, budget,
+                                                    padded=not self.scorer.packed)
         for step in range(steps):
             rows = mine[step] if step < len(mine) else []
             # a padding pass when this rank has no rows left (row 0 of the batch or of its share)

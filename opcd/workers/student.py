@@ -88,10 +88,10 @@ class StudentWorker(ModelWorker):
         batch = batch.unpacked()
         size, budget = self.spec.micro_batching(scoring_only=False)
         if batch.share is not None:  # the driver sent this rank's rows only
-            mine, steps = D.share_micro_batches(batch.share, size, budget)
+            mine, steps = D.share_micro_batches(batch.share, size, budget, padded=not self.scorer.packed)
         else:
             mine, steps = D.plan_rank_micro_batches(batch.prompt_ids, batch.response_mask, self.rank,
-                                                    self.world_size, size, budget)
+                                                    self.world_size, size, budget, padded=not self.scorer.packed)
         for index in range(steps):
             chunk = mine[index] if index < len(mine) else []
             weight = 1.0 if chunk else 0.0  # a rank short of data still joins the collectives

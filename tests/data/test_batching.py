@@ -90,6 +90,16 @@ def test_micro_batches_by_token_budget():
     assert plan_micro_batches([0, 2, 4], lengths, size=1, token_budget=100) == [[0, 2, 4]]
 
 
+def test_padded_micro_batches_count_every_row_at_the_longest_length():
+    """Rows padded to the longest: 4 + 1 + 1 + 1 = 7 tokens packed, but 4 x 4 = 16 padded."""
+    lengths = [4, 1, 1, 1]
+    assert plan_micro_batches(list(range(4)), lengths, size=1, token_budget=8) == [[0, 1, 2, 3]]
+    assert plan_micro_batches(list(range(4)), lengths, size=1, token_budget=8, padded=True) == [[0, 1], [2, 3]]
+    # a long row after short ones: the group's cost jumps to the long row's length x rows
+    assert plan_micro_batches([1, 2, 0], lengths, size=1, token_budget=8, padded=True) == [[1, 2], [0]]
+    assert plan_micro_batches(list(range(4)), lengths, size=3, padded=True) == [[0, 1, 2], [3]]  # counts only
+
+
 def test_every_rank_runs_the_busiest_ranks_number_of_passes():
     lengths = [10, 1, 10, 1, 10, 1]
 
