@@ -32,6 +32,20 @@ Scores = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
 
 @dataclass(frozen=True)
+class LossInputs:
+    """One micro-batch of the student's update: b rows of the step's batch, the response tensors on
+    the CPU, the token-level ones already on the scorer's device."""
+
+    prompts: list[list[int]]  # b student prompts (no context)
+    response_ids: torch.Tensor  # [b, T] int64
+    response_mask: torch.Tensor  # [b, T] bool
+    trained: torch.Tensor  # [b, T] bool, the tokens the loss counts
+    support_ids: torch.Tensor  # [b, T, K] int64
+    teacher_logprobs: torch.Tensor  # [b, T, K]
+    support_mask: torch.Tensor | None = None  # [b, T, K] bool, False on duplicate slots of a merged support
+
+
+@dataclass(frozen=True)
 class Scorer:
     chunk_size: int  # tokens per lm_head chunk; 0 = full logits
     packed: bool  # padding-free rows (chunked head only)
@@ -53,48 +67,44 @@ class Scorer:
                    None if vocab_rows == rows else vocab_rows)
 
     # -- the student: loss with gradients ------------------------------------------------------------
-    def loss(self, model, prompts: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor,
-             trained: torch.Tensor, support_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
-             support_mask: torch.Tensor | None, token_loss: Callable, aggregation: str,
+    def loss(self, model, inputs: "LossInputs", *, token_loss: Callable, aggregation: str,
              normalizer: int) -> tuple[torch.Tensor, dict[str, float]]:
         """One micro-batch's share of the step's loss (a 0-dim tensor with a graph to the model) and the
         sums of its per-token statistics over the trained tokens (entropy, student/teacher support mass).
 
-        prompts: b lists; response_ids/mask [b, T] (CPU); trained [b, T], support_ids/teacher_logprobs/
-        support_mask [b, T, K] on `device`; token_loss(student_logprobs, teacher_logprobs, mask) -> [b, T];
-        `normalizer`: the whole step's tokens (token_mean) or sequences (seq_mean)."""
+        token_loss(student_logprobs, teacher_logprobs, mask) -> [b, T]; `aggregation` token_mean or
+        seq_mean; `normalizer`: the whole step's tokens (token_mean) or sequences (seq_mean)."""
         if self.chunk_size:
-            return self._chunked_loss(model, prompts, response_ids, response_mask, trained, support_ids,
-                                      teacher_logprobs, support_mask, token_loss, aggregation, normalizer)
+            return self._chunked_loss(model, inputs, token_loss, aggregation, normalizer)
         with self.autocast():
-            logits = self._logits(model, prompts, response_ids, response_mask)  # [b, T, V]
-        student_logprobs = kl.gather_logprobs(logits, support_ids, self.temperature)  # [b, T, K]
-        per_token = token_loss(student_logprobs, teacher_logprobs, support_mask)  # [b, T]
-        mb_loss = kl.aggregate(per_token, trained, aggregation, normalizer=normalizer)
+            logits = self._logits(model, inputs.prompts, inputs.response_ids, inputs.response_mask)  # [b, T, V]
+        student_logprobs = kl.gather_logprobs(logits, inputs.support_ids, self.temperature)  # [b, T, K]
+        per_token = token_loss(student_logprobs, inputs.teacher_logprobs, inputs.support_mask)  # [b, T]
+        mb_loss = kl.aggregate(per_token, inputs.trained, aggregation, normalizer=normalizer)
         with torch.no_grad():
-            mask = trained.float()
+            mask = inputs.trained.float()
             stats = {"entropy": (kl.entropy(logits, self.temperature) * mask).sum().item(),
-                     "student_mass": (kl.support_mass(student_logprobs, support_mask) * mask).sum().item(),
-                     "teacher_mass": (kl.support_mass(teacher_logprobs, support_mask) * mask).sum().item()}
+                     "student_mass": (kl.support_mass(student_logprobs, inputs.support_mask) * mask).sum().item(),
+                     "teacher_mass": (kl.support_mass(inputs.teacher_logprobs, inputs.support_mask) * mask).sum().item()}
         return mb_loss, stats
 
-    def _chunked_loss(self, model, prompts, response_ids, response_mask, trained, support_ids, teacher_logprobs,
-                      support_mask, token_loss, aggregation, normalizer):
+    def _chunked_loss(self, model, inputs: "LossInputs", token_loss: Callable, aggregation: str, normalizer: int):
         """The same loss and statistics from hidden states, only at the trained tokens, the gradient of
         the lm_head computed chunk by chunk on the way (chunked.fused_support_loss)."""
         with self.autocast():
-            hidden = lm_head.response_hidden_states(model, prompts, response_ids, response_mask, self.pad_id,
-                                                    self.packed, self.device)  # [b, T, H]
+            hidden = lm_head.response_hidden_states(model, inputs.prompts, inputs.response_ids, inputs.response_mask,
+                                                    self.pad_id, self.packed, self.device)  # [b, T, H]
         head = model.get_output_embeddings()
-        keep = trained.bool()
-        weights = kl.aggregation_weights(trained, aggregation, normalizer)[keep]
-        mask = None if support_mask is None else support_mask[keep]
+        keep = inputs.trained.bool()
+        weights = kl.aggregation_weights(inputs.trained, aggregation, normalizer)[keep]
+        mask = None if inputs.support_mask is None else inputs.support_mask[keep]
+        teacher_logprobs = inputs.teacher_logprobs[keep]
         mb_loss, student_logprobs, entropy = chunked.fused_support_loss(
-            hidden[keep], head.weight, support_ids[keep], teacher_logprobs[keep], token_loss, weights,
+            hidden[keep], head.weight, inputs.support_ids[keep], teacher_logprobs, token_loss, weights,
             self.temperature, self.chunk_size, head.bias, mask)
         stats = {"entropy": entropy.sum().item(),
                  "student_mass": kl.support_mass(student_logprobs, mask).sum().item(),
-                 "teacher_mass": kl.support_mass(teacher_logprobs[keep], mask).sum().item()}
+                 "teacher_mass": kl.support_mass(teacher_logprobs, mask).sum().item()}
         return mb_loss, stats
 
     # -- a frozen model: scores, no graph -----------------------------------------------------------

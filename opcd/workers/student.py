@@ -23,7 +23,7 @@ from opcd.rollout.engines import make_rollout
 from opcd.workers import checkpoint_io
 from opcd.workers import distributed as D
 from opcd.workers.base import ModelWorker
-from opcd.workers.scoring import Scorer
+from opcd.workers.scoring import LossInputs, Scorer
 from opcd.workers.spec import WorkerSpec
 
 
@@ -120,12 +120,14 @@ class StudentWorker(ModelWorker):
     def _micro_batch_loss(self, batch: UpdateBatch, rows: list[int], normalizer: int):
         index = torch.tensor(rows, dtype=torch.long)
         on_device = {"non_blocking": True, "device": self.device}
-        trained = batch.trained_mask[index].to(**on_device)
-        support_mask = None if batch.support_mask is None else batch.support_mask[index].to(**on_device)
-        return self.scorer.loss(self.model, [batch.prompt_ids[i] for i in rows], batch.response_ids[index],
-                                batch.response_mask[index], trained, batch.support_ids[index].to(**on_device),
-                                batch.teacher_logprobs[index].to(**on_device), support_mask, self.token_loss,
-                                self.spec.loss.aggregation, normalizer)
+        inputs = LossInputs(
+            prompts=[batch.prompt_ids[i] for i in rows], response_ids=batch.response_ids[index],
+            response_mask=batch.response_mask[index], trained=batch.trained_mask[index].to(**on_device),
+            support_ids=batch.support_ids[index].to(**on_device),
+            teacher_logprobs=batch.teacher_logprobs[index].to(**on_device),
+            support_mask=None if batch.support_mask is None else batch.support_mask[index].to(**on_device))
+        return self.scorer.loss(self.model, inputs, token_loss=self.token_loss,
+                                aggregation=self.spec.loss.aggregation, normalizer=normalizer)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, folder: str, export: bool = False) -> dict[str, str]:
