@@ -161,7 +161,7 @@ def trl_dataset():
     from datasets import Dataset
 
     from opcd.data.contexts import read_context_file
-    from opcd.pipelines.run_setup import resolve_user_path
+    from opcd.pipelines.domain_setup import resolve_user_path
     from opcd.tasks.loading import load_rows
 
     context = read_context_file(resolve_user_path(SYSTEM_PROMPT))

@@ -1,7 +1,8 @@
 """The package's layering, read from the source with `ast` (every import, also those inside functions):
 a few modules at the top and the rest in districts; pure pieces never reach up to Ray, workers or
 pipelines; the loss and data districts stand on nothing above them; games and tasks stand on the pure
-bottom only; pipelines share through opcd/pipelines/run_setup.py, never through each other's helpers;
+bottom only; pipelines share through their set-up modules (run_setup, domain_setup, worker_setup), never
+through each other's helpers; building a domain and building worker groups stay apart;
 no import cycle; the seed formulas and the dataset/game switch exist once; one scorer for every model
 worker."""
 
@@ -23,7 +24,8 @@ BOTTOM = ("opcd.errors", "opcd.protocol", "opcd.data")
 DISTRICTS = {"config", "data", "domains", "games", "loss", "pipelines", "rollout", "runs", "runtime", "tasks",
              "workers", "conf"}
 TOP_LEVEL_MODULES = {"__init__", "cli", "errors", "metrics", "models", "protocol", "trainer"}
-SHARED_PIPELINE_MODULE = "opcd.pipelines.run_setup"
+# What the pipelines share: a training run's set-up, what builds a domain, what builds worker groups.
+SHARED_PIPELINE_MODULES = ("opcd.pipelines.run_setup", "opcd.pipelines.domain_setup", "opcd.pipelines.worker_setup")
 
 
 def _module_name(path: Path) -> str:
@@ -113,9 +115,9 @@ def test_only_pipelines_and_the_cli_import_pipelines():
     assert not bad
 
 
-def test_pipelines_share_only_through_run_setup_and_public_entry_points():
-    """A pipeline may import anything public from run_setup, and another pipeline's `run_*` entry
-    point; never another pipeline's helper (the shared home is run_setup)."""
+def test_pipelines_share_only_through_the_setup_modules_and_public_entry_points():
+    """A pipeline may import anything public from the set-up modules, and another pipeline's `run_*`
+    entry point; never another pipeline's helper."""
     bad = []
     for path in sorted((PACKAGE / "pipelines").glob("*.py")):
         for module, name in _imports(path):
@@ -123,9 +125,20 @@ def test_pipelines_share_only_through_run_setup_and_public_entry_points():
                 continue
             if name is not None and name.startswith("_"):
                 bad.append(f"{path.name}: {module}.{name}")
-            elif module != SHARED_PIPELINE_MODULE and not (name or "").startswith("run_"):
+            elif module not in SHARED_PIPELINE_MODULES and not (name or "").startswith("run_"):
                 bad.append(f"{path.name}: {module}.{name}")
     assert not bad
+
+
+def test_building_a_domain_and_building_worker_groups_stay_apart():
+    """The domain (data, contexts, games) is built on the driver without Ray or a worker; the worker
+    groups are built from specs and a finished domain, without reaching into data, tasks or games."""
+    modules = _modules()
+    domain = _targets(modules["opcd.pipelines.domain_setup"], modules)
+    assert not [t for t in domain if _within(t, ("ray", "opcd.workers", "opcd.rollout", "opcd.pipelines"))]
+    workers = _targets(modules["opcd.pipelines.worker_setup"], modules)
+    assert not [t for t in workers if _within(t, ("opcd.data", "opcd.tasks", "opcd.games", "opcd.pipelines"))]
+    assert "opcd.workers.group" in workers and "opcd.domains.dataset" in domain
 
 
 def test_no_import_cycles():
@@ -161,14 +174,14 @@ def test_seed_formulas_exist_once():
 
 def test_datasets_and_games_part_in_one_place():
     """The game task's name is written once (config.schema.GAME_TASK); the pipelines part on it in
-    run_setup alone (the domain), and the run folder only to know that game settings do not matter to
+    domain_setup alone (the domain), and the run folder only to know that game settings do not matter to
     datasets."""
     named = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                    if re.search(r"""["']textgame["']""", p.read_text()))
     assert named == ["config/schema.py"]
     decided = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                      if re.search(r"GAME_TASK\b(?! =)", p.read_text()) and not p.is_relative_to(PACKAGE / "config"))
-    assert decided == ["pipelines/run_setup.py", "runs/folder.py"]
+    assert decided == ["pipelines/domain_setup.py", "runs/folder.py"]
 
 
 def test_one_scorer_for_the_student_and_every_frozen_model():

@@ -9,7 +9,7 @@ Every pipeline asks its `Domain` for the same things and never tests which kind 
   held-out score with an experience, and one attempt without experience plus the writer's prompt.
 
 `DatasetDomain` (dataset.py) holds rows of a task (opcd/tasks/); `GameDomain` (game.py) a game player
-(opcd/games/). Which one a run uses is decided once, from the config, by `make_domain` in opcd/pipelines/run_setup.py.
+(opcd/games/). Which one a run uses is decided once, from the config, by `make_domain` in opcd/pipelines/domain_setup.py.
 Both take plain values (no config) and never touch Ray: a worker group is anything with
 `generate(prompts, params, seed)`.
 """

@@ -1,7 +1,7 @@
 """`opcd distill`: on-policy context distillation, from a validated config to a trained run folder.
 
-The run is set up on the driver (opcd/pipelines/run_setup.py: models, tokenizers, context, the
-domain's data or game) before Ray starts; then the student and teacher groups are placed, the
+The run is set up on the driver (opcd/pipelines/run_setup.py and domain_setup.py: models, tokenizers,
+context, the domain's data or game) before Ray starts; then the student and teacher groups are placed, the
 trainer runs, and the held-out evaluations, metrics, checkpoints and report are written.
 
     opcd distill                                   # CPU demo: SmolLM2-135M learns to answer in French
@@ -18,8 +18,9 @@ from opcd.runs.checkpoint import latest_checkpoint, write_text_atomic
 from opcd.config import DistillConfig, to_yaml
 from opcd.runs.results import EvalResult
 from opcd import metrics as M
-from opcd.pipelines.run_setup import (Prepared, engine_ranks, frozen_context, generation_spec, naming_last_checkpoint,
-                                      prepare, reserved_pools, sampling, student_context, teacher_ranks)
+from opcd.pipelines.run_setup import Prepared, prepare, sampling
+from opcd.pipelines.worker_setup import (engine_ranks, frozen_context, generation_spec, naming_last_checkpoint,
+                                         reserved_pools, student_context, teacher_ranks)
 from opcd.runs.report import write_report
 from opcd.runs.folder import claims_run_folder
 from opcd.data.files import read_json, read_jsonl

@@ -30,7 +30,9 @@ from opcd.errors import ConfigError, DataError
 from opcd.runs.results import best_k_mean
 from opcd.runs.export import model_folder
 from opcd.models import load_tokenizer, resolve_model
-from opcd.pipelines.run_setup import frozen_model_group, load_run_context, make_domain, resolve_user_path, sampling
+from opcd.pipelines.domain_setup import load_run_context, make_domain, resolve_user_path
+from opcd.pipelines.run_setup import sampling
+from opcd.pipelines.worker_setup import frozen_model_group
 from opcd.runs.folder import read_saved_config
 from opcd.runs.identity import identity_digest
 from opcd.data.seeds import eval_seed

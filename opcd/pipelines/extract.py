@@ -34,7 +34,8 @@ from opcd.domains import Domain
 from opcd.data.experience import WRITER_PREFIX, Candidate, append_items, best_candidate, parse_writer_items
 from opcd.runs.plots import plot_extraction
 from opcd.models import check_same_tokenizer, load_tokenizer, resolve_model
-from opcd.pipelines.run_setup import generating_group, make_domain, reserved_pools
+from opcd.pipelines.domain_setup import make_domain
+from opcd.pipelines.worker_setup import generating_group, reserved_pools
 from opcd.data.prompts import encode_chat, token_counter
 from opcd.protocol import SamplingParams
 from opcd.data.seeds import extraction_attempt_seed, extraction_heldout_seed, writer_seed

@@ -35,7 +35,9 @@ from opcd.games.play import episode_metrics
 from opcd.games.states import state_rows
 from opcd.pipelines.distill import run_distill
 from opcd.pipelines.extract import run_extract
-from opcd.pipelines.run_setup import build_player, frozen_model_group, prepare, require_games, sampling
+from opcd.pipelines.domain_setup import build_player, require_games
+from opcd.pipelines.run_setup import prepare, sampling
+from opcd.pipelines.worker_setup import frozen_model_group
 from opcd.data.seeds import deploy_run_seed, step_seed, training_seeds
 from opcd.workers.group import init_ray
 

@@ -28,7 +28,8 @@ import torch
 from opcd.config import DistillConfig
 from opcd.errors import ConfigError, DataError
 from opcd.pipelines.distill import run_distill
-from opcd.pipelines.run_setup import Prepared, frozen_model_group, prepare
+from opcd.pipelines.run_setup import Prepared, prepare
+from opcd.pipelines.worker_setup import frozen_model_group
 from opcd.protocol import Generation, RolloutBatch, SamplingParams, ScoreRequest, TeacherScores
 from opcd.data.seeds import step_seed
 from opcd.runs.shards import Shard, ShardReader, ShardWriter, tokenizer_fingerprint

@@ -1,4 +1,4 @@
-"""opcd/pipelines/run_setup.py: the one switch between datasets and games, what each pipeline loads,
+"""opcd/pipelines/{run,domain,worker}_setup.py: the one switch between datasets and games, what each pipeline loads,
 and the settings derived from the domain (no Ray, no model: the real SmolLM2 tokenizer only)."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import json
 from opcd.config import load_config
 from opcd.domains.dataset import DatasetDomain
 from opcd.domains.game import GameDomain
-from opcd.pipelines.run_setup import generation_spec, load_run_context, make_domain, student_context
+from opcd.pipelines.domain_setup import load_run_context, make_domain
+from opcd.pipelines.worker_setup import generation_spec, student_context
 from opcd.domains.sources import GameSource, PromptSource
 
 

@@ -7,7 +7,9 @@ import pytest
 
 from opcd.config import load_config
 from opcd.models import load_tokenizer
-from opcd.pipelines.run_setup import generation_spec, load_run_context, make_domain, sampling
+from opcd.pipelines.domain_setup import load_run_context, make_domain
+from opcd.pipelines.run_setup import sampling
+from opcd.pipelines.worker_setup import generation_spec
 from opcd.workers.frozen import FrozenModelWorker
 
 pytestmark = pytest.mark.slow

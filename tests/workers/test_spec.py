@@ -10,7 +10,8 @@ import torch
 from opcd.config import load_config
 from opcd.config.resolve import Machine
 from opcd.errors import ConfigError
-from opcd.pipelines.run_setup import frozen_context, generation_spec, load_run_context, make_domain, student_context
+from opcd.pipelines.domain_setup import load_run_context, make_domain
+from opcd.pipelines.worker_setup import frozen_context, generation_spec, student_context
 from opcd.rollout.engines import vllm_settings
 from opcd.workers.spec import WorkerSpec
 
