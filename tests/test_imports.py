@@ -201,3 +201,30 @@ def test_the_rules_see_real_imports():
     assert "opcd.pipelines.run_setup" in _targets(modules["opcd.pipelines.distill"], modules)
     assert "opcd.loss.kl" in _targets(modules["opcd.loss.objective"], modules)  # `from opcd.loss import kl`
     assert "ray" in _targets(modules["opcd.workers.group"], modules)
+
+
+def _config_walk():
+    import importlib.util
+    import sys
+
+    path = PACKAGE.parent / "tools" / "config_walk.py"
+    spec = importlib.util.spec_from_file_location("config_walk", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_pipelines_config_climbs_back_up_at_most_six_times():
+    """Components take their own config section or plain values: the whole config reaches few places
+    outside a pipeline (tools/config_walk.py lists them)."""
+    walker = _config_walk()
+    modules = walker.read_package()
+    for entry in walker.WALKS:
+        found = walker.climbs(walker.walk(entry, modules))
+        assert len(found) <= 6, (entry, found)
+    # the walk sees real hand-overs: the domain is built from the whole config, a worker spec holds its sections
+    evaluate = {f"{m}:{f}" for m, f, _ in walker.climbs(walker.walk("opcd.pipelines.evaluate:run_evaluate", modules))}
+    assert {"opcd.pipelines.domain_setup:make_domain", "opcd.workers.spec:WorkerSpec.from_config"} <= evaluate
+    distill = {f"{m}:{f}" for m, f, _ in walker.climbs(walker.walk("opcd.pipelines.distill:run_distill", modules))}
+    assert "opcd.config.limits:check_model_limits" in distill  # found through the package's re-export

@@ -18,9 +18,9 @@ from opcd.runs.checkpoint import latest_checkpoint, write_text_atomic
 from opcd.config import DistillConfig, to_yaml
 from opcd.runs.results import EvalResult
 from opcd import metrics as M
-from opcd.pipelines.run_setup import Prepared, prepare, sampling
-from opcd.pipelines.worker_setup import (engine_ranks, frozen_context, generation_spec, naming_last_checkpoint,
-                                         reserved_pools, student_context, teacher_ranks)
+from opcd.pipelines.run_setup import Prepared, eval_sampling, prepare, rollout_sampling
+from opcd.pipelines.worker_setup import (engine_ranks, frozen_spec, naming_last_checkpoint, reserved_pools,
+                                         student_context, teacher_ranks)
 from opcd.runs.report import write_report
 from opcd.runs.folder import claims_run_folder
 from opcd.data.files import read_json, read_jsonl
@@ -31,6 +31,7 @@ from opcd.trainer import Trainer
 from opcd.workers.frozen import FrozenModelWorker
 from opcd.workers.group import WorkerGroup, init_ray
 from opcd.workers.shared_storage import check_shared_storage
+from opcd.workers.spec import WorkerSpec
 from opcd.workers.student import StudentWorker
 
 log = logging.getLogger("opcd")
@@ -48,10 +49,10 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source: Ro
     write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     with naming_last_checkpoint(run_dir), \
-            reserved_pools({"student": cfg.ray.ranks_per_group, "teacher": teacher_ranks(cfg)}, cfg.ray) as pools:
+            reserved_pools({"student": cfg.ray.ranks_per_group, "teacher": teacher_ranks(cfg.ray)}, cfg.ray) as pools:
         student, teacher = _place_groups(cfg, prepared, pools, objective)
         try:
-            trainer = Trainer(cfg.trainer, cfg.loss, sampling(cfg, evaluation=False), source or prepared.source,
+            trainer = Trainer(cfg.trainer, cfg.loss, rollout_sampling(cfg.rollout, cfg.loss), source or prepared.source,
                               student, teacher if teacher_scores_needed else None, run_dir, objective)
             start_step = trainer.resume()
             _trim_metrics(run_dir, start_step)
@@ -74,17 +75,18 @@ def run_distill(cfg: DistillConfig, prepared: Prepared | None = None, source: Ro
 def _place_groups(cfg: DistillConfig, prepared: Prepared, pools, objective: str | None):
     """The student group (trainable model + its rollout engine) and the frozen teacher group, on their pools."""
     student = WorkerGroup("student", StudentWorker,
-                          {"spec": generation_spec(cfg, prepared.student_path, student_context(cfg, prepared.domain),
-                                                   objective=objective)},
+                          {"spec": WorkerSpec.from_config(cfg, prepared.student_path, objective=objective,
+                                                          max_model_len=student_context(prepared.domain, cfg.task,
+                                                                                        cfg.rollout))},
                           world_size=cfg.ray.ranks_per_group, pool=pools["student"],
-                          collective_timeout_s=cfg.ray.collective_timeout_s, ranks_per_engine=engine_ranks(cfg))
+                          collective_timeout_s=cfg.ray.collective_timeout_s, ranks_per_engine=engine_ranks(cfg.rollout))
     # a padded teacher scores over the student's ids (opcd/workers/scoring.py); its held-out
     # evaluation generates with the configured engine (vLLM per rank), not with the sharded model
     teacher = WorkerGroup("teacher", FrozenModelWorker,
-                          {"spec": generation_spec(cfg, prepared.teacher_path, frozen_context(cfg, prepared.domain),
-                                                   vocab_rows=prepared.student_vocab_rows)},
-                          world_size=teacher_ranks(cfg), pool=pools["teacher"],
-                          collective_timeout_s=cfg.ray.collective_timeout_s, ranks_per_engine=engine_ranks(cfg))
+                          {"spec": frozen_spec(cfg, prepared.teacher_path, prepared.domain,
+                                               prepared.student_vocab_rows)},
+                          world_size=teacher_ranks(cfg.ray), pool=pools["teacher"],
+                          collective_timeout_s=cfg.ray.collective_timeout_s, ranks_per_engine=engine_ranks(cfg.rollout))
     check_shared_storage(cfg.run_dir, [student, teacher])
     return student, teacher
 
@@ -105,7 +107,7 @@ class Evaluations:
 
     def __init__(self, cfg: DistillConfig, prepared: Prepared, tracker: Tracker, results: dict):
         self.cfg, self.domain, self.tracker, self.results = cfg, prepared.domain, tracker, results
-        self.params, self.seed = sampling(cfg, evaluation=True), eval_seed(cfg.trainer.seed)
+        self.params, self.seed = eval_sampling(cfg.rollout), eval_seed(cfg.trainer.seed)
 
     def run(self, who: str, group, side: str, step: int | None = None) -> dict:
         result = self.domain.evaluate(who, group, side, self.params, self.seed)

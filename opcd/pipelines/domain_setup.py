@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
-from opcd.config import GAME_TASK, DistillConfig
+from opcd.config import GAME_TASK, DistillConfig, GameConfig, TaskConfig
 from opcd.data.contexts import ContextSource, load_context
 from opcd.data.prompts import encode_chat, token_counter
 from opcd.data.seeds import heldout_seeds
@@ -69,10 +69,10 @@ def build_examples(rows: list[dict], task, context: ContextSource, tokenizer, ma
     return examples
 
 
-def load_run_context(cfg: DistillConfig, tokenizer) -> ContextSource:
-    return load_context(cfg.task.context_kind, resolve_user_path(cfg.task.context_path),
-                        cfg.task.experience_max_length, token_counter(tokenizer),
-                        context_placeholders(cfg.task.language))
+def load_run_context(task: TaskConfig, tokenizer) -> ContextSource:
+    """The run's context (task.context_kind: a system prompt or experience), read and checked."""
+    return load_context(task.context_kind, resolve_user_path(task.context_path), task.experience_max_length,
+                        token_counter(tokenizer), context_placeholders(task.language))
 
 
 # -- the domain ---------------------------------------------------------------------------------------
@@ -85,55 +85,60 @@ def make_domain(cfg: DistillConfig, tokenizer, context: ContextSource | None, pu
     """The run's domain, loaded for `purpose`: training (train examples, evaluation on the first
     trainer.eval_limit test rows), `opcd evaluate` (evaluate.limit test rows) or extraction (the raw
     train rows and extract.heldout_size rows of the selection set: task.validation_data, else the test
-    set). `positions` > 0: the model's positions, which a kept prompt plus a response must fit."""
+    set). `positions` > 0: the model's positions, which a kept prompt plus a response must fit.
+    The one place that reads the config's sections for a domain; what it builds takes plain values."""
+    shared = dict(seed=cfg.trainer.seed, batch_size=cfg.trainer.batch_size, samples_per_prompt=cfg.rollout.n)
     if cfg.task.name == GAME_TASK:  # the one place where datasets and games part
-        return _game_domain(cfg, tokenizer, context, purpose)
-    return _dataset_domain(cfg, tokenizer, context, purpose, positions)
-
-
-def require_games(cfg: DistillConfig, command: str) -> None:
-    if cfg.task.name != GAME_TASK:
-        raise ConfigError(f"config task.name={cfg.task.name!r}: {command} runs text games (expected task={GAME_TASK})")
-
-
-def _dataset_domain(cfg: DistillConfig, tokenizer, context: ContextSource, purpose: Purpose,
-                    positions: int) -> DatasetDomain:
-    t = cfg.task
-    task = get_task(t.name, t.language)
-    whole = dict(task=task, tokenizer=tokenizer, enable_thinking=t.enable_thinking, seed=cfg.trainer.seed,
-                 batch_size=cfg.trainer.batch_size, samples_per_prompt=cfg.rollout.n)
-    build = dict(task=task, context=context, tokenizer=tokenizer, max_prompt_length=t.max_prompt_length,
-                 seed=cfg.trainer.seed, enable_thinking=t.enable_thinking,
-                 max_total_length=positions - cfg.rollout.max_response_length if positions else None)
+        return _game_domain(cfg.game, cfg.task, tokenizer, context, with_states=purpose == "train", **shared)
     if purpose == "extract":
         heldout = cfg.extract.heldout_size if cfg.extract.heldout_size > 0 else None
-        selection, selection_split = t.selection_data
-        return DatasetDomain(**whole, train_rows=load_rows(resolve_user_path(t.train_data), t.train_split),
-                             eval_rows=load_rows(resolve_user_path(selection), selection_split, heldout))
+        return _extraction_domain(cfg.task, tokenizer, heldout, **shared)
     limit = cfg.trainer.eval_limit if purpose == "train" else cfg.evaluate.limit
-    if purpose == "train":
-        train_rows = load_rows(resolve_user_path(t.train_data), t.train_split)
-    test_rows = load_rows(resolve_user_path(t.test_data), t.test_split, limit if limit > 0 else None)
-    train_examples = build_examples(train_rows, label=t.train_data, **build) if purpose == "train" else []
-    return DatasetDomain(**whole, train_examples=train_examples,
-                         eval_examples=build_examples(test_rows, label=t.test_data, **build))
+    return _dataset_domain(cfg.task, tokenizer, context, train=purpose == "train", eval_limit=limit,
+                           max_total_length=positions - cfg.rollout.max_response_length if positions else None,
+                           **shared)
 
 
-def build_player(cfg: DistillConfig, tokenizer) -> GamePlayer:
-    """The text game of `cfg.game` (its id and options are checked here, before any model loads)."""
-    g = cfg.game
+def require_games(task: TaskConfig, command: str) -> None:
+    if task.name != GAME_TASK:
+        raise ConfigError(f"config task.name={task.name!r}: {command} runs text games (expected task={GAME_TASK})")
+
+
+def _extraction_domain(t: TaskConfig, tokenizer, heldout: int | None, **shared) -> DatasetDomain:
+    selection, selection_split = t.selection_data
+    return DatasetDomain(task=get_task(t.name, t.language), tokenizer=tokenizer, enable_thinking=t.enable_thinking,
+                         train_rows=load_rows(resolve_user_path(t.train_data), t.train_split),
+                         eval_rows=load_rows(resolve_user_path(selection), selection_split, heldout), **shared)
+
+
+def _dataset_domain(t: TaskConfig, tokenizer, context: ContextSource, *, train: bool, eval_limit: int,
+                    max_total_length: int | None, seed: int, **shared) -> DatasetDomain:
+    task = get_task(t.name, t.language)
+    build = dict(task=task, context=context, tokenizer=tokenizer, max_prompt_length=t.max_prompt_length,
+                 seed=seed, enable_thinking=t.enable_thinking, max_total_length=max_total_length)
+    train_rows = load_rows(resolve_user_path(t.train_data), t.train_split) if train else []
+    test_rows = load_rows(resolve_user_path(t.test_data), t.test_split, eval_limit if eval_limit > 0 else None)
+    train_examples = build_examples(train_rows, label=t.train_data, **build) if train else []
+    return DatasetDomain(task=task, tokenizer=tokenizer, enable_thinking=t.enable_thinking, seed=seed,
+                         train_examples=train_examples,
+                         eval_examples=build_examples(test_rows, label=t.test_data, **build), **shared)
+
+
+def build_player(g: GameConfig, task: TaskConfig, tokenizer) -> GamePlayer:
+    """The text game of the config's game section (its id and options are checked here, before any
+    model loads); the prompts follow the task section's thinking switch and prompt budget."""
     make_game(g.name, max_steps=g.max_steps, **g.options)
     return GamePlayer(lambda: make_game(g.name, max_steps=g.max_steps, **g.options), tokenizer, g.max_steps, g.mode,
-                      cfg.task.enable_thinking, cfg.task.max_prompt_length)
+                      task.enable_thinking, task.max_prompt_length)
 
 
-def _game_domain(cfg: DistillConfig, tokenizer, context: ContextSource, purpose: Purpose) -> GameDomain:
-    player = build_player(cfg, tokenizer)
+def _game_domain(g: GameConfig, task: TaskConfig, tokenizer, context: ContextSource, *, with_states: bool,
+                 seed: int, batch_size: int, samples_per_prompt: int) -> GameDomain:
+    player = build_player(g, task, tokenizer)
     states = None
-    if purpose == "train" and cfg.game.states_path:  # OEL: the states a policy visited without experience
-        rows = read_states(resolve_user_path(cfg.game.states_path))
-        states = state_examples(rows, player, context, cfg.trainer.seed)
-    return GameDomain(player=player, context=context, tokenizer=tokenizer, seed=cfg.trainer.seed,
-                      episodes_per_step=cfg.game.episodes_per_step, eval_seeds=heldout_seeds(cfg.game.eval_episodes),
-                      batch_size=cfg.trainer.batch_size, samples_per_prompt=cfg.rollout.n, states=states,
-                      state_score=MoveFormat(), settings={"game": asdict(cfg.game)})
+    if with_states and g.states_path:  # OEL: the states a policy visited without experience
+        states = state_examples(read_states(resolve_user_path(g.states_path)), player, context, seed)
+    return GameDomain(player=player, context=context, tokenizer=tokenizer, seed=seed,
+                      episodes_per_step=g.episodes_per_step, eval_seeds=heldout_seeds(g.eval_episodes),
+                      batch_size=batch_size, samples_per_prompt=samples_per_prompt, states=states,
+                      state_score=MoveFormat(), settings={"game": asdict(g)})

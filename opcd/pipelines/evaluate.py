@@ -31,8 +31,8 @@ from opcd.runs.results import best_k_mean
 from opcd.runs.export import model_folder
 from opcd.models import load_tokenizer, resolve_model
 from opcd.pipelines.domain_setup import load_run_context, make_domain, resolve_user_path
-from opcd.pipelines.run_setup import sampling
-from opcd.pipelines.worker_setup import frozen_model_group
+from opcd.pipelines.run_setup import eval_sampling
+from opcd.pipelines.worker_setup import frozen_model_group, frozen_spec
 from opcd.runs.folder import read_saved_config
 from opcd.runs.identity import identity_digest
 from opcd.data.seeds import eval_seed
@@ -80,8 +80,8 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig, base_only: bool = False) -> 
     steps = [] if base_only else checkpoints(run_dir, cfg.evaluate.steps)
     base_path = resolve_model(cfg.model.path)
     tokenizer = load_tokenizer(base_path, cfg.model.trust_remote_code)
-    domain = make_domain(cfg, tokenizer, load_run_context(cfg, tokenizer), "evaluate")
-    params, seed = sampling(cfg, evaluation=True), eval_seed(cfg.trainer.seed)
+    domain = make_domain(cfg, tokenizer, load_run_context(cfg.task, tokenizer), "evaluate")
+    params, seed = eval_sampling(cfg.rollout), eval_seed(cfg.trainer.seed)
     key = _settings_key(cfg, domain.num_eval_items, domain.settings)
     jobs = _jobs(run_dir, steps, base_path, cfg.evaluate.baselines, cfg.evaluate.with_context, base_only)
     results = {}
@@ -94,7 +94,8 @@ def run_evaluate(run_dir: Path, cfg: DistillConfig, base_only: bool = False) -> 
             continue
         if not _ray_started():
             init_ray(cfg.ray.address, cfg.ray.num_cpus)
-        with model_folder(model_path, out) as path, frozen_model_group(f"eval-{name}", cfg, path, domain) as group:
+        with model_folder(model_path, out) as path, frozen_model_group(f"eval-{name}", frozen_spec(cfg, path, domain),
+                                                                                cfg.ray) as group:
             result = domain.evaluate(name, group, side, params, seed)
         results[name] = {**result.summary(), "settings": job_key}
         write_text_atomic(cached, json.dumps({**results[name], "samples": result.samples}, ensure_ascii=False,

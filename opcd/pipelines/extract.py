@@ -35,7 +35,7 @@ from opcd.data.experience import WRITER_PREFIX, Candidate, append_items, best_ca
 from opcd.runs.plots import plot_extraction
 from opcd.models import check_same_tokenizer, load_tokenizer, resolve_model
 from opcd.pipelines.domain_setup import make_domain
-from opcd.pipelines.worker_setup import generating_group, reserved_pools
+from opcd.pipelines.worker_setup import frozen_spec, generating_group, reserved_pools
 from opcd.data.prompts import encode_chat, token_counter
 from opcd.protocol import SamplingParams
 from opcd.data.seeds import extraction_attempt_seed, extraction_heldout_seed, writer_seed
@@ -123,8 +123,9 @@ def run_extract(cfg: DistillConfig) -> dict:
     # the solver and the writer (a second model) share each GPU, as the student and teacher do
     ranks = cfg.ray.ranks_per_group  # every rank generates its share of each call
     with reserved_pools({"solver": ranks, **({"writer": ranks} if writer_path else {})}, cfg.ray) as pools:
-        solver = generating_group("solver", cfg, model_path, domain, pools["solver"])
-        writer = generating_group("writer", cfg, writer_path, domain, pools["writer"]) if writer_path else solver
+        solver = generating_group("solver", frozen_spec(cfg, model_path, domain), cfg.ray, pools["solver"])
+        writer = (generating_group("writer", frozen_spec(cfg, writer_path, domain), cfg.ray, pools["writer"])
+                  if writer_path else solver)
         extraction = Extraction(cfg, tokenizer, solver, writer, domain)
         candidates: list[Candidate] = []
         try:

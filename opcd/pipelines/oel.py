@@ -36,8 +36,8 @@ from opcd.games.states import state_rows
 from opcd.pipelines.distill import run_distill
 from opcd.pipelines.extract import run_extract
 from opcd.pipelines.domain_setup import build_player, require_games
-from opcd.pipelines.run_setup import prepare, sampling
-from opcd.pipelines.worker_setup import frozen_model_group
+from opcd.pipelines.run_setup import prepare, rollout_sampling
+from opcd.pipelines.worker_setup import frozen_model_group, frozen_spec
 from opcd.data.seeds import deploy_run_seed, step_seed, training_seeds
 from opcd.workers.group import init_ray
 
@@ -46,7 +46,7 @@ log = logging.getLogger("opcd.oel")
 
 class OnlineExperientialLearning:
     def __init__(self, cfg: DistillConfig):
-        require_games(cfg, "opcd oel")
+        require_games(cfg.task, "opcd oel")
         self.cfg = cfg
         self.run_dir = cfg.run_dir
 
@@ -104,12 +104,12 @@ class OnlineExperientialLearning:
     def _deploy(self, folder: Path, policy: str, r: int) -> dict:
         cfg = self._round_cfg(folder, "deploy", policy)
         prepared = prepare(cfg)
-        player = build_player(cfg, prepared.tokenizer)
+        player = build_player(cfg.game, cfg.task, prepared.tokenizer)
         init_ray(cfg.ray.address, cfg.ray.num_cpus)
-        with frozen_model_group("deploy", cfg, prepared.student_path, prepared.domain) as group:
+        with frozen_model_group("deploy", frozen_spec(cfg, prepared.student_path, prepared.domain), cfg.ray) as group:
             seeds = training_seeds(deploy_run_seed(r), 1, self.cfg.oel.deploy_episodes)
             episodes = player.play(group.generate, seeds,
-                                   sampling(cfg, evaluation=False), step_seed(cfg.trainer.seed, r))
+                                   rollout_sampling(cfg.rollout, cfg.loss), step_seed(cfg.trainer.seed, r))
         rows = state_rows(episodes)
         out = folder / "deploy"
         out.mkdir(exist_ok=True)

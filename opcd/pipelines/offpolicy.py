@@ -29,7 +29,7 @@ from opcd.config import DistillConfig
 from opcd.errors import ConfigError, DataError
 from opcd.pipelines.distill import run_distill
 from opcd.pipelines.run_setup import Prepared, prepare
-from opcd.pipelines.worker_setup import frozen_model_group
+from opcd.pipelines.worker_setup import frozen_model_group, frozen_spec
 from opcd.protocol import Generation, RolloutBatch, SamplingParams, ScoreRequest, TeacherScores
 from opcd.data.seeds import step_seed
 from opcd.runs.shards import Shard, ShardReader, ShardWriter, tokenizer_fingerprint
@@ -80,8 +80,8 @@ def run_offpolicy_generate(cfg: DistillConfig) -> dict:
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     source, generated = prepared.source, 0
     # a padded teacher's own top-k (the shards' support) stays within the student's ids
-    with frozen_model_group("teacher", cfg, prepared.teacher_path, prepared.domain,
-                            prepared.student_vocab_rows) as teacher:
+    spec = frozen_spec(cfg, prepared.teacher_path, prepared.domain, prepared.student_vocab_rows)
+    with frozen_model_group("teacher", spec, cfg.ray) as teacher:
         for step in range(1, total + 1):
             if step in done:
                 source.skip(step)  # keep the data stream where an uninterrupted run would be

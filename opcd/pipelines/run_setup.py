@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opcd.config import DistillConfig, check_model_limits
+from opcd.config import DistillConfig, LossConfig, RolloutConfig, check_model_limits
 from opcd.data.contexts import ContextSource
 from opcd.domains import Domain
 from opcd.domains.sources import RolloutSource
@@ -18,13 +18,17 @@ from opcd.pipelines.domain_setup import load_run_context, make_domain
 from opcd.protocol import SamplingParams
 
 
-def sampling(cfg: DistillConfig, evaluation: bool) -> SamplingParams:
-    r = cfg.rollout
-    if evaluation:
-        return SamplingParams(r.eval_temperature, r.eval_top_p, r.eval_top_k, r.max_response_length)
-    record = cfg.loss.kl_topk if cfg.loss.kl_loss_type == "full" and cfg.loss.kl_topk > 0 else 0
-    return SamplingParams(r.temperature, r.top_p, r.top_k, r.max_response_length, record_topk=record)
+def rollout_sampling(rollout: RolloutConfig, loss: LossConfig) -> SamplingParams:
+    """How the student samples its training rollouts; the full-vocabulary top-k loss also records the
+    policy's own top-k ids at every position (its support)."""
+    record = loss.kl_topk if loss.kl_loss_type == "full" and loss.kl_topk > 0 else 0
+    return SamplingParams(rollout.temperature, rollout.top_p, rollout.top_k, rollout.max_response_length,
+                          record_topk=record)
 
+
+def eval_sampling(rollout: RolloutConfig) -> SamplingParams:
+    """How every held-out evaluation samples (rollout.eval_*)."""
+    return SamplingParams(rollout.eval_temperature, rollout.eval_top_p, rollout.eval_top_k, rollout.max_response_length)
 
 
 @dataclass
@@ -48,18 +52,19 @@ def prepare(cfg: DistillConfig) -> Prepared:
     tokenizer = load_tokenizer(student_path, cfg.model.trust_remote_code)
     rows = None
     if teacher_path != student_path:
-        rows = _check_teacher(cfg, tokenizer, student_config, student_path, teacher_path)
-    context = load_run_context(cfg, tokenizer)
+        rows = _check_teacher(cfg.model.trust_remote_code, tokenizer, student_config, student_path, teacher_path)
+    context = load_run_context(cfg.task, tokenizer)
     domain = make_domain(cfg, tokenizer, context, "train", positions)
     return Prepared(student_path, teacher_path, tokenizer, context, domain, domain.training_source(), rows)
 
 
-def _check_teacher(cfg: DistillConfig, student_tok, student_config, student_path: str, teacher_path: str) -> int | None:
+def _check_teacher(trust_remote_code: bool, student_tok, student_config, student_path: str,
+                   teacher_path: str) -> int | None:
     """Same tokenizer, and a teacher embedding that covers the student's ids; -> the student's row
     count when the teacher has more rows (it then scores over those), else None."""
-    teacher_tok = load_tokenizer(teacher_path, cfg.model.trust_remote_code)
+    teacher_tok = load_tokenizer(teacher_path, trust_remote_code)
     check_same_tokenizer(student_tok, teacher_tok, student_path, teacher_path)
-    teacher_config = load_model_config(teacher_path, cfg.model.trust_remote_code)
+    teacher_config = load_model_config(teacher_path, trust_remote_code)
     check_teacher_covers_student(student_config, teacher_config, student_path, teacher_path)
     student_rows = vocab_rows(student_config)
     return student_rows if vocab_rows(teacher_config) > student_rows else None

@@ -210,5 +210,5 @@ def test_vllm_tensor_parallel_engines_split_the_ranks():
 
     cfg = load_config(["rollout.backend=vllm", "ray.gpus_per_node=8", "ray.ranks_per_group=8",
                        "rollout.vllm_tensor_parallel_size=2"])
-    assert engine_ranks(cfg) == 2
-    assert engine_ranks(load_config(["ray.gpus_per_node=8", "ray.ranks_per_group=8"])) == 1
+    assert engine_ranks(cfg.rollout) == 2
+    assert engine_ranks(load_config(["ray.gpus_per_node=8", "ray.ranks_per_group=8"]).rollout) == 1

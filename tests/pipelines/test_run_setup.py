@@ -1,5 +1,5 @@
-"""opcd/pipelines/{run,domain,worker}_setup.py: the one switch between datasets and games, what each pipeline loads,
-and the settings derived from the domain (no Ray, no model: the real SmolLM2 tokenizer only)."""
+"""opcd/pipelines/{run,domain,worker}_setup.py: the one switch between datasets and
+games, what each pipeline loads, and the settings derived from the domain (no Ray, no model: the real SmolLM2 tokenizer only)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ from opcd.config import load_config
 from opcd.domains.dataset import DatasetDomain
 from opcd.domains.game import GameDomain
 from opcd.pipelines.domain_setup import load_run_context, make_domain
-from opcd.pipelines.worker_setup import generation_spec, student_context
+from opcd.pipelines.worker_setup import student_context
+from opcd.workers.spec import WorkerSpec
 from opcd.domains.sources import GameSource, PromptSource
 
 
 def _domain(tokenizer, purpose: str, *overrides: str):
     cfg = load_config(list(overrides))
-    context = load_run_context(cfg, tokenizer) if purpose != "extract" else None
+    context = load_run_context(cfg.task, tokenizer) if purpose != "extract" else None
     return cfg, make_domain(cfg, tokenizer, context, purpose)
 
 
@@ -48,10 +49,10 @@ def test_vllm_context_covers_a_whole_trajectory(smollm2_tokenizer):
     """The rollout length comes from the domain: a trajectory holds every move and every answer."""
     common = ("rollout.backend=vllm", "task.max_prompt_length=100", "rollout.max_response_length=10")
     cfg, dataset = _domain(smollm2_tokenizer, "train", *common)
-    assert student_context(cfg, dataset) == 110
-    assert generation_spec(cfg, "m", student_context(cfg, dataset)).max_model_len == 110
+    assert student_context(dataset, cfg.task, cfg.rollout) == 110
+    assert WorkerSpec.from_config(cfg, "m", max_model_len=110).max_model_len == 110
     cfg, turns = _domain(smollm2_tokenizer, "train", *common, "task=textgame", "game.max_steps=4")
-    assert student_context(cfg, turns) == 110
+    assert student_context(turns, cfg.task, cfg.rollout) == 110
     cfg, trajectory = _domain(smollm2_tokenizer, "train", *common, "task=textgame", "game.max_steps=4",
                               "game.mode=trajectory")
-    assert student_context(cfg, trajectory) == 100 + 4 * (10 + 256)
+    assert student_context(trajectory, cfg.task, cfg.rollout) == 100 + 4 * (10 + 256)

@@ -8,8 +8,8 @@ import pytest
 from opcd.config import load_config
 from opcd.models import load_tokenizer
 from opcd.pipelines.domain_setup import load_run_context, make_domain
-from opcd.pipelines.run_setup import sampling
-from opcd.pipelines.worker_setup import generation_spec
+from opcd.pipelines.run_setup import eval_sampling
+from opcd.workers.spec import WorkerSpec
 from opcd.workers.frozen import FrozenModelWorker
 
 pytestmark = pytest.mark.slow
@@ -34,11 +34,11 @@ def test_the_teachers_greedy_evaluation_is_the_same_on_vllm_and_hf(smollm2_dir):
     for backend in ("hf", "vllm"):
         cfg = load_config([*overrides, f"rollout.backend={backend}"])
         tokenizer = load_tokenizer(str(smollm2_dir))
-        domain = make_domain(cfg, tokenizer, load_run_context(cfg, tokenizer), "train")
-        worker = FrozenModelWorker(generation_spec(cfg, str(smollm2_dir), 2048))
+        domain = make_domain(cfg, tokenizer, load_run_context(cfg.task, tokenizer), "train")
+        worker = FrozenModelWorker(WorkerSpec.from_config(cfg, str(smollm2_dir), max_model_len=2048))
         assert worker.rollout is None  # built by the first generate: a scoring-only teacher holds none
         results[backend] = domain.evaluate("teacher_with_context", OneRank(worker), "teacher",
-                                           sampling(cfg, evaluation=True), seed=0)
+                                           eval_sampling(cfg.rollout), seed=0)
         assert type(worker.rollout).__name__ == {"hf": "HFRollout", "vllm": "VLLMRollout"}[backend]
         worker.release_rollout()
         assert (worker.rollout is None) == (backend == "vllm")  # the hf engine is the model itself: kept

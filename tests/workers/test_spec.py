@@ -11,7 +11,7 @@ from opcd.config import load_config
 from opcd.config.resolve import Machine
 from opcd.errors import ConfigError
 from opcd.pipelines.domain_setup import load_run_context, make_domain
-from opcd.pipelines.worker_setup import frozen_context, generation_spec, student_context
+from opcd.pipelines.worker_setup import frozen_context, frozen_spec, student_context
 from opcd.rollout.engines import vllm_settings
 from opcd.workers.spec import WorkerSpec
 
@@ -79,18 +79,18 @@ def test_generating_workers_get_the_configured_engine_with_a_context_for_their_p
     cfg = load_config(["rollout.backend=vllm", "task.max_prompt_length=100", "rollout.max_response_length=10",
                        "task.experience_max_length=50", "extract.writer_max_tokens=7", "loss.kl_topk=128",
                        "trainer.seed=5"], machine=Machine(gpus_per_node=0, vllm_installed=True))
-    domain = make_domain(cfg, smollm2_tokenizer, load_run_context(cfg, smollm2_tokenizer), "train")
-    assert student_context(cfg, domain) == 110
-    assert frozen_context(cfg, domain) == 110 + 50 + 10 + 7
-    spec = generation_spec(cfg, "/models/x", frozen_context(cfg, domain))
+    domain = make_domain(cfg, smollm2_tokenizer, load_run_context(cfg.task, smollm2_tokenizer), "train")
+    assert student_context(domain, cfg.task, cfg.rollout) == 110
+    assert frozen_context(domain, cfg.task, cfg.rollout, cfg.extract) == 110 + 50 + 10 + 7
+    spec = frozen_spec(cfg, "/models/x", domain)
     settings = vllm_settings(spec, CPU)
     assert spec.rollout.backend == "vllm" and settings["max_model_len"] == 177
     assert (settings["seed"], settings["max_logprobs"], settings["enforce_eager"]) == (5, 128, True)
     assert vllm_settings(spec, torch.device("cuda", 0))["enforce_eager"] is False  # CUDA graphs on GPUs
-    assert generation_spec(cfg, "/models/x", 10, vocab_rows=5).vocab_rows == 5  # a padded off-policy teacher
+    assert frozen_spec(cfg, "/models/x", domain, vocab_rows=5).vocab_rows == 5  # a padded off-policy teacher
     unlimited = load_config(["rollout.backend=vllm", "task.experience_max_length=0"],
                             machine=Machine(gpus_per_node=0, vllm_installed=True))
-    assert frozen_context(unlimited, domain) is None
+    assert frozen_context(domain, unlimited.task, unlimited.rollout, unlimited.extract) is None
 
 
 def test_every_loss_the_config_names_is_a_student_objective():
