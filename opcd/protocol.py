@@ -20,7 +20,8 @@ from opcd.data.partition import balanced_rows
 
 @runtime_checkable
 class RankShares(Protocol):
-    """A result computed data parallel: rank r of N holds rows r, r + N, ... of the batch.
+    """A result computed data parallel: each rank holds the rows of its share of the batch (the balanced
+    partition a `RowShare` names), or rows r, r + N, ... of N when it was sent the whole batch.
     `WorkerGroup.gather` hands the ranks' shares (those that had rows, in rank order) to
     `from_rank_shares`, which puts the rows back in the batch's order."""
 
@@ -29,7 +30,8 @@ class RankShares(Protocol):
 
 
 def interleave_rows(shares: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """Rank r's rows [n_r, ...] are rows r, r + N, ... of the result [sum n_r, ...]."""
+    """Rank r's rows [n_r, ...] are rows r, r + N, ... of the result [sum n_r, ...] (ranks that were each
+    sent the whole batch and took every N-th row)."""
     if shares[0] is None:
         return None
     if len(shares) == 1:
@@ -120,10 +122,29 @@ class Generation:
     response_mask: torch.Tensor  # [B, T] bool
     topk_ids: torch.Tensor | None = None  # [B, T, record_topk] int64: the policy's top-k at each position
     loss_mask: torch.Tensor | None = None  # [B, T] bool, the tokens trained on; None = response_mask
+    pad_id: int | None = None  # set while packed (a rank's answer in transit): what fills the ids back
 
     @property
     def trained_mask(self) -> torch.Tensor:  # [B, T] bool
         return self.response_mask if self.loss_mask is None else self.loss_mask
+
+    def packed(self, pad_id: int) -> "Generation":
+        """A rank's answer without the padding past each response's end: ids int32 [n], the top-k
+        [n, k], the loss mask [n]; `response_mask` [B, T] stays, to put them back (`unpacked`). At
+        B=128, T=16,384, record_topk=256 the padded int64 top-k alone is 4.3 GB."""
+        mask = self.response_mask
+        return Generation(pack_tokens(_compact_ids(self.response_ids), mask), mask,
+                          pack_tokens(_compact_ids(self.topk_ids), mask), pack_tokens(self.loss_mask, mask), pad_id=pad_id)
+
+    def unpacked(self) -> "Generation":
+        """The padded layout of a packed answer: `pad_id` past each response's end in the ids, 0 in the
+        top-k, False in the loss mask; ids int64. An unpacked generation as it is."""
+        if self.pad_id is None:
+            return self
+        mask = self.response_mask
+        topk = unpack_tokens(self.topk_ids, mask)
+        return Generation(unpack_tokens(self.response_ids, mask, self.pad_id).long(), mask,
+                          None if topk is None else topk.long(), unpack_tokens(self.loss_mask, mask, False))
 
     @property
     def response_lengths(self) -> torch.Tensor:  # [B], model tokens per sequence
@@ -136,30 +157,54 @@ class Generation:
                           None if self.loss_mask is None else self.loss_mask[index])
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TeacherScores:
     """Teacher log-probs (temperature-scaled, full-vocab normalised) at the support ids.
 
     The support is the one the driver asked for, or its union with the teacher's own top-k when
     merging was asked for (then `support_mask` is False on duplicate slots).
+
+    A rank's answer to its share travels packed (`packed`): its token-level tensors hold the real
+    tokens only, [n, K] and [n], with `token_mask` [b, T] saying where they go, and the support's ids
+    only when merging changed them (int32); `from_rank_shares` puts the shares back as [B, T, K].
     """
 
-    logprobs: torch.Tensor  # [B, T, K] float32
-    entropy: torch.Tensor  # [B, T] float32, teacher entropy at each response position
-    support_ids: torch.Tensor  # [B, T, K] int64 (None from a rank that scored a support it was sent)
+    logprobs: torch.Tensor  # [B, T, K] float32 (packed: [n, K])
+    entropy: torch.Tensor  # [B, T] float32, teacher entropy at each response position (packed: [n])
+    support_ids: torch.Tensor | None  # [B, T, K] int64 (None from a rank that scored a support it was sent)
     support_mask: torch.Tensor | None = None  # [B, T, K] bool
     rows: list[int] | None = None  # a rank's answer to a share: the batch's rows it holds (else r, r + N, ...)
+    token_mask: torch.Tensor | None = None  # a packed answer: where its tokens sit in its rows [b, T]
+
+    _TOKEN_FIELDS = ("logprobs", "entropy", "support_ids", "support_mask")
+
+    def packed(self, token_mask: torch.Tensor, rows: list[int]) -> "TeacherScores":
+        """A rank's answer for the batch's `rows`, without the padding past each response's end."""
+        return TeacherScores(logprobs=pack_tokens(self.logprobs, token_mask), entropy=pack_tokens(self.entropy, token_mask),
+                             support_ids=pack_tokens(_compact_ids(self.support_ids), token_mask),
+                             support_mask=pack_tokens(self.support_mask, token_mask), rows=rows, token_mask=token_mask)
+
+    def unpacked(self) -> "TeacherScores":
+        """The padded [b, T, ...] layout of a packed answer (0 / False at the padding; ids int64)."""
+        if self.token_mask is None:
+            return self
+        ids = unpack_tokens(self.support_ids, self.token_mask)
+        return TeacherScores(logprobs=unpack_tokens(self.logprobs, self.token_mask),
+                             entropy=unpack_tokens(self.entropy, self.token_mask),
+                             support_ids=None if ids is None else ids.long(),
+                             support_mask=unpack_tokens(self.support_mask, self.token_mask), rows=self.rows)
 
     @classmethod
     def from_rank_shares(cls, shares: list["TeacherScores"]) -> "TeacherScores":
-        names = ("logprobs", "entropy", "support_ids", "support_mask")
+        names = cls._TOKEN_FIELDS
         if shares[0].rows is None:
-            return cls(*(interleave_rows([getattr(s, name) for s in shares]) for name in names))
+            return cls(**{name: interleave_rows([getattr(s, name) for s in shares]) for name in names})
+        shares = [s.unpacked() for s in shares]
         order = torch.tensor([row for s in shares for row in s.rows], dtype=torch.long)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(len(order))
-        return cls(*(None if getattr(shares[0], name) is None else
-                     torch.cat([getattr(s, name) for s in shares])[inverse] for name in names))
+        return cls(**{name: None if getattr(shares[0], name) is None else
+                      torch.cat([getattr(s, name) for s in shares])[inverse] for name in names})
 
 
 @dataclass(frozen=True)

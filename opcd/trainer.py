@@ -101,7 +101,8 @@ class Trainer:
             return batch.teacher_scores
         if self.teacher is None:
             support = self._support(generation)
-            return TeacherScores(torch.zeros(support.shape), torch.zeros(generation.response_ids.shape), support)
+            return TeacherScores(logprobs=torch.zeros(support.shape), entropy=torch.zeros(generation.response_ids.shape),
+                                 support_ids=support)
         support = self._support(generation)
         scores = self.teacher.gather(FrozenModelWorker.score_request, ScoreRequest(batch.teacher_prompts, generation.response_ids,
                                                                     generation.response_mask, support,

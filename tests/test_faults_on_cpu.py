@@ -346,7 +346,8 @@ class _FakeTeacher:
 
     def gather(self, method, request):
         b, t = request.response_ids.shape
-        return TeacherScores(torch.zeros(b, t, 4), torch.ones(b, t), torch.zeros(b, t, 4, dtype=torch.long))
+        return TeacherScores(logprobs=torch.zeros(b, t, 4), entropy=torch.ones(b, t),
+                             support_ids=torch.zeros(b, t, 4, dtype=torch.long))
 
 
 class _FakeTokenizer:

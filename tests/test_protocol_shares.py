@@ -2,6 +2,7 @@
 travel as int32, and a rank planning from its share runs the same micro-batches as one that holds the
 whole batch."""
 
+import pytest
 import torch
 
 from opcd.data.batching import plan_micro_batches
@@ -65,11 +66,39 @@ def test_share_plan_is_the_plan_of_its_rows_and_passes_match_the_busiest_rank():
 
 def test_teacher_answers_go_back_in_the_batch_order():
     batch = _batch(rows=9)
-    answers = [TeacherScores(s.unpacked().teacher_logprobs, s.response_mask.float(), None, None, s.share.rows)
+    answers = [TeacherScores(logprobs=s.unpacked().teacher_logprobs, entropy=s.response_mask.float(),
+                             support_ids=None).packed(s.response_mask, s.share.rows)
                for s in batch.rank_shares(4)]
     merged = TeacherScores.from_rank_shares(answers)
     assert torch.equal(merged.logprobs, batch.teacher_logprobs * batch.response_mask[..., None])
+    assert torch.equal(merged.entropy, batch.response_mask.float())
     assert merged.support_ids is None
+
+
+def test_a_teachers_packed_answer_holds_real_tokens_only_and_unpacks_exactly():
+    """What a rank sends back: [real tokens, K] log-probs, [real tokens] entropy, merged ids as int32;
+    the driver gets exactly the padded answer the rank computed (its real positions)."""
+    batch = _batch(rows=7)
+    for share in batch.rank_shares(3):
+        whole = share.unpacked()
+        mask = whole.response_mask
+        ids = whole.support_ids + 1
+        answer = TeacherScores(logprobs=whole.teacher_logprobs, entropy=torch.rand(mask.shape), support_ids=ids,
+                               support_mask=torch.ones(ids.shape, dtype=torch.bool))
+        sent = answer.packed(mask, share.share.rows)
+        real = int(mask.sum())
+        assert sent.logprobs.shape == (real, ids.shape[-1]) and sent.entropy.shape == (real,)
+        assert sent.support_ids.dtype == torch.int32 and sent.support_mask.shape == (real, ids.shape[-1])
+        back = sent.unpacked()
+        assert back.support_ids.dtype == torch.long and back.rows == share.share.rows
+        for name in ("logprobs", "entropy", "support_ids", "support_mask"):
+            assert torch.equal(getattr(back, name)[mask], getattr(answer, name)[mask]), name
+            assert not getattr(back, name)[~mask].any(), name  # padding comes back as 0 / False
+
+
+def test_teacher_scores_are_built_by_keyword():
+    with pytest.raises(TypeError):
+        TeacherScores(torch.zeros(1, 1, 1), torch.zeros(1, 1), None)  # noqa: the point of the test
 
 
 def test_an_empty_share_runs_on_one_token():
@@ -83,3 +112,21 @@ def test_an_empty_share_runs_on_one_token():
     assert request.one_token().response_mask.tolist() == [[True]]
     request = ScoreRequest(batch.prompt_ids, batch.response_ids, batch.response_mask, batch.support_ids)
     assert request.rank_shares(2)[1].one_token().unpacked().support_ids.shape == (1, 1, 4)
+
+
+def test_a_generation_travels_packed_and_unpacks_exactly():
+    """A rank's generation on its way back: real tokens only (int32 ids, [n, k] top-k); unpacked, the
+    ids are padded with the pad id, the top-k with 0, the loss mask with False."""
+    from opcd.protocol import Generation
+
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    ids = torch.tensor([[5, 6, 2], [7, 2, 2]])
+    topk = torch.arange(18).view(2, 3, 3)
+    loss = torch.tensor([[False, True, False], [True, False, False]])
+    sent = Generation(ids, mask, topk, loss).packed(pad_id=2)
+    assert sent.response_ids.tolist() == [5, 6, 7] and sent.response_ids.dtype == torch.int32
+    assert sent.topk_ids.shape == (3, 3) and sent.loss_mask.tolist() == [False, True, True]
+    back = sent.unpacked()
+    assert torch.equal(back.response_ids, ids) and back.response_ids.dtype == torch.long
+    assert torch.equal(back.topk_ids, topk.masked_fill(~mask[..., None], 0)) and torch.equal(back.loss_mask, loss)
+    assert back.pad_id is None and Generation(ids, mask).unpacked().response_ids is ids

@@ -127,7 +127,8 @@ class ShardSource:
         generation = Generation(shard.response_ids, shard.response_mask, shard.topk_ids, shard.loss_mask)
         scores = None
         if self.stored_logprobs:
-            scores = TeacherScores(shard.topk_logprobs, torch.zeros(shard.response_mask.shape), shard.topk_ids)
+            scores = TeacherScores(logprobs=shard.topk_logprobs, entropy=torch.zeros(shard.response_mask.shape),
+                                   support_ids=shard.topk_ids)
         return RolloutBatch(shard.student_prompts, shard.teacher_prompts, generation, {}, shard.keys, scores)
 
     def _check_prompts(self, shard: Shard) -> None:

@@ -7,8 +7,10 @@ How the work is split, so that every rank runs the same sequence of collectives:
   seeds (opcd/workers/group.py), so the union does not depend on the number of ranks. The `hf`
   engine's forwards are FSDP collectives: the ranks run the same number of `generate` calls in step
   (`synced_gpus`); each `vllm` engine runs on its own, after `full_tensors` handed it the weights.
-* teacher scoring and the student update: data parallel. Rank r takes sequences r, r + N, ... and
-  every rank runs the same number of micro-batches (a rank short of data runs a zero-weight one).
+* teacher scoring and the student update: data parallel. The driver sends each rank only its rows, a
+  partition balanced by length (protocol.RowShare; a rank handed the whole batch takes sequences
+  r, r + N, ...), and every rank runs the same number of micro-batches (a rank short of data runs a
+  zero-weight one-token pass).
   The loss is already normalised by the whole step's token count, so gradients must be SUMMED over
   ranks: FSDP2 averages them, hence each rank scales its loss by N (gloo has no pre-multiplied sum),
   and per-rank statistics are summed with an all-reduce.

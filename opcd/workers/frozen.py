@@ -47,8 +47,8 @@ class FrozenModelWorker(ModelWorker):
               support_ids: torch.Tensor | None, merge_topk: int = 0) -> TeacherScores | None:
         """prompts: B teacher prompts (with context); response_ids/mask [B, T]; support_ids [B, T, K]
         or None for the whole vocabulary; merge_topk > 0 adds the model's own top-k to the support.
-        With several ranks: this rank's share (rows r, r + N, ...; None when it has none), which
-        `TeacherScores.from_rank_shares` puts back in order."""
+        With several ranks, each handed the whole batch: this rank's rows r, r + N, ... (None when it has
+        none), which `TeacherScores.from_rank_shares` puts back in order."""
         return self.score_request(ScoreRequest(prompts, response_ids, response_mask, support_ids, merge_topk))
 
     @torch.no_grad()
@@ -85,14 +85,22 @@ class FrozenModelWorker(ModelWorker):
             return None
         logprobs, entropy, ids, mask = (list(x) for x in zip(*parts))
         returned_ids = request.share is None or support_ids is None or merge_topk > 0
-        return TeacherScores(torch.cat(logprobs), torch.cat(entropy), torch.cat(ids) if returned_ids else None,
-                             None if mask[0] is None else torch.cat(mask),
-                             None if request.share is None else request.share.rows)
+        scores = TeacherScores(logprobs=torch.cat(logprobs), entropy=torch.cat(entropy),
+                               support_ids=torch.cat(ids) if returned_ids else None,
+                               support_mask=None if mask[0] is None else torch.cat(mask))
+        # a share's answer goes back without its padding: at B=128, T=16,384, K=256 the padded log-probs
+        # alone are 2.15 GB against the real tokens' share of them
+        return scores if request.share is None else scores.packed(response_mask, request.share.rows)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int,
+                 reply: bool = True, packed: bool = False) -> Generation | None:
+        """As StudentWorker.generate."""
         if self.rollout is None:
             self.rollout = make_rollout(self.spec, self.model, self.tokenizer, self.device)
-        return self.rollout.generate(prompts, params, seed)
+        generation = self.rollout.generate(prompts, params, seed)
+        if not reply:
+            return None
+        return generation.packed(self.pad_id) if packed else generation
 
     def release_rollout(self) -> None:
         """Drop an engine that holds its own copy of the weights (vLLM), with its KV cache: a teacher

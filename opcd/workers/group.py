@@ -152,15 +152,19 @@ class WorkerGroup:
         """Every engine generates a contiguous share of `prompts` (its first prompt's seed shifts the
         call's seed, so prompt i samples with `prompt_seed(seed, i)` however the prompts are split);
         the shares come back concatenated in the prompts' order. Every rank is called, also those with
-        an empty share: an FSDP-sharded `hf` engine's forwards are collectives."""
+        an empty share: an FSDP-sharded `hf` engine's forwards are collectives. The ranks of one
+        tensor-parallel engine get its share put once, and only its first rank answers (the others
+        hold the same result), packed: real tokens only, int32 ids."""
         engines = self.world_size // self.ranks_per_engine
         bounds = shares(len(prompts), engines)
         refs = []
-        for rank, worker in enumerate(self.workers):
-            start, end = bounds[rank // self.ranks_per_engine]
-            refs.append(worker.generate.remote(prompts[start:end], params, prompt_seed(seed, start)))
+        for engine, (start, end) in enumerate(bounds):
+            share = prompts[start:end] if self.ranks_per_engine == 1 else ray.put(prompts[start:end])
+            for rank in range(engine * self.ranks_per_engine, (engine + 1) * self.ranks_per_engine):
+                refs.append(self.workers[rank].generate.remote(share, params, prompt_seed(seed, start),
+                                                               reply=rank % self.ranks_per_engine == 0, packed=True))
         results = self._wait(refs, "generate")
-        parts = [results[engine * self.ranks_per_engine] for engine in range(engines)]
+        parts = [results[engine * self.ranks_per_engine].unpacked() for engine in range(engines)]
         if self._pad_id is None:  # the workers' tokenizer's, asked once
             self._pad_id = self._wait([self.workers[0].__ray_call__.remote(lambda worker: worker.pad_id)], "pad_id")[0]
         return concat_generations(parts, self._pad_id)

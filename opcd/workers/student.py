@@ -51,9 +51,16 @@ class StudentWorker(ModelWorker):
         self.token_loss = functools.partial(per_token_loss, spec.kl_loss_type, spec.loss.support_mode)
 
     # -- rollout ---------------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Generation:
-        """This rank's share of a rollout (WorkerGroup.generate splits the prompts)."""
-        return self.rollout.generate(prompts, params, seed)
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int,
+                 reply: bool = True, packed: bool = False) -> Generation | None:
+        """This rank's share of a rollout (WorkerGroup.generate splits the prompts). `reply` False: a
+        tensor-parallel engine's later ranks, which hold the same result as its first: nothing comes back.
+        `packed`: for the way back to the driver, without padding and with int32 ids
+        (`WorkerGroup.generate` asks for it and unpacks)."""
+        generation = self.rollout.generate(prompts, params, seed)
+        if not reply:
+            return None
+        return generation.packed(self.pad_id) if packed else generation
 
     def sleep_rollout(self) -> None:
         """After a step's rollout: the engine gives its memory to the teacher's scoring and the update

@@ -180,8 +180,8 @@ def test_rank_shares_are_put_back_in_batch_order():
 
     def share(index):
         r = rows[index]
-        return TeacherScores(r.view(-1, 1, 1).expand(-1, 2, 3), r.view(-1, 1).expand(-1, 2),
-                             r.long().view(-1, 1, 1).expand(-1, 2, 3), None)
+        return TeacherScores(logprobs=r.view(-1, 1, 1).expand(-1, 2, 3), entropy=r.view(-1, 1).expand(-1, 2),
+                             support_ids=r.long().view(-1, 1, 1).expand(-1, 2, 3))
     merged = TeacherScores.from_rank_shares([share([0, 3]), share([1, 4]), share([2])])
     assert torch.equal(merged.logprobs[:, 0, 0], rows) and torch.equal(merged.entropy[:, 1], rows)
     assert torch.equal(merged.support_ids[:, 1, 2], rows.long()) and merged.support_mask is None

@@ -68,6 +68,7 @@ def test_rollout_after_update_uses_the_updated_weights(sharp_tiny_model, sharp_t
     student.sync_rollout()
     greedy_after = student.generate(prompts, GREEDY, seed=0)
     assert not torch.equal(greedy_before.response_ids, greedy_after.response_ids)  # the update matters
+    assert student.generate(prompts, GREEDY, seed=0, reply=False) is None  # a tensor-parallel engine's later rank
     student.save(str(tmp_path))
     fresh = load_causal_lm(str(tmp_path / "model")).eval().to(student.device)  # same device, same numerics
     reference = HFRollout(fresh, student.tokenizer).generate(prompts, GREEDY, seed=0)
