@@ -191,9 +191,9 @@ class Trainer:
                  "seed": self.cfg.seed}
         export = self.cfg.hf_export == "every" or (self.cfg.hf_export == "last" and step == self.cfg.total_training_steps)
 
-        def write(tmp: Path) -> None:
+        def write(tmp: Path) -> dict[str, str]:
             with disk_full_as_enospc(tmp):  # torch.save on a full disk says "enforce fail", not ENOSPC
-                _merged(self.student.call(StudentWorker.save, str(tmp), export))
+                return _merged(self.student.call(StudentWorker.save, str(tmp), export))
         folder = save_checkpoint(self.run_dir, step, write, state)
         retain(self.run_dir, step, self.cfg.keep_last_n)
         return folder

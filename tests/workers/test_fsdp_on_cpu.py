@@ -66,8 +66,9 @@ def test_two_ranks_match_one_rank(sharp_tiny_model, sharp_tiny_deeper_model, smo
     assert (tmp_path / "ckpt1" / "optimizer.pt").is_file() and not (tmp_path / "ckpt1" / "weights").exists()
 
 
-def test_sharded_distillation_runs_and_resumes(tmp_path, tiny_model):
-    from opcd.runs.checkpoint import has_optimizer
+def test_sharded_distillation_runs_and_resumes(tmp_path, tiny_model, monkeypatch):
+    from opcd.runs import checkpoint
+    from opcd.runs.checkpoint import has_optimizer, read_checksums
     from opcd.config import load_config
     from opcd.pipelines.distill import run_distill
 
@@ -79,8 +80,18 @@ def test_sharded_distillation_runs_and_resumes(tmp_path, tiny_model):
             "trainer.eval_after=false", "trainer.loggers=[jsonl]", "rollout.max_response_length=5",
             "loss.kl_topk=8"]))
 
+    hashed_on_driver = []  # the ranks run in other processes: only the driver's hashing is seen here
+    driver_sha256 = checkpoint.file_sha256
+    monkeypatch.setattr(checkpoint, "file_sha256", lambda path: hashed_on_driver.append(path) or driver_sha256(path))
     assert run(1)["final_step"] == 1
     first = tmp_path / "fsdp" / "global_step_1"
+    # the driver takes the shards' checksums from the ranks that wrote them instead of re-reading every shard
+    tmp = first.parent / ".global_step_1.tmp"
+    hashed = {p.relative_to(tmp).as_posix() for p in hashed_on_driver if p.is_relative_to(tmp)}
+    listed = read_checksums(first)
+    assert {"weights/__0_0.distcp", "weights/__1_0.distcp"} <= set(listed) and hashed
+    assert not any(rel.startswith(("weights/", "optimizer/")) for rel in hashed), hashed
+    monkeypatch.undo()
     assert sorted(p.name for p in (first / "weights").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert (first / "model").is_dir()  # trainer.hf_export=last
     assert run(2)["final_step"] == 2  # resumed from the sharded checkpoint of step 1
