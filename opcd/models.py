@@ -156,15 +156,38 @@ def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = 
     (opcd/runtime/attention.py)."""
     from transformers import AutoModelForCausalLM
 
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                    attn_implementation=_attention(attn_implementation))
+    except OSError as exc:
+        raise ModelError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def build_causal_lm_on_meta(path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                            attn_implementation: str | None = None):
+    """The architecture `load_causal_lm` would load, with the same dtype, attention and generation
+    config, on the meta device: no weights read, no host memory. The ranks of a sharded group other
+    than rank 0 build this and receive their shards from rank 0 (distributed.shard_from_rank0)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    config = load_model_config(path, trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                 attn_implementation=_attention(attn_implementation))
+    if model.can_generate():  # from_pretrained reads generation_config.json (EOS ids, sampling defaults)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:  # a folder without one: from_pretrained keeps the one derived from the config too
+            pass
+    return model.eval()  # from_pretrained's mode
+
+
+def _attention(attn_implementation: str | None) -> str | None:
+    """The attention both loaders ask for: flash-attention that cannot run here becomes SDPA."""
     from opcd.runtime.attention import resolve_attention
 
     # a worker without a GPU has CUDA hidden (opcd/runtime/devices.py actor_env), so this is its device
-    attn_implementation = resolve_attention(attn_implementation, torch.cuda.is_available())
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code,
-                                                    attn_implementation=attn_implementation)
-    except OSError as exc:
-        raise ModelError(f"cannot load model from {path}: {str(exc).splitlines()[0]}") from exc
+    return resolve_attention(attn_implementation, torch.cuda.is_available())
 
 
 def check_same_tokenizer(student_tok, teacher_tok, student_path: str, teacher_path: str) -> None:

@@ -11,6 +11,7 @@ from transformers import AutoConfig
 from opcd.errors import ModelError
 from opcd.models import (
     BUILTIN_SMOLLM2,
+    build_causal_lm_on_meta,
     check_answers_paris,
     check_same_tokenizer,
     check_teacher_covers_student,
@@ -257,3 +258,20 @@ def test_a_relative_model_folder_resolves_to_an_absolute_path(tiny_model, monkey
     another node resolves it against its own working folder (its node's, not the driver's)."""
     monkeypatch.chdir(tiny_model.parent)
     assert resolve_model(tiny_model.name) == str(tiny_model)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_meta_build_is_the_loaded_architecture_without_weights(tiny_model, dtype):
+    """What a sharded group's ranks other than 0 build: the loaded model's names, shapes, dtype, attention
+    (flash-attention falls back to SDPA on CPU as in load_causal_lm), generation config and tied head,
+    all on the meta device."""
+    loaded = load_causal_lm(str(tiny_model), dtype, attn_implementation="flash_attention_2")
+    meta = build_causal_lm_on_meta(str(tiny_model), dtype, attn_implementation="flash_attention_2")
+    assert all(t.is_meta for t in [*meta.parameters(), *meta.buffers()])
+    shapes = {name: (t.shape, t.dtype) for name, t in meta.state_dict().items()}
+    assert shapes == {name: (t.shape, t.dtype) for name, t in loaded.state_dict().items()}
+    assert [name for name, _ in meta.named_buffers()] == [name for name, _ in loaded.named_buffers()]
+    assert meta.config._attn_implementation == loaded.config._attn_implementation == "sdpa"
+    assert meta.generation_config.to_dict() == loaded.generation_config.to_dict()
+    assert meta.lm_head.weight is meta.model.embed_tokens.weight
+    assert meta.training == loaded.training

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from opcd.models import load_causal_lm, load_tokenizer
+from opcd.models import build_causal_lm_on_meta, load_causal_lm, load_tokenizer
 from opcd.runtime import gpu_memory
 from opcd.runtime.devices import worker_device
 from opcd.workers import distributed as D
@@ -37,16 +37,19 @@ class ModelWorker:
         self.memory = gpu_memory.PhaseMemory()
 
     def load_model(self, dtype: str) -> torch.nn.Module:
-        """The spec's model in `dtype`, on the host (placed by `place`)."""
+        """The spec's model in `dtype`, on the host (placed by `place`). In a sharded group only rank 0
+        reads the weights; the other ranks build the architecture on the meta device (no host memory)
+        and `place` fills their shards from rank 0's copy."""
         m = self.spec.model
-        return load_causal_lm(self.spec.model_path, dtype, m.trust_remote_code, m.attn_implementation)
+        load = build_causal_lm_on_meta if self.world_size > 1 and self.rank != 0 else load_causal_lm
+        return load(self.spec.model_path, dtype, m.trust_remote_code, m.attn_implementation)
 
     def place(self, model: torch.nn.Module, mixed_dtype: torch.dtype | None = None,
               activation_checkpointing: bool = False) -> torch.nn.Module:
         """Shard `model` over the ranks (fully_shard moves the shards to the device, or keeps them on CPU
-        with offload), or move it whole to this rank's device."""
+        with offload; the weights come from rank 0), or move it whole to this rank's device."""
         if self.world_size > 1:
-            D.shard(model, mixed_dtype, self.spec.model.cpu_offload, activation_checkpointing)
+            D.shard_from_rank0(model, self.device, mixed_dtype, self.spec.model.cpu_offload, activation_checkpointing)
         else:
             model.to(self.device)
         return model

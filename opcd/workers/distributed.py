@@ -14,6 +14,8 @@ How the work is split, so that every rank runs the same sequence of collectives:
   The loss is already normalised by the whole step's token count, so gradients must be SUMMED over
   ranks: FSDP2 averages them, hence each rank scales its loss by N (gloo has no pre-multiplied sum),
   and per-rank statistics are summed with an all-reduce.
+* start-up: only rank 0 reads the model; the other ranks build it on the meta device and receive
+  their shards from rank 0, one tensor at a time (`shard_from_rank0`, docs/memory-plan.md).
 * checkpoints: torch.distributed.checkpoint, each rank writing and reading its own shards
   (opcd/workers/checkpoint_io.py); the full state is gathered only for a Hugging Face export.
 
@@ -125,6 +127,34 @@ def shard(model, param_dtype: torch.dtype | None = None, cpu_offload: bool = Fal
     fully_shard(model, **options)
     register_fsdp_forward_method(model, "generate")
     return model
+
+
+def shard_from_rank0(model, device: torch.device, param_dtype: torch.dtype | None = None, cpu_offload: bool = False,
+                     activation_checkpointing: bool = False):
+    """`shard` a model that only rank 0 loaded (the others built it on the meta device,
+    models.build_causal_lm_on_meta), then fill every rank's shards from rank 0's weights, one tensor
+    at a time, so no other rank ever holds the whole model in host memory. Buffers outside the state
+    dict (rotary inv_freq) are broadcast too. Every rank ends with what loading the file gives."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = model.state_dict() if dist.get_rank() == 0 else {}  # references: rank 0 holds no second copy
+    shard(model, param_dtype, cpu_offload, activation_checkpointing)
+    if any(t.is_meta for t in _tensors(model)):
+        # the device, as fully_shard did for rank 0: its buffers stay there even with offload, and
+        # FSDP2's own _apply moves the re-created shards to (pinned) CPU under its offload policy
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    in_state_dict = set(model.state_dict().keys())
+    for name, buffer in model.named_buffers():
+        if name not in in_state_dict:
+            dist.broadcast(buffer, src=0)
+    return model
+
+
+def _tensors(model):
+    yield from model.parameters()
+    yield from model.buffers()
 
 
 def release(model) -> None:
