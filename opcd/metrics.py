@@ -25,4 +25,7 @@ PERF_STUDENT_GPU_RESERVED = "perf/student_gpu_peak_reserved_gb"
 # device's memory in use at the end of the phase, vLLM's pools and other processes included
 PERF_GPU_USED_MAX = "perf/gpu_used_gb_max"  # the largest of those readings this step, any group and rank
 TIMING = "timing/"  # + phase name, seconds
+# at checkpoint steps: how long the save held training up (with trainer.async_save: finishing the previous
+# checkpoint, if still being written, and staging this one; the writing itself goes on during the next steps)
+TIMING_SAVE = TIMING + "save"
 EVAL_DURING = "eval/student/score"  # held-out score of the student (no context) every trainer.eval_freq steps

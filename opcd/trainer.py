@@ -7,7 +7,8 @@
         update    the student minimises the top-k reverse KL to the teacher (one optimiser step)
         sync      the rollout engine gets the new weights (free for the colocated `hf` engine); a vLLM
                   engine on GPU sleeps from the end of the rollout to the sync (opcd/rollout/__init__.py)
-        log, checkpoint
+        log, checkpoint   with several ranks written in the background (trainer.async_save) and published
+                          at the next checkpoint or the end of the run, once every rank has written it
 
 Departures from the reference: the student's top-k ids come from the rollout itself instead of a
 second student forward pass; the default support mode is `tail` (a true KL) rather than the partial
@@ -20,12 +21,15 @@ import logging
 import resource
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from opcd import metrics as M
-from opcd.runs.checkpoint import has_optimizer, read_trainer_state, resumable_checkpoint, retain, save_checkpoint
+from opcd.runs.checkpoint import (begin_checkpoint, has_optimizer, publish_checkpoint, read_trainer_state,
+                                  resumable_checkpoint, retain, unpublished_on_failure, written_checksums,
+                                  written_reports)
 from opcd.config import LossConfig, TrainerConfig
 from opcd.errors import TrainingError
 from opcd.loss.objective import uses_sampled_token
@@ -38,6 +42,9 @@ from opcd.workers.frozen import FrozenModelWorker
 from opcd.workers.student import StudentWorker
 
 log = logging.getLogger("opcd")
+# After a failure, how long the driver waits for the ranks still writing a checkpoint in the background
+# before leaving it unpublished (they write on their own threads, even when stuck in a collective).
+PUBLISH_AFTER_FAILURE_S = 120.0
 
 
 class PhaseTimer:
@@ -49,6 +56,16 @@ class PhaseTimer:
         start = time.perf_counter()
         yield
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class PendingCheckpoint:
+    """A checkpoint some ranks are still writing in the background: published by `Trainer.finish_save`."""
+    step: int
+    folder: Path  # the hidden folder being written (opcd/runs/checkpoint.py begin_checkpoint)
+    trainer_state: dict  # taken at its step: the data position moves on while it is written
+    writing: list[int]  # the ranks writing in the background; each reports in the folder when done
+    known: dict[str, str]  # checksums the other ranks returned at once
 
 
 class Trainer:
@@ -63,19 +80,35 @@ class Trainer:
         self.teacher = teacher
         self.run_dir = Path(run_dir)
         self.consecutive_skipped = 0
+        self.pending: PendingCheckpoint | None = None
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self, tracker: Tracker, start_step: int, evaluate=None) -> int:
-        """Train to the last step; `evaluate(step) -> metrics` runs every trainer.eval_freq steps."""
+        """Train to the last step; `evaluate(step) -> metrics` runs every trainer.eval_freq steps. A
+        checkpoint written in the background is published after the first step that finds it written,
+        before the next one starts, and before this returns; when the run fails, the ranks get up to
+        PUBLISH_AFTER_FAILURE_S to finish it (they write on threads of their own), else it stays
+        unpublished and the previous checkpoint is the one a rerun resumes from."""
         step = start_step
-        for step in range(start_step + 1, self.cfg.total_training_steps + 1):
-            metrics = self.step(step)
-            if evaluate is not None and self.cfg.eval_freq > 0 and step % self.cfg.eval_freq == 0:
-                metrics.update(evaluate(step))
-            tracker.log(metrics, step)
-            self._check_nonfinite(metrics, step)
-            if self._checkpoint_due(step):
-                self.save(step)
+        try:
+            for step in range(start_step + 1, self.cfg.total_training_steps + 1):
+                metrics = self.step(step)
+                if evaluate is not None and self.cfg.eval_freq > 0 and step % self.cfg.eval_freq == 0:
+                    metrics.update(evaluate(step))
+                stop = self._nonfinite_stop(metrics, step)
+                if stop is None and self._checkpoint_due(step):
+                    start = time.perf_counter()
+                    self.save(step)
+                    metrics[M.TIMING_SAVE] = time.perf_counter() - start
+                elif self.pending is not None and self._written(self.pending, wait_s=0):
+                    self.finish_save()
+                tracker.log(metrics, step)
+                if stop is not None:
+                    raise stop
+        except BaseException:
+            self._publish_after_failure()
+            raise
+        self.finish_save()
         return step
 
     def step(self, step: int) -> dict[str, float]:
@@ -174,29 +207,81 @@ class Trainer:
             out[M.PERF_GPU_USED_MAX] = max(used)
         return out
 
-    def _check_nonfinite(self, metrics: dict[str, float], step: int) -> None:
+    def _nonfinite_stop(self, metrics: dict[str, float], step: int) -> TrainingError | None:
+        """The error that ends the run after too many skipped (non-finite) steps in a row, else None."""
         self.consecutive_skipped = self.consecutive_skipped + 1 if metrics[M.ACTOR_SKIPPED] else 0
-        if self.consecutive_skipped >= self.cfg.max_consecutive_nonfinite:
-            raise TrainingError(f"step {step}: {self.consecutive_skipped} consecutive steps had a non-finite "
-                                f"gradient norm (trainer.max_consecutive_nonfinite="
-                                f"{self.cfg.max_consecutive_nonfinite}); lower trainer.lr or check the data")
+        if self.consecutive_skipped < self.cfg.max_consecutive_nonfinite:
+            return None
+        return TrainingError(f"step {step}: {self.consecutive_skipped} consecutive steps had a non-finite "
+                             f"gradient norm (trainer.max_consecutive_nonfinite="
+                             f"{self.cfg.max_consecutive_nonfinite}); lower trainer.lr or check the data")
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _checkpoint_due(self, step: int) -> bool:
         last = step == self.cfg.total_training_steps
         return last or (self.cfg.save_freq > 0 and step % self.cfg.save_freq == 0)
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int) -> Path | None:
+        """Checkpoint `step` (after publishing the one still being written, if any). With trainer.async_save
+        and several ranks the ranks copy their shards to host memory and return; the writing goes on while
+        the next steps train and `finish_save` publishes it. -> the published folder, None while pending."""
+        self.finish_save()
         state = {"step": step, "sampler": self.source.state_dict(), "consecutive_skipped": self.consecutive_skipped,
                  "seed": self.cfg.seed}
         export = self.cfg.hf_export == "every" or (self.cfg.hf_export == "last" and step == self.cfg.total_training_steps)
+        tmp = begin_checkpoint(self.run_dir, step)
+        with unpublished_on_failure(self.run_dir, step, tmp), disk_full_as_enospc(tmp):
+            # torch.save on a full disk says "enforce fail", not ENOSPC: disk_full_as_enospc tells them apart
+            answers = self.student.call(StudentWorker.start_save, str(tmp), export, self.cfg.async_save)
+        self.pending = PendingCheckpoint(step, tmp, state, writing=[r for r, a in enumerate(answers) if a is None],
+                                         known=_merged(answers))
+        return None if self.pending.writing else self.finish_save()
 
-        def write(tmp: Path) -> dict[str, str]:
-            with disk_full_as_enospc(tmp):  # torch.save on a full disk says "enforce fail", not ENOSPC
-                return _merged(self.student.call(StudentWorker.save, str(tmp), export))
-        folder = save_checkpoint(self.run_dir, step, write, state)
-        retain(self.run_dir, step, self.cfg.keep_last_n)
+    def finish_save(self) -> Path | None:
+        """Wait for the ranks writing the pending checkpoint, then publish it. -> its folder, or None when
+        none was pending."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        if pending.writing:
+            with unpublished_on_failure(self.run_dir, pending.step, pending.folder):
+                errors = [e for e in self.student.call(StudentWorker.finish_save) if e]  # a dead rank raises here
+                if errors and not self._written(pending, wait_s=0):  # not even its report could be written
+                    raise TrainingError(f"checkpoint {pending.step} was not written: {errors[0]}")
+        return self._publish(pending)
+
+    def _publish(self, pending: PendingCheckpoint) -> Path:
+        """Publish a written checkpoint (the ranks' checksums, trainer state, COMPLETE, rename, pointer:
+        opcd/runs/checkpoint.py) and apply retention."""
+        with unpublished_on_failure(self.run_dir, pending.step, pending.folder), disk_full_as_enospc(pending.folder):
+            written = written_checksums(pending.folder, pending.writing, pending.step)
+            folder = publish_checkpoint(self.run_dir, pending.step, pending.folder, {**pending.known, **written},
+                                        pending.trainer_state)
+        retain(self.run_dir, pending.step, self.cfg.keep_last_n)
         return folder
+
+    def _written(self, pending: PendingCheckpoint, wait_s: float) -> bool:
+        """Whether every rank writing `pending` has reported (done or failed), waiting up to `wait_s`."""
+        deadline = time.monotonic() + wait_s
+        while len(written_reports(pending.folder, pending.writing)) < len(pending.writing):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
+    def _publish_after_failure(self) -> None:
+        """The run is failing: publish the checkpoint being written if its ranks finish within
+        PUBLISH_AFTER_FAILURE_S, without calling them (some may be stuck in a collective); else leave it."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        if not self._written(pending, PUBLISH_AFTER_FAILURE_S):
+            log.warning("checkpoint %d was still being written when the run failed: left unpublished", pending.step)
+            return
+        try:
+            self._publish(pending)
+        except Exception as exc:  # the run's own error is the one to report
+            log.warning("checkpoint %d could not be published: %s", pending.step, exc)
 
     def resume(self) -> int:
         """Load the newest intact checkpoint of the run folder; returns the step to continue after."""

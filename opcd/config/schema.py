@@ -200,6 +200,9 @@ class TrainerConfig:
     # several ranks: also write a Hugging Face folder (gathered) at the last step, at every save, or never
     # (`opcd export RUN_DIR STEP` writes one later); one rank's checkpoints are Hugging Face folders anyway
     hf_export: Literal["last", "every", "none"] = "last"
+    # several ranks: write checkpoints in the background (shards copied to host memory first) while the next
+    # steps train; a checkpoint is published only once every rank finished writing it (docs/usage.md)
+    async_save: bool = True
     seed: int = 0  # every sampling seed is a function of (seed, step)
     # auto: continue from the run folder's latest checkpoint, refusing changed settings that change the run;
     # never: start afresh (the folder's previous run is moved to <exp_name>.old-<time>). See opcd/runs/folder.py.

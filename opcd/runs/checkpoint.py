@@ -13,7 +13,9 @@ Layout of `<run_dir>/global_step_<k>/`:
     COMPLETE             written last
 
 A checkpoint is written into a hidden temporary folder, its checksums are written, and it is renamed
-into place; only then does `latest_checkpointed_iteration.txt` move. A crash at any moment leaves the
+into place; only then does `latest_checkpointed_iteration.txt` move. A checkpoint written in the
+background (several ranks, trainer.async_save) stays in its hidden folder until every rank has
+finished; a run that stops before then leaves it unpublished, and the next one removes it. A crash at any moment leaves the
 previous checkpoint intact and findable. On resume the newest checkpoint whose files match their
 checksums is used; a damaged one is named in one line and skipped. Only the newest checkpoint keeps
 the optimizer state (a resume needs nothing older), and `keep_last_n` bounds how many are kept.
@@ -28,6 +30,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from opcd.errors import OpcdError
@@ -40,6 +43,10 @@ MODEL = "model"
 OPTIMIZER_FILE = "optimizer.pt"
 WEIGHTS, SHARDED_OPTIMIZER, MODEL_CONFIG = "weights", "optimizer", "model_config"
 OPTIMIZER = (OPTIMIZER_FILE, SHARDED_OPTIMIZER)
+# In a checkpoint written in the background: one report per rank once its files are written (`report_written`).
+# Files, not answers through Ray, so the driver can publish a written checkpoint even while some ranks are
+# stuck in a collective after another rank's failure.
+WRITTEN = ".written"
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
 
 
@@ -52,31 +59,88 @@ def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], dict[str, 
     """`write(tmp_folder)` fills the folder (model, optimiser) and may return the checksums of the
     files it wrote (relative path -> SHA-256; workers hash their own shards in parallel); we hash the
     rest, add the state and publish it."""
+    tmp = begin_checkpoint(run_dir, step)
+    with unpublished_on_failure(run_dir, step, tmp):
+        return publish_checkpoint(run_dir, step, tmp, write(tmp) or {}, trainer_state)
+
+
+def begin_checkpoint(run_dir: Path, step: int) -> Path:
+    """A fresh hidden folder to write checkpoint `step` into. Unpublished folders left by earlier
+    attempts (a crash, or a run stopped while a checkpoint was written in the background) go first:
+    only one checkpoint is ever in progress."""
+    run_dir = Path(run_dir)
+    for stale in run_dir.glob(".global_step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = run_dir / f".global_step_{step}.tmp"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish_checkpoint(run_dir: Path, step: int, tmp: Path, known: dict[str, str], trainer_state: dict) -> Path:
+    """Make the written folder `tmp` checkpoint `step`: hash what the writers did not (`known`: relative
+    path -> SHA-256), add the trainer state, checksums and COMPLETE, fsync, rename it into place and move
+    the pointer."""
     run_dir = Path(run_dir)
     final = step_dir(run_dir, step)
-    tmp = run_dir / f".global_step_{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    open_like_umask(tmp)
+    write_text_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=1))
+    _write_checksums(tmp, {rel: known.get(rel) or file_sha256(tmp / rel) for rel in _files(tmp)})
+    (tmp / COMPLETE).write_text(str(step))
+    _fsync_tree(tmp)
+    if final.exists():  # re-saving a step (e.g. after a resume): replace the old copy
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    write_text_atomic(run_dir / LATEST, str(step))
+    return final
+
+
+@contextmanager
+def unpublished_on_failure(run_dir: Path, step: int, tmp: Path):
+    """Any failure while checkpoint `step` is written or published (an exception from the writers,
+    Ctrl-C) drops the partial folder `tmp`; a full disk is said in one line naming the checkpoint kept."""
     try:
-        known = write(tmp) or {}
-        open_like_umask(tmp)
-        write_text_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=1))
-        _write_checksums(tmp, {rel: known.get(rel) or file_sha256(tmp / rel) for rel in _files(tmp)})
-        (tmp / COMPLETE).write_text(str(step))
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving a step (e.g. after a resume): replace the old copy
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        write_text_atomic(run_dir / LATEST, str(step))
-    except BaseException as exc:  # any failure (an exception in `write`, Ctrl-C): drop the partial copy
+        yield
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             earlier = [s for s in complete_steps(run_dir) if s != step]
             kept = (f"the previous checkpoint, step {earlier[-1]}, is intact" if earlier
                     else "no earlier checkpoint exists, so a rerun starts from the beginning")
-            raise OpcdError(f"no space left on device while writing checkpoint {final} ({kept})") from exc
+            raise OpcdError(f"no space left on device while writing checkpoint {step_dir(run_dir, step)} "
+                            f"({kept})") from exc
         raise
-    return final
+
+
+def report_written(folder: Path, rank: int, checksums: dict[str, str] | None = None,
+                   error: BaseException | None = None) -> None:
+    """A rank's report that it finished writing its part of the checkpoint being written in `folder`:
+    the checksums of its files, or the error that stopped it."""
+    report = {"checksums": checksums} if error is None else {"error": f"{type(error).__name__}: {error}"}
+    (Path(folder) / WRITTEN).mkdir(exist_ok=True)
+    write_text_atomic(Path(folder) / WRITTEN / f"rank-{rank}.json", json.dumps(report))
+
+
+def written_reports(folder: Path, ranks: list[int]) -> dict[int, dict]:
+    """The reports (`report_written`) of those of `ranks` that have finished writing into `folder`."""
+    out = {}
+    for rank in ranks:
+        path = Path(folder) / WRITTEN / f"rank-{rank}.json"
+        if path.is_file():
+            out[rank] = json.loads(path.read_text())
+    return out
+
+
+def written_checksums(folder: Path, ranks: list[int], step: int) -> dict[str, str]:
+    """Every rank's checksums once all of `ranks` have reported; the first reported error, or a missing
+    report, as one line. The reports are then removed: they are not part of the checkpoint."""
+    reports = written_reports(folder, ranks)
+    for rank in ranks:
+        if rank not in reports:
+            raise OpcdError(f"student rank {rank} did not report writing checkpoint {step}")
+        if "error" in reports[rank]:
+            raise OpcdError(f"student rank {rank} could not write checkpoint {step}: {reports[rank]['error']}")
+    shutil.rmtree(Path(folder) / WRITTEN, ignore_errors=True)
+    return {rel: digest for rank in ranks for rel, digest in reports[rank]["checksums"].items()}
 
 
 def complete_steps(run_dir: Path) -> list[int]:

@@ -44,6 +44,7 @@ FREE = (
     "trainer.exp_name", "trainer.runs_dir", "trainer.resume", "trainer.resume_override",
     "trainer.total_training_steps", "trainer.save_freq", "trainer.loggers", "trainer.wandb_project",
     "trainer.keep_last_n", "trainer.hf_export",  # which checkpoints are kept/exported: nothing learnt changes
+    "trainer.async_save",
     "trainer.eval_freq", "trainer.eval_before", "trainer.eval_after", "trainer.max_consecutive_nonfinite",
     "trainer.num_threads", "trainer.micro_batch_size", "trainer.micro_batch_tokens", "trainer.padding_free",
     "model.attn_implementation", "model.activation_checkpointing", "model.cpu_offload",

@@ -30,6 +30,7 @@ class ModelWorker:
         self.spec = spec
         self.rank, self.world_size = rank, world_size
         self.device = worker_device()
+        self.collective_timeout_s = rendezvous.timeout_s if rendezvous is not None else D.DEFAULT_COLLECTIVE_TIMEOUT_S
         if world_size > 1:
             D.init_process_group(rendezvous, rank, world_size, self.device, spec.model.cpu_offload)
         self.tokenizer = load_tokenizer(spec.model_path, spec.model.trust_remote_code)

@@ -6,16 +6,24 @@ its own shard file of the model (`weights/`) and of the optimizer (`optimizer/`)
 gathered on one process; rank 0 adds `model_config/` (config and tokenizer) so that a later export
 needs nothing else. A Hugging Face export (`model/`, gathered) is written only when asked. Every rank
 returns the SHA-256 of the files it wrote, so the hashing is spread like the writing.
+
+Several ranks can write in the background (`start_save(..., background=True)`, trainer.async_save):
+each rank copies its shards to host memory before the call returns (so the next optimiser step cannot
+reach the files), then one thread per rank writes and hashes them while training goes on and reports
+the checksums (or its error) in the folder; the driver publishes the checkpoint only once every rank
+has reported (opcd/trainer.py, opcd/runs/checkpoint.py `written_checksums`).
 """
 
 from __future__ import annotations
 
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from opcd.runs.checkpoint import MODEL, MODEL_CONFIG, OPTIMIZER_FILE, SHARDED_OPTIMIZER, WEIGHTS, file_sha256
+from opcd.runs.checkpoint import (MODEL, MODEL_CONFIG, OPTIMIZER_FILE, SHARDED_OPTIMIZER, WEIGHTS, WRITTEN, file_sha256,
+                                  report_written)
 from opcd.errors import OpcdError
 from opcd.workers import distributed as D
 
@@ -25,17 +33,30 @@ _RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")  # torch.distributed.checkpoin
 def save(model, optimizer, tokenizer, folder: str | Path, rank: int, world_size: int,
          export: bool) -> dict[str, str]:
     """Write this rank's part of the checkpoint into `folder`; -> checksums of the files it wrote."""
+    return start_save(model, optimizer, tokenizer, folder, rank, world_size, export).result()
+
+
+def start_save(model, optimizer, tokenizer, folder: str | Path, rank: int, world_size: int, export: bool,
+               background: bool = False, group=None) -> Future:
+    """Begin writing this rank's part of the checkpoint; -> a Future of the checksums of its files.
+    With `background` (several ranks only; `group`: the process group the writers coordinate over,
+    distributed.checkpoint_group) the shards are staged in host memory and written by a thread; the
+    Hugging Face export and rank 0's config are written before this returns either way (the export
+    gathers over the training's group, which the main thread owns)."""
     folder = Path(folder)
     if world_size == 1:
         model.save_pretrained(folder / MODEL)
         tokenizer.save_pretrained(folder / MODEL)
         torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
-        return _checksums(folder, rank)
-    import torch.distributed.checkpoint as dcp
+        return _done(_checksums(folder, rank))
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=folder / WEIGHTS)
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder / SHARDED_OPTIMIZER)
+    parts = {WEIGHTS: {"model": get_model_state_dict(model)},
+             SHARDED_OPTIMIZER: {"optimizer": get_optimizer_state_dict(model, optimizer)}}
+    if background:
+        parts = _staged(parts)  # training changes the parameters in place from the next step on
+    else:
+        _write_shards(parts, folder, None)
     if export:
         state = D.full_state_dict(model)  # every rank takes part in the gather; rank 0 writes
         if rank == 0:
@@ -44,7 +65,51 @@ def save(model, optimizer, tokenizer, folder: str | Path, rank: int, world_size:
     if rank == 0:
         model.config.save_pretrained(folder / MODEL_CONFIG)
         tokenizer.save_pretrained(folder / MODEL_CONFIG)
-    return _checksums(folder, rank)
+    if not background:
+        return _done(_checksums(folder, rank))
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opcd-checkpoint")
+    written = writer.submit(_write_and_hash, parts, folder, rank, group)
+    writer.shutdown(wait=False)  # the thread ends with its one job
+    return written
+
+
+def _staged(parts: dict) -> dict:
+    """A host-memory copy of every tensor in `parts` (a DTensor keeps its sharding, with a copied local
+    shard): what torch.distributed.checkpoint.async_save stages, done here so the weights and the
+    optimizer are written by one thread, one after the other, over one group."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                          use_async_staging=False, use_non_blocking_copy=False))
+    try:
+        return stager.stage(parts)
+    finally:
+        stager.close()
+
+
+def _write_shards(parts: dict, folder: Path, group) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    for name, state in parts.items():
+        dcp.save(state, checkpoint_id=folder / name, process_group=group)
+
+
+def _write_and_hash(parts: dict, folder: Path, rank: int, group) -> dict[str, str]:
+    """The background thread's job: write, hash, and report either outcome in the folder for the driver."""
+    try:
+        _write_shards(parts, folder, group)
+        checksums = _checksums(folder, rank)
+    except BaseException as exc:
+        report_written(folder, rank, error=exc)
+        raise
+    report_written(folder, rank, checksums)
+    return checksums
+
+
+def _done(checksums: dict[str, str]) -> Future:
+    future = Future()
+    future.set_result(checksums)
+    return future
 
 
 def load(model, optimizer, folder: str | Path, world_size: int, with_optimizer: bool) -> None:
@@ -94,6 +159,8 @@ def _checksums(folder: Path, rank: int) -> dict[str, str]:
     """The files this rank wrote: its own shard files; rank 0 also everything that is not a shard."""
     out = {}
     for path in sorted(folder.rglob("*")):
+        if WRITTEN in path.relative_to(folder).parts:  # the ranks' reports (background saves): not checkpoint files
+            continue
         match = _RANK_FILE.match(path.name)
         if path.is_file() and (int(match.group(1)) if match else 0) == rank:
             out[path.relative_to(folder).as_posix()] = file_sha256(path)

@@ -17,7 +17,9 @@ How the work is split, so that every rank runs the same sequence of collectives:
 * start-up: only rank 0 reads the model; the other ranks build it on the meta device and receive
   their shards from rank 0, one tensor at a time (`shard_from_rank0`, docs/memory-plan.md).
 * checkpoints: torch.distributed.checkpoint, each rank writing and reading its own shards
-  (opcd/workers/checkpoint_io.py); the full state is gathered only for a Hugging Face export.
+  (opcd/workers/checkpoint_io.py); the full state is gathered only for a Hugging Face export. A save
+  written in the background coordinates over its own gloo group (`checkpoint_group`), so its
+  collectives never interleave with the training's on the main one.
 
 The rendezvous is a TCPStore hosted by the driver process (`Rendezvous`), so ranks on any node of the
 Ray cluster can join.
@@ -96,6 +98,15 @@ def init_process_group(rendezvous: Rendezvous, rank: int, world_size: int, devic
     backend = process_group_backend(device.type, cpu_offload)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=rendezvous.timeout_s))
+
+
+@functools.cache
+def checkpoint_group(timeout_s: float) -> dist.ProcessGroup:
+    """A second process group over the same ranks, on gloo, for checkpoints written in a background
+    thread: two threads issuing collectives on one group can pair one rank's planning message with
+    another rank's all-gather, and torch.distributed.checkpoint coordinates on CPU, which NCCL refuses.
+    Created by every rank at its first background save (the ranks save together, so in the same order)."""
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

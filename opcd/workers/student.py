@@ -49,6 +49,7 @@ class StudentWorker(ModelWorker):
         self.scorer = Scorer.for_model(self.model, spec.loss.lm_head_chunk_size, train.padding_free,
                                        spec.rollout.temperature, self.pad_id, self.device, autocast)
         self.token_loss = functools.partial(per_token_loss, spec.kl_loss_type, spec.loss.support_mode)
+        self.pending_save = None  # a checkpoint part being written in the background (start_save)
 
     # -- rollout ---------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int,
@@ -139,8 +140,28 @@ class StudentWorker(ModelWorker):
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, folder: str, export: bool = False) -> dict[str, str]:
         """This rank's part of a checkpoint (opcd/workers/checkpoint_io.py); -> checksums of its files."""
-        return checkpoint_io.save(self.model, self.optimizer, self.tokenizer, folder, self.rank, self.world_size,
-                                  export)
+        return self.start_save(folder, export)
+
+    def start_save(self, folder: str, export: bool = False, background: bool = False) -> dict[str, str] | None:
+        """Begin this rank's part of a checkpoint. -> the checksums of its files once written, or None with
+        `background` and several ranks: the shards are copied to host memory and a thread writes them
+        while the next steps run, reporting the checksums in the folder (runs/checkpoint.py report_written)."""
+        self.finish_save()  # the driver publishes a checkpoint before it starts the next: this does not wait
+        background = background and self.world_size > 1
+        group = D.checkpoint_group(self.collective_timeout_s) if background else None
+        writing = checkpoint_io.start_save(self.model, self.optimizer, self.tokenizer, folder, self.rank,
+                                           self.world_size, export, background, group)
+        if not background:
+            return writing.result()
+        self.pending_save = writing
+        return None
+
+    def finish_save(self) -> str | None:
+        """Wait until this rank's background write (if any) has ended. -> None, or its error's line (the
+        driver reads the outcome from the rank's report; this answers when the report could not be written)."""
+        pending, self.pending_save = self.pending_save, None
+        error = pending.exception() if pending is not None else None
+        return None if error is None else f"{type(error).__name__}: {error}"
 
     def load(self, folder: str, optimizer: bool = True) -> None:
         """Restore this rank's model (and optimiser) from a checkpoint and hand the weights to the rollout

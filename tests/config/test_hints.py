@@ -32,7 +32,7 @@ def test_misspelt_sections_and_presets(override, expected):
 
 def test_nothing_close_lists_the_section_keys():
     message = unknown_key_message("trainer.zzz", schema_keys(DistillConfig))
-    assert message.startswith("unknown key trainer.zzz (known keys in trainer: batch_size, eval_after,")
+    assert message.startswith("unknown key trainer.zzz (known keys in trainer: async_save, batch_size, eval_after,")
     assert "total_training_steps" in message and "lr" in message.split(": ", 1)[1].split(", ")
     assert unknown_key_message("zz.q", schema_keys(DistillConfig)).startswith(
         "unknown key zz.q (known keys at the top level: evaluate, extract, game, loss,")
