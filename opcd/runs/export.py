@@ -3,8 +3,8 @@ reads when a checkpoint has no export.
 
 A checkpoint written by several ranks holds its weights as torch.distributed.checkpoint shards
 (`weights/`, one file per rank) plus `model_config/` (config and tokenizer). This reads the shards on
-one process, without a process group, into full tensors and writes a folder that transformers and
-vLLM load. A one-rank checkpoint's `model/` already is such a folder.
+one process, without a process group, one full tensor at a time, and writes a folder that transformers
+and vLLM load, in the model's dtype. A one-rank checkpoint's `model/` already is such a folder.
 
     opcd export runs/med 40          # -> runs/med/global_step_40/model
     opcd export runs/med best        # the checkpoint with the best held-out score
@@ -21,6 +21,7 @@ from pathlib import Path
 from opcd.runs.checkpoint import (COMPLETE, MODEL, MODEL_CONFIG, WEIGHTS, add_files, complete_steps,
                                   open_like_umask, step_dir, verify_checkpoint)
 from opcd.data.files import read_json
+from opcd.runs.hf_files import SafetensorsWriter, tied_names
 from opcd.errors import OpcdError
 
 
@@ -130,6 +131,8 @@ def model_folder(source: str | Path, scratch: Path):
 
 
 def write_hf_folder(folder: Path, out: Path) -> None:
+    """The Hugging Face folder of a sharded checkpoint, read and written one tensor at a time in the dtype
+    of its `model_config/` (the model's own: the trainer writes it so), holding one file's worth at most."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -137,23 +140,35 @@ def write_hf_folder(folder: Path, out: Path) -> None:
     if not (folder / WEIGHTS).is_dir() or not (folder / MODEL_CONFIG).is_dir():
         raise OpcdError(f"{folder} has neither a Hugging Face folder ({MODEL}/) nor sharded weights "
                         f"({WEIGHTS}/ and {MODEL_CONFIG}/) to export")
-    state = load_sharded(folder / WEIGHTS)["model"]
     config = AutoConfig.from_pretrained(folder / MODEL_CONFIG)
-    with torch.device("meta"):  # the architecture only: the weights are the checkpoint's
+    dtype = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, str(config.dtype or "float32"))
+    with torch.device("meta"):  # the architecture only: names and tied weights; the values are the checkpoint's
         model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(out, state_dict=state)
+    tied = tied_names(model)
+    files = SafetensorsWriter(Path(out))
+    for name, tensor in sharded_tensors(folder / WEIGHTS, "model"):
+        if name not in tied:
+            files.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+    files.close()
+    config.save_pretrained(out)
     for path in (folder / MODEL_CONFIG).iterdir():  # tokenizer files (config.json is already written)
         if path.is_file() and not (out / path.name).exists():
             shutil.copy2(path, out / path.name)
 
 
-def load_sharded(path: Path) -> dict:
-    """A torch.distributed.checkpoint folder as full tensors, on this process (no process group)."""
+def sharded_tensors(path: Path, key: str):
+    """(name, full tensor) for each tensor saved under `key` in a torch.distributed.checkpoint folder, read
+    one at a time on this process (no process group): only that tensor's chunks are read."""
+    import torch
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    # what the public dcp_to_torch_save does, without its round trip through a torch.save file
-    state: dict = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    return state
+    prefix = f"{key}."
+    for fqn, meta in FileSystemReader(path).read_metadata().state_dict_metadata.items():
+        if not fqn.startswith(prefix) or not isinstance(meta, TensorStorageMetadata):
+            continue
+        name = fqn[len(prefix):]
+        state = {key: {name: torch.empty(meta.size, dtype=meta.properties.dtype)}}
+        dcp.load(state, storage_reader=FileSystemReader(path), no_dist=True)
+        yield name, state[key][name]

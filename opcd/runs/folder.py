@@ -352,7 +352,7 @@ FULL_BELOW_BYTES = 64 << 20  # a write that failed with less than this left fail
 def disk_full_as_enospc(folder: Path):
     """Turn a failure while writing into `folder` into OSError(ENOSPC) when the disk is (nearly) full:
     torch.save reports a full disk as "enforce fail at inline_container.cc", and inside a worker it
-    arrives as a WorkerError; checkpoint.save_checkpoint then gives its one "no space left" line."""
+    arrives as a WorkerError; checkpoint.unpublished_on_failure then gives its one "no space left" line."""
     try:
         yield
     except Exception as exc:

@@ -4,7 +4,8 @@ One rank: a Hugging Face folder (`model/`, loadable by transformers and vLLM) an
 the simplest format there is. Several ranks (FSDP2): torch.distributed.checkpoint, every rank writing
 its own shard file of the model (`weights/`) and of the optimizer (`optimizer/`), so nothing is
 gathered on one process; rank 0 adds `model_config/` (config and tokenizer) so that a later export
-needs nothing else. A Hugging Face export (`model/`, gathered) is written only when asked. Every rank
+needs nothing else. A Hugging Face export (`model/`, gathered one tensor at a time in the model's
+dtype: opcd/workers/hf_export.py) is written only when asked. Every rank
 returns the SHA-256 of the files it wrote, so the hashing is spread like the writing.
 
 Several ranks can write in the background (`start_save(..., background=True)`, trainer.async_save):
@@ -16,6 +17,7 @@ has reported (opcd/trainer.py, opcd/runs/checkpoint.py `written_checksums`).
 
 from __future__ import annotations
 
+import copy
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -26,22 +28,24 @@ from opcd.runs.checkpoint import (MODEL, MODEL_CONFIG, OPTIMIZER_FILE, SHARDED_O
                                   report_written)
 from opcd.errors import OpcdError
 from opcd.workers import distributed as D
+from opcd.workers.hf_export import export_sharded_model
 
 _RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")  # torch.distributed.checkpoint's file per rank
 
 
 def save(model, optimizer, tokenizer, folder: str | Path, rank: int, world_size: int,
-         export: bool) -> dict[str, str]:
+         export: bool, export_dtype: torch.dtype | None = None) -> dict[str, str]:
     """Write this rank's part of the checkpoint into `folder`; -> checksums of the files it wrote."""
-    return start_save(model, optimizer, tokenizer, folder, rank, world_size, export).result()
+    return start_save(model, optimizer, tokenizer, folder, rank, world_size, export, export_dtype=export_dtype).result()
 
 
 def start_save(model, optimizer, tokenizer, folder: str | Path, rank: int, world_size: int, export: bool,
-               background: bool = False, group=None) -> Future:
+               background: bool = False, group=None, export_dtype: torch.dtype | None = None) -> Future:
     """Begin writing this rank's part of the checkpoint; -> a Future of the checksums of its files.
     With `background` (several ranks only; `group`: the process group the writers coordinate over,
     distributed.checkpoint_group) the shards are staged in host memory and written by a thread; the
-    Hugging Face export and rank 0's config are written before this returns either way (the export
+    Hugging Face export (several ranks: tensor by tensor in `export_dtype`, default the parameters' dtype;
+    opcd/workers/hf_export.py) and rank 0's config are written before this returns either way (the export
     gathers over the training's group, which the main thread owns)."""
     folder = Path(folder)
     if world_size == 1:
@@ -57,13 +61,12 @@ def start_save(model, optimizer, tokenizer, folder: str | Path, rank: int, world
         parts = _staged(parts)  # training changes the parameters in place from the next step on
     else:
         _write_shards(parts, folder, None)
-    if export:
-        state = D.full_state_dict(model)  # every rank takes part in the gather; rank 0 writes
-        if rank == 0:
-            model.save_pretrained(folder / MODEL, state_dict=state)
-            tokenizer.save_pretrained(folder / MODEL)
-    if rank == 0:
-        model.config.save_pretrained(folder / MODEL_CONFIG)
+    if export:  # every rank takes part in each tensor's gather; rank 0 writes
+        export_sharded_model(model, tokenizer, folder / MODEL, rank, export_dtype or next(model.parameters()).dtype)
+    if rank == 0:  # the config in the model's own dtype, so `opcd export` writes that dtype too
+        config = copy.deepcopy(model.config)
+        config.dtype = export_dtype or config.dtype
+        config.save_pretrained(folder / MODEL_CONFIG)
         tokenizer.save_pretrained(folder / MODEL_CONFIG)
     if not background:
         return _done(_checksums(folder, rank))

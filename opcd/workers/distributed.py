@@ -17,7 +17,7 @@ How the work is split, so that every rank runs the same sequence of collectives:
 * start-up: only rank 0 reads the model; the other ranks build it on the meta device and receive
   their shards from rank 0, one tensor at a time (`shard_from_rank0`, docs/memory-plan.md).
 * checkpoints: torch.distributed.checkpoint, each rank writing and reading its own shards
-  (opcd/workers/checkpoint_io.py); the full state is gathered only for a Hugging Face export. A save
+  (opcd/workers/checkpoint_io.py); a Hugging Face export gathers one tensor at a time (hf_export.py). A save
   written in the background coordinates over its own gloo group (`checkpoint_group`), so its
   collectives never interleave with the training's on the main one.
 

@@ -149,8 +149,10 @@ class StudentWorker(ModelWorker):
         self.finish_save()  # the driver publishes a checkpoint before it starts the next: this does not wait
         background = background and self.world_size > 1
         group = D.checkpoint_group(self.collective_timeout_s) if background else None
+        # the export in the model's own dtype: on GPU the weights train as fp32 masters of a bf16 model
         writing = checkpoint_io.start_save(self.model, self.optimizer, self.tokenizer, folder, self.rank,
-                                           self.world_size, export, background, group)
+                                           self.world_size, export, background, group,
+                                           export_dtype=getattr(torch, self.spec.dtype))
         if not background:
             return writing.result()
         self.pending_save = writing

@@ -14,7 +14,9 @@ from opcd.errors import OpcdError
 from opcd.runs.export import export_checkpoint, model_folder
 
 
-def _sharded_checkpoint(run_dir, model_path, step: int = 3):
+def _sharded_checkpoint(run_dir, model_path, step: int = 3, config_dtype: torch.dtype | None = None):
+    import copy
+
     import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -24,7 +26,9 @@ def _sharded_checkpoint(run_dir, model_path, step: int = 3):
 
     def write(folder):
         dcp.save({"model": model.state_dict()}, checkpoint_id=folder / "weights", no_dist=True)
-        model.config.save_pretrained(folder / "model_config")
+        config = copy.deepcopy(model.config)
+        config.dtype = config_dtype or config.dtype  # what the trainer writes: the model's own dtype
+        config.save_pretrained(folder / "model_config")
         AutoTokenizer.from_pretrained(model_path).save_pretrained(folder / "model_config")
 
     save_checkpoint(run_dir, step, write, {"step": step})
@@ -44,6 +48,22 @@ def test_export_writes_a_loadable_folder_with_the_checkpoint_weights(tmp_path, t
     assert (out / "tokenizer.json").is_file()
     assert verify_checkpoint(step_dir(tmp_path, 3)) is None  # the export is listed in the checksums
     assert export_checkpoint(tmp_path, 3) == out  # a second call finds it
+
+
+def test_export_is_written_in_the_model_dtype_one_tensor_at_a_time(tmp_path, tiny_model):
+    """fp32 shards (the training's master weights) of a bf16 model export as bf16 files, the tied
+    lm_head once, equal to the weights cast."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    trained = _sharded_checkpoint(tmp_path, tiny_model, config_dtype=torch.bfloat16)
+    out = export_checkpoint(tmp_path, 3)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(key).dtype for key in f.keys()} == {torch.bfloat16}
+        assert "lm_head.weight" not in set(f.keys())
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).state_dict()
+    expected = trained.state_dict()
+    assert [n for n in expected if not torch.equal(loaded[n], expected[n].to(torch.bfloat16))] == []
 
 
 def test_export_of_a_missing_or_damaged_checkpoint_is_one_line(tmp_path, tiny_model, capsys):
