@@ -8,7 +8,8 @@
         sync      the rollout engine gets the new weights (free for the colocated `hf` engine); a vLLM
                   engine on GPU sleeps from the end of the rollout to the sync (opcd/rollout/__init__.py)
         log, checkpoint   with several ranks written in the background (trainer.async_save) and published
-                          at the next checkpoint or the end of the run, once every rank has written it
+                          at the end of the first step that finds every rank's report in (at the latest at
+                          the next checkpoint or the end of the run)
 
 Departures from the reference: the student's top-k ids come from the rollout itself instead of a
 second student forward pass; the default support mode is `tail` (a true KL) rather than the partial
