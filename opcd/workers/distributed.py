@@ -223,16 +223,18 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def full_tensors(model, dtype: torch.dtype | None = None):
-    """Every rank: (name, full tensor) for each entry of the sharded model's state dict, gathered one at
-    a time (`DTensor.full_tensor`, an all-gather) on the compute device, floating ones cast to `dtype`
-    before the gather. A generator:
+def full_tensors(model, dtype: torch.dtype | None = None, skip: set[str] = frozenset()):
+    """Every rank: (name, full tensor) for each entry of the sharded model's state dict but those in
+    `skip` (the same set on every rank), gathered one at a time (`DTensor.full_tensor`, an all-gather)
+    on the compute device, floating ones cast to `dtype` before the gather. A generator:
     a consumer that loads each tensor before taking the next (vLLM's weight loader) never holds more
     than one gathered tensor beyond its own copy of the model. Every rank must consume it whole, in
     order."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     release(model)  # the state dict must hold the sharded parameters, not a forward's gathered root
     for name, value in model.state_dict().items():
+        if name in skip:
+            continue
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)  # cast the shard, then gather: half the bytes of fp32 masters, same result
         if hasattr(value, "full_tensor"):

@@ -27,8 +27,9 @@ def export_sharded_model(model, tokenizer, folder: str | Path, rank: int, dtype:
     folder = Path(folder)
     tied = tied_names(model)
     files = SafetensorsWriter(folder, shard_bytes) if rank == 0 else None
-    for name, tensor in D.full_tensors(model, dtype):
-        if files is not None and name not in tied:
+    # a tied alias (lm_head.weight) is not gathered at all: the file holds it once, under its first name
+    for name, tensor in D.full_tensors(model, dtype, skip=tied):
+        if files is not None:
             files.add(name, tensor)
     if files is None:
         return
