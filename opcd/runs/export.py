@@ -21,7 +21,7 @@ from pathlib import Path
 from opcd.runs.checkpoint import (COMPLETE, MODEL, MODEL_CONFIG, WEIGHTS, add_files, complete_steps,
                                   open_like_umask, step_dir, verify_checkpoint)
 from opcd.data.files import read_json
-from opcd.runs.hf_files import SafetensorsWriter, tied_names
+from opcd.runs.hf_files import SafetensorsWriter, on_disk_names, tied_names
 from opcd.errors import OpcdError
 
 
@@ -145,7 +145,7 @@ def write_hf_folder(folder: Path, out: Path) -> None:
     with torch.device("meta"):  # the architecture only: names and tied weights; the values are the checkpoint's
         model = AutoModelForCausalLM.from_config(config)
     tied = tied_names(model)
-    files = SafetensorsWriter(Path(out))
+    files = SafetensorsWriter(Path(out), convert=on_disk_names(model))
     for name, tensor in sharded_tensors(folder / WEIGHTS, "model"):
         if name not in tied:
             files.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)

@@ -1,7 +1,9 @@
 """The weight files of a Hugging Face folder, written one tensor at a time: what transformers'
 `save_pretrained` writes (`model.safetensors`, or `model-0000i-of-0000n.safetensors` with
-`model.safetensors.index.json`; tied weights once, under their first name), from tensors handed over
-one by one, so a writer never holds more than one file's worth of them. Used for the export of a sharded
+`model.safetensors.index.json`; tied weights once, under their first name; the names on disk, with the
+renamings and fusions transformers applies when loading undone, as its own save does: a Qwen3-MoE's
+fused `experts.gate_up_proj` goes back to per-expert `gate_proj`/`up_proj`, which vLLM reads), from
+tensors handed over one by one, so a writer never holds more than one file's worth of them. Used for the export of a sharded
 model at a checkpoint (opcd/workers/hf_export.py) and for `opcd export` of a sharded checkpoint
 (opcd/runs/export.py).
 """
@@ -24,12 +26,21 @@ def tied_names(model) -> set[str]:
     return every - {name for name, _ in model.named_parameters()}
 
 
-class SafetensorsWriter:
-    """Rank 0's safetensors files: tensors gathered into the current file until it holds `limit` bytes."""
+def on_disk_names(model):
+    """The conversion from `model`'s state-dict names to those its Hugging Face files use (a file's
+    tensors at a time: every conversion transformers ships maps one tensor to one or several)."""
+    from transformers.core_model_loading import revert_weight_conversion
 
-    def __init__(self, folder: Path, limit: int = SHARD_BYTES):
+    return lambda tensors: revert_weight_conversion(model, dict(tensors))
+
+
+class SafetensorsWriter:
+    """Rank 0's safetensors files: tensors gathered into the current file until it holds `limit` bytes;
+    `convert` (on_disk_names) renames or splits a file's tensors just before it is written."""
+
+    def __init__(self, folder: Path, limit: int = SHARD_BYTES, convert=None):
         folder.mkdir(parents=True, exist_ok=True)
-        self.folder, self.limit = folder, limit
+        self.folder, self.limit, self.convert = folder, limit, convert
         self.current: dict[str, torch.Tensor] = {}
         self.current_bytes = 0
         self.files: list[tuple[Path, list[str]]] = []  # written under a temporary name, renamed at the end
@@ -42,14 +53,17 @@ class SafetensorsWriter:
         # a copy of its own on the host: the gathered tensor may live on the GPU or alias a buffer
         self.current[name] = tensor.to("cpu", copy=True).contiguous()
         self.current_bytes += size
-        self.total += size
 
     def _flush(self) -> None:
         from safetensors.torch import save_file
 
+        tensors = self.current
+        if self.convert is not None:  # a split leaves views of one tensor: safetensors wants each on its own
+            tensors = {name: t.contiguous().clone() for name, t in self.convert(tensors).items()}
         path = self.folder / f".part-{len(self.files):05d}.safetensors"
-        save_file(self.current, str(path), metadata={"format": "pt"})
-        self.files.append((path, list(self.current)))
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(tensors)))
+        self.total += sum(t.numel() * t.element_size() for t in tensors.values())
         self.current, self.current_bytes = {}, 0
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from opcd.runs.hf_files import SHARD_BYTES, SafetensorsWriter, tied_names
+from opcd.runs.hf_files import SHARD_BYTES, SafetensorsWriter, on_disk_names, tied_names
 from opcd.workers import distributed as D
 
 
@@ -26,7 +26,7 @@ def export_sharded_model(model, tokenizer, folder: str | Path, rank: int, dtype:
     Face folder at `folder`, its floating tensors in `dtype`. Rank 0 writes; the others only gather."""
     folder = Path(folder)
     tied = tied_names(model)
-    files = SafetensorsWriter(folder, shard_bytes) if rank == 0 else None
+    files = SafetensorsWriter(folder, shard_bytes, on_disk_names(model)) if rank == 0 else None
     # a tied alias (lm_head.weight) is not gathered at all: the file holds it once, under its first name
     for name, tensor in D.full_tensors(model, dtype, skip=tied):
         if files is not None:

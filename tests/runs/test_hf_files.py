@@ -48,3 +48,29 @@ def test_tied_weights_are_named_once_under_their_first_name():
             self.head.weight = self.embed.weight
 
     assert tied_names(Tied()) == {"head.weight"}
+
+
+def test_a_fused_moe_model_is_written_under_the_names_its_files_use(tmp_path):
+    """transformers 5 fuses a Qwen3-MoE's experts on load (`experts.gate_up_proj`); its save splits them
+    back into per-expert `gate_proj`/`up_proj`/`down_proj`, the names vLLM reads. Without the conversion the
+    export held the fused names."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from opcd.runs.hf_files import on_disk_names
+
+    config = Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                            num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "reference")
+    writer = SafetensorsWriter(tmp_path / "ours", limit=4 * 1024, convert=on_disk_names(model))
+    for name, tensor in model.state_dict().items():
+        writer.add(name, tensor)
+    writer.close()
+    config.save_pretrained(tmp_path / "ours")
+    ours = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(ours) == set(load_file(tmp_path / "reference" / "model.safetensors"))
+    assert "model.layers.0.mlp.experts.3.gate_proj.weight" in ours
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").state_dict()
+    assert [n for n, t in model.state_dict().items() if not torch.equal(loaded[n], t)] == []
