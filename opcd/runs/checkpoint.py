@@ -15,8 +15,8 @@ Layout of `<run_dir>/global_step_<k>/`:
 A checkpoint is written into a hidden temporary folder, its checksums are written, and it is renamed
 into place; only then does `latest_checkpointed_iteration.txt` move. A checkpoint written in the
 background (several ranks, trainer.async_save) stays in its hidden folder until every rank has
-finished; a run that stops before then leaves it unpublished, and the next one removes it. A crash at any moment leaves the
-previous checkpoint intact and findable. On resume the newest checkpoint whose files match their
+finished; a run that stops before then leaves it unpublished, and the next one removes it. A crash
+at any moment leaves the previous checkpoint intact and findable. On resume the newest checkpoint whose files match their
 checksums is used; a damaged one is named in one line and skipped. Only the newest checkpoint keeps
 the optimizer state (a resume needs nothing older), and `keep_last_n` bounds how many are kept.
 """

@@ -144,11 +144,9 @@ def write_hf_folder(folder: Path, out: Path) -> None:
     dtype = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, str(config.dtype or "float32"))
     with torch.device("meta"):  # the architecture only: names and tied weights; the values are the checkpoint's
         model = AutoModelForCausalLM.from_config(config)
-    tied = tied_names(model)
     files = SafetensorsWriter(Path(out), convert=on_disk_names(model))
-    for name, tensor in sharded_tensors(folder / WEIGHTS, "model"):
-        if name not in tied:
-            files.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+    for name, tensor in sharded_tensors(folder / WEIGHTS, "model", skip=tied_names(model)):
+        files.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
     files.close()
     config.save_pretrained(out)
     for path in (folder / MODEL_CONFIG).iterdir():  # tokenizer files (config.json is already written)
@@ -156,9 +154,10 @@ def write_hf_folder(folder: Path, out: Path) -> None:
             shutil.copy2(path, out / path.name)
 
 
-def sharded_tensors(path: Path, key: str):
-    """(name, full tensor) for each tensor saved under `key` in a torch.distributed.checkpoint folder, read
-    one at a time on this process (no process group): only that tensor's chunks are read."""
+def sharded_tensors(path: Path, key: str, skip: set[str] = frozenset()):
+    """(name, full tensor) for each tensor saved under `key` in a torch.distributed.checkpoint folder but
+    those named in `skip` (a tied alias), read one at a time on this process (no process group): only that
+    tensor's chunks are read."""
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
@@ -169,6 +168,8 @@ def sharded_tensors(path: Path, key: str):
         if not fqn.startswith(prefix) or not isinstance(meta, TensorStorageMetadata):
             continue
         name = fqn[len(prefix):]
+        if name in skip:
+            continue
         state = {key: {name: torch.empty(meta.size, dtype=meta.properties.dtype)}}
         dcp.load(state, storage_reader=FileSystemReader(path), no_dist=True)
         yield name, state[key][name]

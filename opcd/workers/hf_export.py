@@ -21,7 +21,7 @@ from opcd.workers import distributed as D
 
 
 def export_sharded_model(model, tokenizer, folder: str | Path, rank: int, dtype: torch.dtype,
-                    shard_bytes: int = SHARD_BYTES) -> None:
+                         shard_bytes: int = SHARD_BYTES) -> None:
     """Write `model` (sharded over every rank of the default group; each must call this) as a Hugging
     Face folder at `folder`, its floating tensors in `dtype`. Rank 0 writes; the others only gather."""
     folder = Path(folder)
